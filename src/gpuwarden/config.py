@@ -1,0 +1,425 @@
+"""Configuration: a TOML file, overridden key by key by `GPUWARDEN_<SECTION>__<KEY>`.
+
+Every key is documented in `config.example.toml`. Unknown keys are errors, so a typo
+cannot silently disable a threshold. `load_config` returns a validated `Config` or
+raises `ConfigError` listing every problem by its key path.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import ipaddress
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
+
+from .errors import ConfigError
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "IDLE_MODE",
+    "Config",
+    "ModeConfig",
+    "WorkloadConfig",
+    "config_path",
+    "load_config",
+    "parse_duration",
+]
+
+DEFAULT_CONFIG_PATH = Path("/etc/gpuwarden/config.toml")
+IDLE_MODE = "idle"
+
+# Directory that relative `*_file` secrets resolve against while a config loads:
+# $CREDENTIALS_DIRECTORY under systemd (LoadCredential=), else the config file's folder.
+_secret_base: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
+    "_secret_base", default=None
+)
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: object) -> object:
+    """Seconds from a number or a string such as "90s", "45m", "1h30m"."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip().lower()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    pos, total = 0, 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    if pos != len(text) or not text:
+        raise ValueError(f"not a duration: {value!r} (use e.g. 90s, 45m, 1h30m)")
+    return total
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+def _read_secret(path: Path, key: str) -> SecretStr:
+    base = _secret_base.get()
+    if not path.is_absolute():
+        creds = os.environ.get("CREDENTIALS_DIRECTORY")
+        if creds:
+            path = Path(creds) / path
+        elif base is not None:
+            path = base / path
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"{key}: cannot read {path}: {exc.strerror or exc}") from exc
+    if not text:
+        raise ValueError(f"{key}: {path} is empty")
+    return SecretStr(text)
+
+
+def _resolve_secret(
+    model: BaseModel, value_field: str, file_field: str
+) -> None:
+    value = getattr(model, value_field)
+    file = getattr(model, file_field)
+    if value is not None and file is not None:
+        raise ValueError(f"set {value_field} or {file_field}, not both")
+    if file is not None:
+        object.__setattr__(model, value_field, _read_secret(file, file_field))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DaemonConfig(_Section):
+    sample_interval: PositiveSeconds = 1.0
+    state_dir: Path = Path("/var/lib/gpuwarden")
+    socket: Path = Path("/run/gpuwarden/gpuwarden.sock")
+    socket_group: str | None = "gpuwarden"
+    default_mode: str = IDLE_MODE
+    shutdown_timeout: PositiveSeconds = 30.0
+
+
+class DockerConfig(_Section):
+    host: str | None = None
+    timeout: PositiveSeconds = 30.0
+
+    def resolved_host(self) -> str:
+        return self.host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+
+
+class SimConfig(_Section):
+    total_mib: int = Field(20480, gt=0)
+    count: int = Field(1, ge=1, le=16)
+    ledger_dir: Path = Path("/run/gpuwarden/sim")
+    release_delay: float = Field(0.15, ge=0)
+    name: str = "gpuwarden simulated GPU"
+
+
+class GpuConfig(_Section):
+    backend: Literal["nvml", "sim"] = "nvml"
+    sim: SimConfig = SimConfig()
+
+
+class ThresholdsConfig(_Section):
+    warn: float = Field(0.80, gt=0, le=1)
+    alert: float = Field(0.90, gt=0, le=1)
+    critical: float = Field(0.95, gt=0, le=1)
+    clear_margin: float = Field(0.05, ge=0, lt=1)
+    sustain: int = Field(2, ge=1, le=3600)
+
+
+class ReleaseConfig(_Section):
+    timeout: PositiveSeconds = 60.0
+    poll_interval: PositiveSeconds = 0.1
+    tolerance_mib: int = Field(256, ge=0)
+
+
+class CrashloopConfig(_Section):
+    max_restarts: int = Field(3, ge=1)
+    window: PositiveSeconds = 300.0
+
+
+_RESTART_POLICY = re.compile(r"^(no|always|unless-stopped|on-failure(:\d+)?)$")
+
+
+def _check_restart_policy(value: object) -> object:
+    if isinstance(value, str) and not _RESTART_POLICY.match(value):
+        raise ValueError(
+            f"not a Docker restart policy: {value!r} "
+            "(use no, always, unless-stopped or on-failure[:N])"
+        )
+    return value
+
+
+class WorkloadConfig(_Section):
+    kind: Literal["docker", "process"]
+    container: str | None = None
+    command: list[str] | None = None
+    cwd: Path | None = None
+    env: dict[str, str] = {}
+    release: Literal["ollama", "comfyui", "none"] = "none"
+    url: str | None = None
+    stop_timeout: float = Field(30.0, ge=0)
+    ready_timeout: PositiveSeconds = 120.0
+    restart_policy: Annotated[str, BeforeValidator(_check_restart_policy)] = "no"
+    priority: int = 0
+    expected_mib: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> WorkloadConfig:
+        if self.kind == "docker" and not self.container:
+            raise ValueError("kind = 'docker' needs container = '<name>'")
+        if self.kind == "process" and not self.command:
+            raise ValueError("kind = 'process' needs command = ['argv0', ...]")
+        if self.release != "none" and not self.url:
+            raise ValueError(f"release = {self.release!r} needs url = 'http://host:port'")
+        return self
+
+
+class ModeConfig(_Section):
+    workloads: list[str] = []
+    gpu: int = Field(0, ge=0)
+    lease: Duration | None = None
+
+
+class TokenConfig(_Section):
+    token: SecretStr | None = None
+    token_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _secret(self) -> TokenConfig:
+        _resolve_secret(self, "token", "token_file")
+        if self.token is None:
+            raise ValueError("needs token or token_file")
+        return self
+
+
+class ApiConfig(_Section):
+    listen: str | None = None
+    signing_secret: SecretStr | None = None
+    signing_secret_file: Path | None = None
+    tokens: dict[str, TokenConfig] = {}
+
+    @model_validator(mode="after")
+    def _secret(self) -> ApiConfig:
+        _resolve_secret(self, "signing_secret", "signing_secret_file")
+        return self
+
+
+class DiscordConfig(_Section):
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    guild_id: int = 0
+    allowed_role_ids: list[int] = []
+    allowed_user_ids: list[int] = []
+    alert_channel_id: int = 0
+    alert_webhook_url: str = ""
+
+    @model_validator(mode="after")
+    def _secret(self) -> DiscordConfig:
+        _resolve_secret(self, "token", "token_file")
+        return self
+
+
+class N8nConfig(_Section):
+    event_webhook_urls: list[str] = []
+    signing_secret: SecretStr | None = None
+    signing_secret_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _secret(self) -> N8nConfig:
+        _resolve_secret(self, "signing_secret", "signing_secret_file")
+        return self
+
+
+class Config(BaseSettings):
+    """The whole validated configuration (see config.example.toml)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GPUWARDEN_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        case_sensitive=False,
+    )
+
+    daemon: DaemonConfig = DaemonConfig()
+    docker: DockerConfig = DockerConfig()
+    gpu: GpuConfig = GpuConfig()
+    thresholds: ThresholdsConfig = ThresholdsConfig()
+    release: ReleaseConfig = ReleaseConfig()
+    crashloop: CrashloopConfig = CrashloopConfig()
+    workloads: dict[str, WorkloadConfig] = {}
+    modes: dict[str, ModeConfig] = {}
+    api: ApiConfig = ApiConfig()
+    discord: DiscordConfig = DiscordConfig()
+    n8n: N8nConfig = N8nConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's values arrive as init arguments; the environment overrides them.
+        return (env_settings, init_settings)
+
+    def all_modes(self) -> dict[str, ModeConfig]:
+        """The configured modes plus `idle`, which always exists and runs nothing."""
+        modes = dict(self.modes)
+        modes.setdefault(IDLE_MODE, ModeConfig())
+        return modes
+
+    def gpu_indices(self) -> list[int]:
+        """GPUs that modes are defined for (always at least GPU 0)."""
+        return sorted({0} | {m.gpu for m in self.modes.values()})
+
+    def modes_on_gpu(self, gpu: int) -> list[str]:
+        return [name for name, mode in self.all_modes().items() if mode.gpu == gpu or
+                name == IDLE_MODE]
+
+    def gpu_of_workload(self, workload: str) -> int | None:
+        for mode in self.modes.values():
+            if workload in mode.workloads:
+                return mode.gpu
+        return None
+
+
+def _cross_check(config: Config) -> list[str]:
+    """Problems no single section can see on its own, each by key path."""
+    problems: list[str] = []
+    t = config.thresholds
+    if not t.warn < t.alert:
+        problems.append(f"thresholds.warn: must be below thresholds.alert ({t.warn} >= {t.alert})")
+    if not t.alert < t.critical:
+        problems.append(
+            f"thresholds.alert: must be below thresholds.critical ({t.alert} >= {t.critical})"
+        )
+    if t.clear_margin >= t.warn:
+        problems.append(
+            f"thresholds.clear_margin: must be below thresholds.warn ({t.clear_margin} >= {t.warn})"
+        )
+    idle = config.modes.get(IDLE_MODE)
+    if idle is not None and idle.workloads:
+        problems.append("modes.idle.workloads: the idle mode always runs nothing")
+    modes = config.all_modes()
+    if config.daemon.default_mode not in modes:
+        problems.append(
+            f"daemon.default_mode: no mode named {config.daemon.default_mode!r} "
+            f"(modes: {', '.join(sorted(modes))})"
+        )
+    gpu_of: dict[str, tuple[int, str]] = {}
+    for name, mode in config.modes.items():
+        for workload in mode.workloads:
+            if workload not in config.workloads:
+                problems.append(f"modes.{name}.workloads: no workload named {workload!r}")
+                continue
+            seen = gpu_of.setdefault(workload, (mode.gpu, name))
+            if seen[0] != mode.gpu:
+                problems.append(
+                    f"modes.{name}.gpu: workload {workload!r} is also in mode {seen[1]!r} "
+                    f"on GPU {seen[0]}; a workload belongs to one GPU"
+                )
+        if config.gpu.backend == "sim" and mode.gpu >= config.gpu.sim.count:
+            problems.append(
+                f"modes.{name}.gpu: GPU {mode.gpu} does not exist "
+                f"(gpu.sim.count = {config.gpu.sim.count})"
+            )
+    if config.api.listen is not None:
+        problems.extend(_check_listen(config.api))
+    return problems
+
+
+def _check_listen(api: ApiConfig) -> list[str]:
+    host, sep, port = (api.listen or "").rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        return [f"api.listen: expected host:port, got {api.listen!r}"]
+    host = host.strip("[]")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return [f"api.listen: host must be an IP address or localhost, got {host!r}"]
+    if not loopback and not api.tokens and api.signing_secret is None:
+        return [
+            f"api.listen: refusing to listen on non-loopback {host} without auth "
+            "(configure api.tokens or api.signing_secret_file)"
+        ]
+    return []
+
+
+def _format_error(err: Any) -> str:
+    path = ".".join(str(part) for part in err["loc"]) or "(top level)"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"{path}: unknown key"
+    if err["type"] == "missing":
+        return f"{path}: required key is missing"
+    value = err.get("input")
+    if isinstance(value, str | int | float | bool) and err["type"] not in ("value_error",):
+        return f"{path}: {msg} (got {value!r})"
+    return f"{path}: {msg}"
+
+
+def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """--config PATH, else $GPUWARDEN_CONFIG, else /etc/gpuwarden/config.toml."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("GPUWARDEN_CONFIG")
+    return Path(env) if env else DEFAULT_CONFIG_PATH
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read, override from the environment, and validate the configuration.
+
+    Raises:
+        ConfigError: the file is unreadable or not TOML, or any key is invalid; the
+            error's `problems` names every one by key path.
+    """
+    file = config_path(path)
+    try:
+        with file.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError([f"cannot read {file}: {exc.strerror or exc}"], str(file)) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"not valid TOML: {exc}"], str(file)) from exc
+    token = _secret_base.set(file.resolve().parent)
+    try:
+        config = Config(**data)
+    except ValidationError as exc:
+        problems = [_format_error(err) for err in exc.errors()]
+        raise ConfigError(problems, str(file)) from exc
+    except SettingsError as exc:
+        raise ConfigError([f"environment override: {exc}"], str(file)) from exc
+    finally:
+        _secret_base.reset(token)
+    problems = _cross_check(config)
+    if problems:
+        raise ConfigError(problems, str(file))
+    return config

@@ -1,0 +1,214 @@
+"""Wiring: the asyncio loop, the sampling job, the control socket, signals, sd_notify."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import grp
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+
+import httpx
+from aiohttp import web
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from .api import build_app
+from .audit import open_audit
+from .config import Config
+from .errors import GpuwardenError
+from .events import AuditWriter, EventBus, Severity
+from .gpu.attribution import OwnerIndex
+from .gpu.backend import GpuBackend, open_backend
+from .modes import ModeSwitcher
+from .sdnotify import Notifier
+from .service import Service
+from .state import StateStore
+from .watchdog import Watchdog
+from .workloads.base import Workload
+from .workloads.docker import DockerClientFactory, DockerWorkload
+from .workloads.process import ProcessWorkload
+
+__all__ = ["Daemon", "DaemonState", "build_workloads", "run_daemon"]
+
+log = logging.getLogger(__name__)
+
+
+class DaemonState(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    CLOSED = "closed"
+
+
+def build_workloads(config: Config, owners: OwnerIndex) -> dict[str, Workload]:
+    workloads: dict[str, Workload] = {}
+    log_dir = config.daemon.state_dir / "logs"
+    clients = DockerClientFactory(config.docker)  # one engine, one client for every container
+    for name, wl in config.workloads.items():
+        if wl.kind == "process":
+            workloads[name] = ProcessWorkload(name, wl, log_dir=log_dir, owners=owners)
+        else:
+            workloads[name] = DockerWorkload(name, wl, client=clients, owners=owners)
+    return workloads
+
+
+class Daemon:
+    """The running service. `setup()`, then `wait()`, and always `cleanup()`."""
+
+    def __init__(self, config: Config, *, audit: AuditWriter | None = None) -> None:
+        self.config = config
+        self.state = DaemonState.NEW
+        self.stop_requested = asyncio.Event()
+        self.notifier = Notifier()
+        self.bus = EventBus(audit or open_audit())
+        self._scheduler: AsyncIOScheduler | None = None
+        self._runner: web.AppRunner | None = None
+        self._backend: GpuBackend | None = None
+        self._workloads: dict[str, Workload] = {}
+        self._http: httpx.AsyncClient | None = None
+        self._switcher: ModeSwitcher | None = None
+        self._restore_task: asyncio.Task[None] | None = None
+        self.service: Service | None = None
+
+    async def setup(self) -> None:
+        if self.state is not DaemonState.NEW:
+            raise RuntimeError("a Daemon is set up once; create a new one to start again")
+        self.state = DaemonState.RUNNING
+        loop = asyncio.get_running_loop()
+        self.bus.bind_loop(loop)
+        cfg = self.config
+        store = StateStore(cfg.daemon.state_dir)
+        persisted = store.load()
+        owners = OwnerIndex()
+        self._backend = open_backend(cfg)
+        self._workloads = build_workloads(cfg, owners)
+        watchdog = Watchdog(cfg.thresholds, self.bus)
+        self.service = Service(cfg, self._backend, owners, self._workloads, persisted, self.bus,
+                               watchdog)
+        self._http = httpx.AsyncClient()
+        self._switcher = ModeSwitcher(cfg, self._workloads, store, persisted, self.bus,
+                                      self.service.sample_blocking, self._http)
+        self.service.switcher = self._switcher
+
+        await self._tick()
+        await self._listen(cfg.daemon.socket)
+
+        self._scheduler = AsyncIOScheduler()
+        self._scheduler.add_job(
+            self._tick, "interval", seconds=cfg.daemon.sample_interval, id="sample",
+            max_instances=1, coalesce=True, misfire_grace_time=None,
+        )
+        self._scheduler.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop_requested.set)
+        self.bus.publish(
+            "daemon.started", f"gpuwarden started ({self._backend.name} backend, "
+            f"socket {cfg.daemon.socket})", backend=self._backend.name,
+            socket=str(cfg.daemon.socket), pid=os.getpid(),
+        )
+        self.notifier.ready(self._status_line())
+        self._restore_task = loop.create_task(self._switcher.restore())
+
+    async def _tick(self) -> None:
+        assert self.service is not None
+        try:
+            await self.service.tick()
+        except Exception:  # a bug in one tick must not end sampling
+            log.exception("sampling failed")
+            return
+        self.notifier.watchdog()
+        self.notifier.status(self._status_line())
+
+    def _status_line(self) -> str:
+        if self.service is None:
+            return "starting"
+        doc = self.service.status()
+        parts = [f"GPU{g['index']} {g['mode'] or '-'} {g['tier']} {g['used_fraction']:.0%}"
+                 for g in doc["gpus"]]
+        return "; ".join(parts) or "no GPU readable"
+
+    async def _listen(self, path: Path) -> None:
+        assert self.service is not None
+        _claim_socket_path(path)
+        self._runner = web.AppRunner(build_app(self.service), access_log=None)
+        await self._runner.setup()
+        site = web.UnixSite(self._runner, str(path))
+        await site.start()
+        os.chmod(path, 0o660)
+        group = self.config.daemon.socket_group
+        if group:
+            try:
+                os.chown(path, -1, grp.getgrnam(group).gr_gid)
+            except KeyError:
+                log.warning("group %r does not exist; the socket is root's only", group)
+
+    async def wait(self) -> None:
+        await self.stop_requested.wait()
+
+    async def cleanup(self) -> None:
+        """Tear down in reverse order; collect errors instead of stopping at the first."""
+        if self.state is DaemonState.CLOSED:
+            return
+        self.state = DaemonState.CLOSED
+        self.notifier.stopping()
+        self.bus.publish("daemon.stopping", "gpuwarden stopping", pid=os.getpid())
+        errors: list[BaseException] = []
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        if self._scheduler is not None and self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
+        if self._restore_task is not None:
+            self._restore_task.cancel()
+            await asyncio.gather(self._restore_task, return_exceptions=True)
+        if self._switcher is not None:
+            await self._switcher.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            with contextlib.suppress(FileNotFoundError):
+                self.config.daemon.socket.unlink()
+        # Process workloads are our children: they end with us. Containers stay up.
+        stops = [asyncio.to_thread(w.stop) for w in self._workloads.values()
+                 if w.kind == "process"]
+        for res in await asyncio.gather(*stops, return_exceptions=True):
+            if isinstance(res, BaseException):
+                errors.append(res)
+        for workload in self._workloads.values():
+            try:
+                workload.close()
+            except Exception as exc:
+                errors.append(exc)
+        if self._http is not None:
+            await self._http.aclose()
+        if self._backend is not None:
+            await asyncio.to_thread(self._backend.close)
+        for error in errors:
+            self.bus.publish("daemon.stopping", f"error during shutdown: {error}",
+                             severity=Severity.ERROR, error=str(error))
+
+
+def _claim_socket_path(path: Path) -> None:
+    """Remove a stale socket, but never one another running daemon answers on."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()
+            return
+    raise GpuwardenError(f"another gpuwarden daemon is listening on {path}")
+
+
+async def run_daemon(config: Config) -> int:
+    daemon = Daemon(config)
+    try:
+        await daemon.setup()
+        await daemon.wait()
+    finally:
+        await daemon.cleanup()
+    return 0

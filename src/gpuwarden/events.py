@@ -1,0 +1,138 @@
+"""Typed events, the audit trail, and fan-out to subscribers.
+
+Every event is recorded once in the audit log (journald fields under systemd, JSON
+lines on stdout elsewhere), kept in a bounded ring for polling clients, and handed to
+every subscriber whose minimum severity it meets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+__all__ = ["AuditWriter", "Event", "EventBus", "Severity"]
+
+
+class Severity(enum.IntEnum):
+    DEBUG = 10
+    INFO = 20
+    WARNING = 30
+    ERROR = 40
+    CRITICAL = 50
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One fact worth auditing. `name` is a stable dotted name (DESIGN.md, events)."""
+
+    id: int
+    name: str
+    severity: Severity
+    message: str
+    time: float  # unix seconds
+    requested_by: str | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "id": self.id,
+            "event": self.name,
+            "severity": self.severity.label,
+            "message": self.message,
+            "time": self.time,
+        }
+        if self.requested_by is not None:
+            doc["requested_by"] = self.requested_by
+        doc.update(self.fields)
+        return doc
+
+
+class AuditWriter(Protocol):
+    def write(self, event: Event) -> None: ...
+
+
+Subscriber = Callable[[Event], None]
+
+
+class EventBus:
+    """Numbers events, audits each once, keeps the last `ring_size`, and fans out."""
+
+    def __init__(self, audit: AuditWriter, *, ring_size: int = 1000) -> None:
+        self._audit = audit
+        self._ring: deque[Event] = deque(maxlen=ring_size)
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._subscribers: list[tuple[Severity, Subscriber]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Subscribers run on this loop; events published from other threads hop onto it."""
+        self._loop = loop
+
+    def subscribe(self, callback: Subscriber, min_severity: Severity = Severity.DEBUG) -> None:
+        self._subscribers.append((min_severity, callback))
+
+    def publish(
+        self,
+        name: str,
+        message: str,
+        *,
+        severity: Severity = Severity.INFO,
+        requested_by: str | None = None,
+        **fields: Any,
+    ) -> Event:
+        with self._lock:
+            event = Event(
+                id=next(self._ids),
+                name=name,
+                severity=severity,
+                message=message,
+                time=time.time(),
+                requested_by=requested_by,
+                fields=fields,
+            )
+            self._ring.append(event)
+            self._audit.write(event)
+        self._fan_out(event)
+        return event
+
+    def _fan_out(self, event: Event) -> None:
+        loop = self._loop
+        for min_severity, callback in self._subscribers:
+            if event.severity < min_severity:
+                continue
+            if loop is not None and not _on_loop(loop):
+                loop.call_soon_threadsafe(callback, event)
+            else:
+                callback(event)
+
+    def since(self, event_id: int = 0, limit: int = 500) -> list[Event]:
+        """Events with an id above `event_id`, oldest first (at most `limit`)."""
+        with self._lock:
+            found = [e for e in self._ring if e.id > event_id]
+        return found[:limit]
+
+    def last(self, predicate: Callable[[Event], bool]) -> Event | None:
+        with self._lock:
+            for event in reversed(self._ring):
+                if predicate(event):
+                    return event
+        return None
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False

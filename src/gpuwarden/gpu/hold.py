@@ -1,0 +1,56 @@
+"""Hold simulated VRAM: `python -m gpuwarden.gpu.hold --ledger DIR --name NAME --mib N`.
+
+Writes the claim `<ledger>[/gpu<N>]/<name>.mib` and keeps it open until the process
+ends (SIGTERM, SIGINT, or `--exit-after`). With `--leak` the claim keeps counting
+after the process is gone, until the file is deleted: a driver that never frees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gpuwarden.gpu.hold", description=__doc__)
+    parser.add_argument("--ledger", required=True, type=Path, help="the sim ledger_dir")
+    parser.add_argument("--name", required=True, help="claim name (file <name>.mib)")
+    parser.add_argument("--mib", required=True, type=int, help="MiB to hold")
+    parser.add_argument("--gpu", type=int, default=0, help="simulated GPU index")
+    parser.add_argument("--leak", action="store_true", help="the claim outlives the process")
+    parser.add_argument("--exit-after", type=float, default=None, help="exit after N seconds")
+    parser.add_argument("--exit-code", type=int, default=0, help="exit status for --exit-after")
+    args = parser.parse_args(argv)
+    if args.mib < 0:
+        parser.error("--mib must be >= 0")
+    folder = args.ledger if args.gpu == 0 else args.ledger / f"gpu{args.gpu}"
+    folder.mkdir(parents=True, exist_ok=True)
+    claim = folder / f"{args.name}.mib"
+    claim.write_text(f"{args.mib}{' leak' if args.leak else ''}\n", encoding="ascii")
+    fd = os.open(claim, os.O_RDONLY)  # the open descriptor is what holds the VRAM
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    print(f"holding {args.mib} MiB as {claim} (pid {os.getpid()})", flush=True)
+    try:
+        if args.exit_after is not None:
+            time.sleep(args.exit_after)
+            return int(args.exit_code)
+        while True:
+            signal.pause()
+    finally:
+        os.close(fd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

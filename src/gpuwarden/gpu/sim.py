@@ -1,0 +1,203 @@
+"""A simulated GPU whose VRAM is held by real, live processes.
+
+The ledger (a contract, DESIGN.md): `<ledger_dir>/*.mib` are claims on GPU 0 and
+`<ledger_dir>/gpu<N>/*.mib` claims on GPU N. A claim's content is a decimal MiB
+count, optionally followed by the word `leak`. A claim counts as used VRAM while any
+process keeps the file open and for `release_delay` seconds after the last holder
+was seen; a `leak` claim counts until the file is deleted. The processes that keep
+a claim open are its GPU processes, by host PID, found by scanning `/proc/*/fd`
+(the same PIDs NVML would report, also for processes inside containers).
+
+In busybox sh, inside a container with the ledger bind-mounted at /ledger:
+
+    echo 6000 > /ledger/llm.mib; exec sleep 1000000 3</ledger/llm.mib
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .model import MIB, GpuFault, GpuProcess, GpuSample, NodeSample
+
+__all__ = ["Claim", "SimBackend", "read_claim", "scan_holders"]
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    mib: int
+    leak: bool
+
+
+def read_claim(path: Path) -> Claim | None:
+    """The claim in a ledger file, or None when it is unreadable or malformed."""
+    try:
+        words = path.read_text(encoding="ascii").split()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not words or not words[0].isdigit():
+        return None
+    return Claim(mib=int(words[0]), leak=len(words) > 1 and words[1].lower() == "leak")
+
+
+def scan_holders(targets: dict[tuple[int, int], Path]) -> dict[Path, list[int]]:
+    """Which PIDs hold each target file open, matched by (device, inode).
+
+    Matching by inode rather than by name makes this work across mount namespaces:
+    a container sees the bind-mounted ledger under its own path.
+    """
+    holders: dict[Path, list[int]] = {}
+    if not targets:
+        return holders
+    self_pid = os.getpid()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        if pid == self_pid:
+            continue
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue  # gone, or not ours to read
+        for fd in fds:
+            link = f"{fd_dir}/{fd}"
+            try:
+                if not os.readlink(link).endswith(".mib"):
+                    continue
+                st = os.stat(link)
+            except OSError:
+                continue
+            path = targets.get((st.st_dev, st.st_ino))
+            if path is not None:
+                pids = holders.setdefault(path, [])
+                if pid not in pids:
+                    pids.append(pid)
+    return holders
+
+
+@dataclass
+class _ClaimState:
+    # Monotonic time the claim was first seen without a holder (None while held). The
+    # release delay runs from there: the exit itself happened at most one sample before.
+    unheld_since: float | None
+
+
+class SimBackend:
+    """A node of `count` simulated GPUs of `total_mib` each, backed by the ledger."""
+
+    name = "sim"
+
+    def __init__(
+        self,
+        ledger_dir: Path,
+        *,
+        total_mib: int = 20480,
+        count: int = 1,
+        release_delay: float = 0.15,
+        gpu_name: str = "gpuwarden simulated GPU",
+    ) -> None:
+        self.ledger_dir = ledger_dir
+        self.total_mib = total_mib
+        self.count = count
+        self.release_delay = release_delay
+        self.gpu_name = gpu_name
+        self._lock = threading.Lock()
+        self._seen: dict[Path, _ClaimState] = {}
+        ledger_dir.mkdir(parents=True, exist_ok=True)
+        for index in range(1, count):
+            (ledger_dir / f"gpu{index}").mkdir(exist_ok=True)
+
+    def gpu_dir(self, index: int) -> Path:
+        return self.ledger_dir if index == 0 else self.ledger_dir / f"gpu{index}"
+
+    def _claim_files(self) -> dict[Path, int]:
+        files: dict[Path, int] = {}
+        for index in range(self.count):
+            try:
+                entries = list(os.scandir(self.gpu_dir(index)))
+            except OSError:
+                continue
+            for entry in entries:
+                if entry.name.endswith(".mib") and entry.is_file():
+                    files[Path(entry.path)] = index
+        return files
+
+    def sample(self) -> NodeSample:
+        started = time.monotonic()
+        with self._lock:
+            try:
+                gpus = self._sample(started)
+            except OSError as exc:
+                return NodeSample(
+                    gpus=(), fault=GpuFault.UNKNOWN,
+                    fault_detail=f"ledger {self.ledger_dir} unreadable: {exc}", taken_at=started,
+                )
+        return NodeSample(gpus=gpus, taken_at=started, duration_s=time.monotonic() - started)
+
+    def _sample(self, now: float) -> tuple[GpuSample, ...]:
+        files = self._claim_files()
+        inodes: dict[tuple[int, int], Path] = {}
+        for path in files:
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            inodes[(st.st_dev, st.st_ino)] = path
+        holders = scan_holders(inodes)
+        used_mib = [0] * self.count
+        procs: list[dict[int, int]] = [{} for _ in range(self.count)]
+        for path, index in files.items():
+            claim = read_claim(path)
+            if claim is None:
+                continue
+            pids = sorted(holders.get(path, []))
+            state = self._seen.setdefault(path, _ClaimState(unheld_since=None))
+            if pids:
+                state.unheld_since = None
+                # A claim is one allocation: it is credited to one process, the lowest PID.
+                procs[index][pids[0]] = procs[index].get(pids[0], 0) + claim.mib
+            elif state.unheld_since is None:
+                state.unheld_since = now
+            counted = (
+                bool(pids)
+                or claim.leak
+                or (state.unheld_since is not None
+                    and now - state.unheld_since < self.release_delay)
+            )
+            if counted:
+                used_mib[index] += claim.mib
+        for gone in set(self._seen) - set(files):
+            del self._seen[gone]
+        total = self.total_mib * MIB
+        samples = []
+        for index in range(self.count):
+            used = min(used_mib[index] * MIB, total)
+            samples.append(
+                GpuSample(
+                    index=index,
+                    uuid=self._uuid(index),
+                    name=self.gpu_name,
+                    total_bytes=total,
+                    used_bytes=used,
+                    free_bytes=total - used,
+                    util_gpu_pct=0 if used == 0 else 100,
+                    processes=tuple(
+                        GpuProcess(pid=pid, used_bytes=mib * MIB)
+                        for pid, mib in sorted(procs[index].items())
+                    ),
+                    taken_at=now,
+                )
+            )
+        return tuple(samples)
+
+    def _uuid(self, index: int) -> str:
+        digest = hashlib.sha1(f"{self.ledger_dir.resolve()}:{index}".encode()).hexdigest()
+        return f"GPU-sim-{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{index:04d}"
+
+    def close(self) -> None:
+        """Nothing to release: the ledger belongs to its holders."""

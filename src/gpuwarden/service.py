@@ -1,0 +1,185 @@
+"""The one facade every front end (CLI socket, HTTP API, Discord) calls.
+
+Front ends never reach Docker or NVML themselves: they ask the service, so a switch
+from Discord, from n8n and from the CLI is checked and audited the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from .config import IDLE_MODE, Config
+from .events import Event, EventBus
+from .gpu.attribution import AttributedSample, OwnerIndex
+from .gpu.backend import GpuBackend
+from .modes import ModeSwitcher, SwitchResult
+from .state import State
+from .watchdog import Watchdog
+from .workloads.base import Workload, WorkloadState, WorkloadStatus
+
+__all__ = ["Service"]
+
+
+class Service:
+    """Status, mode switches and events, for every front end alike."""
+
+    def __init__(
+        self,
+        config: Config,
+        backend: GpuBackend,
+        owners: OwnerIndex,
+        workloads: dict[str, Workload],
+        state: State,
+        bus: EventBus,
+        watchdog: Watchdog,
+    ) -> None:
+        self.config = config
+        self.bus = bus
+        self._backend = backend
+        self._owners = owners
+        self._workloads = workloads
+        self._state = state
+        self._watchdog = watchdog
+        self.switcher: ModeSwitcher | None = None
+        self._snapshot: AttributedSample | None = None
+        self._statuses: dict[str, WorkloadStatus] = {}
+        self._started_at = time.time()
+
+    # -- sampling (called by the daemon's scheduler) ---------------------------
+
+    def sample_blocking(self) -> AttributedSample:
+        """One GPU read with its processes attributed (blocking: run in a thread)."""
+        return self._owners.attribute(self._backend.sample())
+
+    def _observe_blocking(self) -> tuple[AttributedSample, dict[str, WorkloadStatus]]:
+        sample = self.sample_blocking()
+        statuses = {name: w.status() for name, w in self._workloads.items()}
+        return sample, statuses
+
+    async def tick(self) -> AttributedSample:
+        """Sample the node, refresh workload states, and let the watchdog judge it."""
+        sample, statuses = await asyncio.to_thread(self._observe_blocking)
+        self._snapshot, self._statuses = sample, statuses
+        self._watchdog.observe(sample)
+        return sample
+
+    @property
+    def snapshot(self) -> AttributedSample | None:
+        return self._snapshot
+
+    # -- queries ---------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The status document (DESIGN.md): GPUs, tiers, modes, workloads, blocks."""
+        sample = self._snapshot
+        gpus: list[dict[str, Any]] = []
+        if sample is not None:
+            for gpu in sample.node.gpus:
+                gpus.append(self._gpu_status(sample, gpu.index))
+        switcher = self.switcher
+        workloads = []
+        for name, workload in self._workloads.items():
+            st = self._statuses.get(name, WorkloadStatus(WorkloadState.UNKNOWN, "not sampled"))
+            block = self._state.blocks.get(name)
+            workloads.append({
+                "name": name,
+                "kind": workload.kind,
+                "state": st.state.value,
+                "detail": st.detail,
+                "pid": st.pid,
+                "blocked": block is not None,
+                "block": None if block is None else {"since": block.blocked_at,
+                                                     "reason": block.reason},
+                "gpu": self.config.gpu_of_workload(name),
+                "priority": workload.config.priority,
+            })
+        modes = {
+            name: {"workloads": list(mode.workloads), "gpu": mode.gpu, "lease_s": mode.lease}
+            for name, mode in self.config.all_modes().items()
+        }
+        doc: dict[str, Any] = {
+            "backend": self._backend.name,
+            "sampled_at": None if sample is None else sample.node.taken_at,
+            "fault": None if sample is None or sample.node.fault is None else {
+                "fault": str(sample.node.fault), "detail": sample.node.fault_detail},
+            "gpus": gpus,
+            "workloads": workloads,
+            "modes": modes,
+            "daemon": {"started_at": self._started_at,
+                       "switching": switcher is not None and any(
+                           switcher.transition_of(g) for g in self.config.gpu_indices())},
+        }
+        last_alert = self.bus.last(lambda e: e.name == "vram.tier" and e.fields.get("to") != "ok")
+        doc["last_alert"] = None if last_alert is None else last_alert.to_dict()
+        return doc
+
+    def _gpu_status(self, sample: AttributedSample, index: int) -> dict[str, Any]:
+        gpu = sample.node.gpu(index)
+        assert gpu is not None
+        switcher = self.switcher
+        st = self._state.gpu(index)
+        transition = switcher.transition_of(index) if switcher else None
+        processes = []
+        for proc in sorted(gpu.processes, key=lambda p: p.used_bytes or 0, reverse=True):
+            owner = sample.owners.get(proc.pid)
+            processes.append({
+                "pid": proc.pid,
+                "used_mib": proc.used_mib,
+                "workload": owner.workload if owner else None,
+                "command": owner.command if owner else "",
+            })
+        return {
+            "index": gpu.index,
+            "uuid": gpu.uuid,
+            "name": gpu.name,
+            "total_mib": gpu.total_mib,
+            "used_mib": gpu.used_mib,
+            "free_mib": gpu.free_mib,
+            "reserved_mib": gpu.reserved_bytes // (1024 * 1024),
+            "used_fraction": round(gpu.used_fraction, 4),
+            "tier": self._watchdog.tier(index).label,
+            "fault": None if gpu.ok else {"fault": str(gpu.fault), "detail": gpu.fault_detail},
+            "utilization_pct": gpu.util_gpu_pct,
+            "temperature_c": gpu.temp_c,
+            "power_w": gpu.power_w,
+            "mode": st.mode,
+            "transition": None if transition is None else {
+                "id": transition.id, "from": transition.from_mode, "to": transition.to_mode,
+                "step": transition.step, "requested_by": transition.requested_by,
+                "started_at": transition.started_at},
+            "last_failure": st.failure,
+            "processes": processes,
+        }
+
+    def modes(self) -> dict[str, Any]:
+        """Each GPU's mode and the modes it may take."""
+        gpus = []
+        for index in self.config.gpu_indices():
+            st = self._state.gpu(index)
+            tr = self.switcher.transition_of(index) if self.switcher else None
+            gpus.append({
+                "gpu": index,
+                "mode": st.mode,
+                "transition": None if tr is None else {"id": tr.id, "to": tr.to_mode,
+                                                       "step": tr.step},
+                "last_failure": st.failure,
+                "modes": sorted(self.config.modes_on_gpu(index)),
+            })
+        return {"gpus": gpus, "idle": IDLE_MODE}
+
+    def events_since(self, event_id: int, limit: int = 500) -> list[Event]:
+        return self.bus.since(event_id, limit)
+
+    # -- actions ---------------------------------------------------------------
+
+    async def switch_mode(
+        self, mode: str, *, gpu: int | None = None, requested_by: str, force: bool = False,
+        wait: bool = True,
+    ) -> SwitchResult:
+        """Switch a GPU's mode (see ModeSwitcher.switch for what it refuses and why)."""
+        assert self.switcher is not None, "the daemon wires the switcher before serving"
+        return await self.switcher.switch(
+            mode, gpu=gpu, requested_by=requested_by, force=force, wait=wait
+        )

@@ -1,0 +1,56 @@
+"""What every workload kind offers the switcher. All methods block: call them in a thread."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..config import WorkloadConfig
+
+__all__ = ["Workload", "WorkloadState", "WorkloadStatus"]
+
+
+class WorkloadState(enum.StrEnum):
+    RUNNING = "running"
+    STARTING = "starting"  # running but not yet answering its readiness check
+    STOPPED = "stopped"
+    MISSING = "missing"  # docker: no container of that name
+    UNKNOWN = "unknown"  # cannot tell (Docker unreachable)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadStatus:
+    state: WorkloadState
+    detail: str = ""
+    pid: int | None = None  # root process (host PID) while running
+    container_id: str | None = None
+    exit_code: int | None = None
+    restart_policy: str | None = None
+    restart_count: int | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.state in (WorkloadState.RUNNING, WorkloadState.STARTING)
+
+
+class Workload(Protocol):
+    name: str
+    kind: str
+    config: WorkloadConfig
+
+    def status(self) -> WorkloadStatus:
+        """Current state; never raises (an unreachable backend is UNKNOWN)."""
+        ...
+
+    def start(self) -> WorkloadStatus:
+        """Start it (a no-op when running). Raises WorkloadError with the reason."""
+        ...
+
+    def stop(self) -> WorkloadStatus:
+        """Stop it within `stop_timeout`, then kill. Raises WorkloadError if it survives."""
+        ...
+
+    def close(self) -> None:
+        """Release what the workload object holds (clients, handles); not the workload."""
+        ...

@@ -1,0 +1,105 @@
+"""Graceful release before a stop: ask Ollama and ComfyUI to give their VRAM back.
+
+An unreachable API never blocks a switch (the stop that follows frees the memory
+anyway); a ComfyUI with queued or running jobs does, unless the switch is forced.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import httpx
+
+from ..config import WorkloadConfig
+from ..errors import ConflictError
+
+__all__ = ["ReleaseReport", "comfyui_queue_size", "graceful_release", "probe_ready"]
+
+log = logging.getLogger(__name__)
+
+_TIMEOUT = httpx.Timeout(10.0, connect=2.0)
+
+
+@dataclass
+class ReleaseReport:
+    workload: str
+    actions: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+async def comfyui_queue_size(client: httpx.AsyncClient, url: str) -> int | None:
+    """Running plus pending jobs (`GET /queue`), or None when ComfyUI does not answer."""
+    try:
+        resp = await client.get(f"{url}/queue", timeout=_TIMEOUT)
+        resp.raise_for_status()
+        doc = resp.json()
+        return len(doc.get("queue_running", [])) + len(doc.get("queue_pending", []))
+    except (httpx.HTTPError, ValueError, AttributeError) as exc:
+        log.warning("ComfyUI at %s: queue unreadable (%s)", url, exc)
+        return None
+
+
+async def check_release_allowed(
+    client: httpx.AsyncClient, name: str, config: WorkloadConfig, *, force: bool
+) -> None:
+    """Refuse (ConflictError) to switch away from a ComfyUI that has work queued."""
+    if config.release != "comfyui" or force or not config.url:
+        return
+    jobs = await comfyui_queue_size(client, config.url.rstrip("/"))
+    if jobs:
+        raise ConflictError(
+            f"workload {name!r} (ComfyUI) has {jobs} job(s) running or queued; "
+            "wait for them or switch with force to interrupt",
+            {"workload": name, "jobs": jobs},
+        )
+
+
+async def graceful_release(
+    client: httpx.AsyncClient, name: str, config: WorkloadConfig, *, force: bool
+) -> ReleaseReport:
+    """Unload Ollama's models, or interrupt (when forced) and free ComfyUI."""
+    report = ReleaseReport(workload=name)
+    if config.release == "none" or not config.url:
+        return report
+    url = config.url.rstrip("/")
+    try:
+        if config.release == "ollama":
+            resp = await client.get(f"{url}/api/ps", timeout=_TIMEOUT)
+            resp.raise_for_status()
+            for model in resp.json().get("models", []):
+                model_name = model.get("name") or model.get("model")
+                unload = await client.post(
+                    f"{url}/api/generate",
+                    json={"model": model_name, "keep_alive": 0},
+                    timeout=_TIMEOUT,
+                )
+                unload.raise_for_status()
+                report.actions.append(f"ollama unload {model_name}")
+        else:
+            if force:
+                (await client.post(f"{url}/interrupt", timeout=_TIMEOUT)).raise_for_status()
+                report.actions.append("comfyui interrupt")
+            resp = await client.post(
+                f"{url}/free",
+                json={"unload_models": True, "free_memory": True},
+                timeout=_TIMEOUT,
+            )
+            resp.raise_for_status()
+            report.actions.append("comfyui free")
+    except (httpx.HTTPError, ValueError, AttributeError) as exc:
+        report.errors.append(f"{config.release} API at {url}: {exc!r}")
+        log.warning("graceful release of %s failed, stopping it anyway: %s", name, exc)
+    return report
+
+
+async def probe_ready(client: httpx.AsyncClient, config: WorkloadConfig) -> bool:
+    """Whether the workload's API answers (Ollama /api/version, ComfyUI /system_stats)."""
+    if config.release == "none" or not config.url:
+        return True
+    path = "/api/version" if config.release == "ollama" else "/system_stats"
+    try:
+        resp = await client.get(config.url.rstrip("/") + path, timeout=httpx.Timeout(2.0))
+    except httpx.HTTPError:
+        return False
+    return resp.status_code == 200

@@ -1,0 +1,188 @@
+"""Shared fixtures: configs for a simulated node, the real daemon as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+PYTHON = sys.executable
+
+
+def hold_argv(ledger: Path, name: str, mib: int, *extra: str) -> list[str]:
+    return [PYTHON, "-m", "gpuwarden.gpu.hold", "--ledger", str(ledger), "--name", name,
+            "--mib", str(mib), *extra]
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def write_toml(path: Path, tables: dict[str, dict[str, Any]]) -> Path:
+    lines = []
+    for table, keys in tables.items():
+        lines.append(f"[{table}]")
+        lines.extend(f"{k} = {toml_value(v)}" for k, v in keys.items())
+        lines.append("")
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+class SimNode:
+    """A simulated node in a temp folder: its ledger, state and socket."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.ledger = root / "ledger"
+        self.state_dir = root / "state"
+        self.socket = root / "gw.sock"
+        self.config_path = root / "config.toml"
+
+    def tables(self, **sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        tables: dict[str, dict[str, Any]] = {
+            "daemon": {"sample_interval": 0.2, "state_dir": self.state_dir,
+                       "socket": self.socket, "socket_group": "", "default_mode": "idle"},
+            "gpu": {"backend": "sim"},
+            "gpu.sim": {"total_mib": 20480, "ledger_dir": self.ledger, "release_delay": 0.15},
+            "release": {"timeout": 5.0, "poll_interval": 0.05},
+        }
+        for name, keys in sections.items():
+            tables.setdefault(name.replace("__", "."), {}).update(keys)
+        return tables
+
+    def write(self, **sections: dict[str, Any]) -> Path:
+        return write_toml(self.config_path, self.tables(**sections))
+
+    def hold(self, name: str, mib: int, *extra: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(hold_argv(self.ledger, name, mib, *extra),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # "holding ..." once the claim is open
+        assert b"holding" in line, line
+        return proc
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> SimNode:
+    return SimNode(tmp_path)
+
+
+def run_cli(*args: str, timeout: float = 60, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PYTHON, "-m", "gpuwarden.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+class DaemonProcess:
+    """`gpuwarden daemon` as a real subprocess; its audit lines are read from stdout."""
+
+    def __init__(self, config: Path, socket: Path, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.socket = socket
+        self.log_path = config.parent / "daemon.out"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [PYTHON, "-m", "gpuwarden.cli", "daemon", "--config", str(config)],
+            stdout=self._log, stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
+        )
+        self.client = httpx.Client(transport=httpx.HTTPTransport(uds=str(socket)),
+                                   base_url="http://gw", timeout=30)
+
+    def wait_ready(self, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.output()}")
+            try:
+                if self.client.get("/healthz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"daemon not ready:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        found = []
+        for line in self.output().splitlines():
+            if not line.startswith("{"):
+                continue
+            doc = json.loads(line)
+            if name is None or doc.get("event") == name:
+                found.append(doc)
+        return found
+
+    def wait_event(self, name: str, timeout: float = 20, count: int = 1,
+                   **match: Any) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [e for e in self.events(name)
+                     if all(e.get(k) == v for k, v in match.items())]
+            if len(found) >= count:
+                return found
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"no {count}x {name} {match} within {timeout}s:\n"
+                                     f"{self.output()[-4000:]}")
+            time.sleep(0.05)
+
+    def status(self) -> dict[str, Any]:
+        resp = self.client.get("/v1/status")
+        assert resp.status_code == 200, resp.text
+        result: dict[str, Any] = resp.json()
+        return result
+
+    def wait_mode(self, mode: str, gpu: int = 0, timeout: float = 20) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            doc = self.status()
+            g = next(x for x in doc["gpus"] if x["index"] == gpu)
+            if g["mode"] == mode and g["transition"] is None:
+                return doc
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"GPU {gpu} not in {mode}: {g}")
+            time.sleep(0.05)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=timeout)
+        self.client.close()
+        self._log.close()
+        return code
+
+
+@pytest.fixture
+def start_daemon() -> Iterator[Any]:
+    started: list[DaemonProcess] = []
+
+    def start(config: Path, socket: Path, env: dict[str, str] | None = None) -> DaemonProcess:
+        daemon = DaemonProcess(config, socket, env)
+        started.append(daemon)
+        daemon.wait_ready()
+        return daemon
+
+    yield start
+    for daemon in started:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait()

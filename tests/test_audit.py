@@ -1,0 +1,73 @@
+"""The audit trail: journald's native protocol over a real socket, JSON lines elsewhere."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import struct
+from pathlib import Path
+
+from gpuwarden.audit import JournaldAudit, JsonLinesAudit, open_audit
+from gpuwarden.events import EventBus, Severity
+
+
+def parse_native(data: bytes) -> dict[str, str]:
+    """Parse the journal's native protocol the way journald does."""
+    fields: dict[str, str] = {}
+    pos = 0
+    while pos < len(data):
+        end = data.index(b"\n", pos)
+        line = data[pos:end]
+        if b"=" in line:
+            key, _, value = line.partition(b"=")
+            fields[key.decode()] = value.decode()
+            pos = end + 1
+        else:
+            (size,) = struct.unpack("<Q", data[end + 1 : end + 9])
+            fields[line.decode()] = data[end + 9 : end + 9 + size].decode()
+            pos = end + 9 + size + 1
+    return fields
+
+
+def test_events_reach_journald_as_fields(tmp_path: Path) -> None:
+    path = str(tmp_path / "journal.sock")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(path)
+    try:
+        bus = EventBus(JournaldAudit(path))
+        bus.publish("mode.switch.completed", "GPU 0: llm -> image\nsecond line",
+                    requested_by="discord:1234", gpu=0, mode="image",
+                    timings={"total_s": 1.5}, **{"from": "llm", "to": "image"})
+        bus.publish("vram.tier", "GPU 0 at 96 %", severity=Severity.CRITICAL, gpu=0)
+        first = parse_native(receiver.recv(65536))
+        second = parse_native(receiver.recv(65536))
+    finally:
+        receiver.close()
+    assert first["GPUWARDEN_EVENT"] == "mode.switch.completed"
+    assert first["REQUESTED_BY"] == "discord:1234"
+    assert first["GPU"] == "0" and first["MODE"] == "image" and first["FROM"] == "llm"
+    assert first["SYSLOG_IDENTIFIER"] == "gpuwarden" and first["PRIORITY"] == "6"
+    assert first["MESSAGE"].endswith("second line")  # the length-prefixed form
+    assert json.loads(first["GPUWARDEN_TIMINGS"]) == {"total_s": 1.5}
+    assert all(k.replace("_", "").isalnum() and k.isupper() for k in first)
+    assert second["PRIORITY"] == "2"
+
+
+def test_journald_unreachable_falls_back_to_stdout(tmp_path: Path) -> None:
+    out = io.StringIO()
+    bus = EventBus(JournaldAudit(str(tmp_path / "nobody.sock"), fallback=JsonLinesAudit(out)))
+    bus.publish("daemon.started", "up")
+    assert json.loads(out.getvalue())["event"] == "daemon.started"
+
+
+def test_json_lines_outside_journald() -> None:
+    out = io.StringIO()
+    bus = EventBus(JsonLinesAudit(out))
+    bus.publish("crashloop.blocked", "comfyui blocked", severity=Severity.CRITICAL,
+                requested_by=None, workload="comfyui", exit_codes=["1", "1"])
+    doc = json.loads(out.getvalue())
+    assert doc["event"] == "crashloop.blocked" and doc["severity"] == "critical"
+    assert doc["workload"] == "comfyui" and doc["exit_codes"] == ["1", "1"]
+    assert doc["id"] == 1 and "ts" in doc
+    assert isinstance(open_audit({}), JsonLinesAudit)

@@ -1,0 +1,155 @@
+"""Config: the example validates; every kind of mistake is named by key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gpuwarden.config import load_config
+from gpuwarden.errors import ConfigError
+
+from .conftest import run_cli, write_toml
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
+
+
+def problems_of(path: Path, env: dict[str, str] | None = None,
+                monkeypatch: pytest.MonkeyPatch | None = None) -> list[str]:
+    if env and monkeypatch:
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    return info.value.problems
+
+
+def test_example_config_validates_and_documents_every_section() -> None:
+    config = load_config(EXAMPLE)
+    assert config.thresholds.warn == 0.80
+    assert config.modes["image"].lease == 45 * 60
+    assert config.workloads["ollama"].release == "ollama"
+    assert set(config.all_modes()) == {"llm", "image", "idle"}
+    text = EXAMPLE.read_text()
+    for section in ("[daemon]", "[docker]", "[gpu]", "[gpu.sim]", "[thresholds]", "[release]",
+                    "[crashloop]", "[api]", "[discord]", "[n8n]"):
+        assert section in text
+
+
+def test_check_config_exits_0_on_the_example() -> None:
+    result = run_cli("check-config", str(EXAMPLE))
+    assert result.returncode == 0, result.stderr
+    assert "valid" in result.stdout
+
+
+def test_unknown_keys_are_errors_with_their_path(tmp_path: Path) -> None:
+    path = write_toml(tmp_path / "c.toml", {"thresholds": {"warn": 0.8, "wran": 0.5},
+                                            "deamon": {"x": 1}})
+    problems = problems_of(path)
+    assert "thresholds.wran: unknown key" in problems
+    assert "deamon: unknown key" in problems
+
+
+def test_thresholds_out_of_order_are_errors(tmp_path: Path) -> None:
+    path = write_toml(tmp_path / "c.toml", {"thresholds": {"warn": 0.9, "alert": 0.9,
+                                                           "critical": 0.85}})
+    problems = problems_of(path)
+    assert any(p.startswith("thresholds.warn: must be below thresholds.alert") for p in problems)
+    assert any(p.startswith("thresholds.alert: must be below thresholds.critical")
+               for p in problems)
+
+
+def test_every_problem_is_listed_at_once_and_check_config_exits_2(tmp_path: Path) -> None:
+    path = write_toml(tmp_path / "c.toml", {
+        "daemon": {"sample_interval": -1, "default_mode": "nope"},
+        "gpu": {"backend": "cuda"},
+        "workloads.a": {"kind": "docker"},
+        "workloads.b": {"kind": "process", "command": ["x"], "restart_policy": "sometimes"},
+        "modes.m": {"workloads": ["b"], "lease": "soon"},
+    })
+    result = run_cli("check-config", str(path))
+    assert result.returncode == 2
+    err = result.stderr
+    for expected in ("daemon.sample_interval", "gpu.backend", "workloads.a",
+                     "workloads.b.restart_policy", "modes.m.lease"):
+        assert expected in err, err
+
+
+def test_cross_references_are_checked(tmp_path: Path) -> None:
+    path = write_toml(tmp_path / "c.toml", {
+        "daemon": {"default_mode": "nope"},
+        "workloads.a": {"kind": "process", "command": ["x"]},
+        "modes.m": {"workloads": ["a", "ghost"]},
+        "modes.n": {"workloads": ["a"], "gpu": 1},
+        "modes.idle": {"workloads": ["a"]},
+    })
+    problems = problems_of(path)
+    assert "modes.m.workloads: no workload named 'ghost'" in problems
+    assert any(p.startswith("daemon.default_mode: no mode named 'nope'") for p in problems)
+    assert any(p.startswith("modes.n.gpu: workload 'a' is also in mode") for p in problems)
+    assert "modes.idle.workloads: the idle mode always runs nothing" in problems
+
+
+def test_environment_overrides_single_keys(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_toml(tmp_path / "c.toml", {"thresholds": {"warn": 0.7},
+                                            "workloads.w": {"kind": "process",
+                                                            "command": ["x"]}})
+    monkeypatch.setenv("GPUWARDEN_THRESHOLDS__ALERT", "0.85")
+    monkeypatch.setenv("GPUWARDEN_WORKLOADS__W__PRIORITY", "7")
+    config = load_config(path)
+    assert config.thresholds.warn == 0.7  # from the file
+    assert config.thresholds.alert == 0.85  # from the environment
+    assert config.workloads["w"].priority == 7
+    assert config.workloads["w"].command == ["x"]
+
+
+def test_bad_environment_override_is_named(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_toml(tmp_path / "c.toml", {"daemon": {"sample_interval": 1.0}})
+    monkeypatch.setenv("GPUWARDEN_RELEASE__TIMEOUT", "soon")
+    monkeypatch.setenv("GPUWARDEN_THRESHOLDS__WARNN", "0.5")
+    problems = problems_of(path)
+    assert any(p.startswith("release.timeout:") for p in problems)
+    assert "thresholds.warnn: unknown key" in problems
+
+
+def test_secrets_from_files_and_credentials_directory(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "n8n.token").write_text("s3cret\n")
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "discord.token").write_text("bot-token")
+    path = write_toml(tmp_path / "c.toml", {
+        "api.tokens.n8n": {"token_file": "n8n.token"},
+        "discord": {"token_file": "discord.token"},
+    })
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    problems = problems_of(path)  # discord.token is not next to the config
+    assert any("discord" in p and "cannot read" in p for p in problems)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    (creds / "n8n.token").write_text("s3cret\n")
+    config = load_config(path)
+    token = config.api.tokens["n8n"].token
+    assert token is not None and token.get_secret_value() == "s3cret"
+    assert config.discord.token is not None
+    assert config.discord.token.get_secret_value() == "bot-token"
+
+
+def test_missing_file_and_bad_toml(tmp_path: Path) -> None:
+    result = run_cli("check-config", str(tmp_path / "absent.toml"))
+    assert result.returncode == 2
+    assert "cannot read" in result.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[daemon\nx=")
+    result = run_cli("check-config", str(bad))
+    assert result.returncode == 2
+    assert "not valid TOML" in result.stderr
+
+
+def test_api_refuses_non_loopback_without_auth(tmp_path: Path) -> None:
+    path = write_toml(tmp_path / "c.toml", {"api": {"listen": "0.0.0.0:8787"}})
+    problems = problems_of(path)
+    assert any(p.startswith("api.listen: refusing to listen on non-loopback") for p in problems)
+    path = write_toml(tmp_path / "c.toml", {"api": {"listen": "127.0.0.1:8787"}})
+    assert load_config(path).api.listen == "127.0.0.1:8787"

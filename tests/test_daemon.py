@@ -1,0 +1,160 @@
+"""The real daemon as a subprocess, driven by the real CLI over the control socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+
+from .conftest import PYTHON, SimNode, hold_argv, run_cli
+
+
+def two_mode_config(node: SimNode) -> Path:
+    return node.write(**{
+        "daemon": {"default_mode": "llm"},
+        "workloads.ollama": {"kind": "process", "command": hold_argv(node.ledger, "ollama", 6000),
+                             "stop_timeout": 5},
+        "workloads.comfyui": {"kind": "process",
+                              "command": hold_argv(node.ledger, "comfyui", 8000),
+                              "stop_timeout": 5},
+        "modes.llm": {"workloads": ["ollama"]},
+        "modes.image": {"workloads": ["comfyui"]},
+    })
+
+
+def test_status_over_the_socket_shows_figures_holders_and_modes(node: SimNode,
+                                                                start_daemon) -> None:
+    config = two_mode_config(node)
+    daemon = start_daemon(config, node.socket)
+    daemon.wait_mode("llm")
+    deadline = time.monotonic() + 10
+    while True:
+        result = run_cli("--config", str(config), "status", "--json")
+        assert result.returncode == 0, result.stderr
+        doc = json.loads(result.stdout)
+        if doc["gpus"][0]["used_mib"] == 6000:
+            break
+        assert time.monotonic() < deadline, doc
+        time.sleep(0.1)
+    gpu = doc["gpus"][0]
+    assert gpu["total_mib"] == 20480 and gpu["tier"] == "ok" and gpu["mode"] == "llm"
+    assert gpu["used_fraction"] == round(6000 / 20480, 4)
+    assert [(p["used_mib"], p["workload"]) for p in gpu["processes"]] == [(6000, "ollama")]
+    states = {w["name"]: (w["state"], w["blocked"], w["gpu"]) for w in doc["workloads"]}
+    assert states == {"ollama": ("running", False, 0), "comfyui": ("stopped", False, 0)}
+    assert doc["modes"]["llm"]["workloads"] == ["ollama"] and "idle" in doc["modes"]
+
+    # The human form carries the same facts; --config also works after the verb.
+    text = run_cli("status", "--config", str(config))
+    assert text.returncode == 0
+    assert "6000/20480 MiB" in text.stdout and "ollama" in text.stdout and "llm" in text.stdout
+
+    # An unowned holder is reported as such.
+    stray = node.hold("stray", 2000)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            procs = daemon.status()["gpus"][0]["processes"]
+            if len(procs) == 2:
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert {(p["pid"], p["workload"]) for p in procs} >= {(stray.pid, None)}
+        assert "UNOWNED" in run_cli("--config", str(config), "status").stdout
+    finally:
+        stray.kill()
+        stray.wait()
+
+
+def test_tier_event_reaches_the_audit_log_once(node: SimNode, start_daemon) -> None:
+    config = node.write(thresholds={"sustain": 2})
+    daemon = start_daemon(config, node.socket)
+    holder = node.hold("big", 17000)  # 83 %
+    try:
+        events = daemon.wait_event("vram.tier", to="warn")
+        time.sleep(1.0)  # more samples above warn: still one event
+        assert len(daemon.events("vram.tier")) == 1
+        assert events[0]["from"] == "ok" and events[0]["used_mib"] == 17000
+        assert events[0]["holders"][0]["pid"] == holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+    daemon.wait_event("vram.tier", to="ok")
+
+
+def test_socket_mode_and_clean_shutdown_leaves_nothing_behind(node: SimNode,
+                                                              start_daemon) -> None:
+    config = two_mode_config(node)
+    daemon = start_daemon(config, node.socket)
+    daemon.wait_mode("llm")
+    assert stat.S_IMODE(node.socket.stat().st_mode) == 0o660
+    children = psutil.Process(daemon.proc.pid).children(recursive=True)
+    assert children, "the llm workload runs as a child"
+    assert daemon.stop(signal.SIGTERM) == 0
+    assert not node.socket.exists()
+    _gone, alive = psutil.wait_procs(children, timeout=5)
+    assert not alive
+    names = [e["event"] for e in daemon.events()]
+    assert names[0] == "daemon.started" and names[-1] == "daemon.stopping"
+
+
+def test_cli_exits_3_when_no_daemon_answers(node: SimNode) -> None:
+    config = node.write()
+    result = run_cli("--config", str(config), "status")
+    assert result.returncode == 3
+    assert "no gpuwarden daemon answers" in result.stderr
+
+
+def test_daemon_refuses_an_invalid_config_with_the_same_messages(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[thresholds]\nwarn = 0.95\n")
+    daemon = run_cli("daemon", "--config", str(bad))
+    check = run_cli("check-config", str(bad))
+    assert daemon.returncode == check.returncode == 2
+    assert "thresholds.warn: must be below thresholds.alert" in daemon.stderr
+    assert daemon.stderr.strip() == "gpuwarden: " + check.stderr.strip()
+
+
+def test_second_daemon_on_the_same_socket_is_refused(node: SimNode, start_daemon) -> None:
+    config = node.write()
+    start_daemon(config, node.socket)
+    second = run_cli("daemon", "--config", str(config), timeout=30)
+    assert second.returncode == 1
+    assert "another gpuwarden daemon is listening" in second.stderr
+
+
+def test_demo_runs_and_ctrl_c_leaves_no_process(tmp_path: Path) -> None:
+    folder = tmp_path / "demo"
+    demo = subprocess.Popen([PYTHON, "-m", "gpuwarden.cli", "demo", "--dir", str(folder)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        config = folder / "config.toml"
+        deadline = time.monotonic() + 20
+        while True:
+            result = run_cli("--config", str(config), "status", "--json")
+            if result.returncode == 0:
+                doc = json.loads(result.stdout)
+                if doc["gpus"][0]["used_mib"] > 0:
+                    break
+            assert time.monotonic() < deadline, result.stderr
+            time.sleep(0.2)
+        assert doc["gpus"][0]["processes"][0]["workload"] == "ollama"
+        children = psutil.Process(demo.pid).children(recursive=True)
+        assert children
+        demo.send_signal(signal.SIGINT)
+        out, err = demo.communicate(timeout=30)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    assert demo.returncode == 0, err
+    assert f"--config {config} status" in err.decode()
+    assert b'"event": "daemon.started"' in out
+    _, alive = psutil.wait_procs(children, timeout=5)
+    assert not alive
