@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -186,3 +187,64 @@ def start_daemon() -> Iterator[Any]:
         if daemon.proc.poll() is None:
             daemon.proc.kill()
             daemon.proc.wait()
+
+
+# -- a private Docker engine ----------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def dockerd() -> Iterator[Any]:
+    from .dockerd import PrivateDockerd
+
+    engine = PrivateDockerd()
+    try:
+        engine.start()
+        engine.import_busybox()
+        yield engine
+    finally:
+        engine.cleanup()
+
+
+class Containers:
+    """Creates busybox containers holding simulated VRAM; removes them afterwards."""
+
+    def __init__(self, engine: Any, ledger: Path) -> None:
+        self.engine = engine
+        self.client = engine.client()
+        self.ledger = ledger
+        self.names: list[str] = []
+
+    def create(self, name: str, script: str, *, restart_policy: str = "no",
+               start: bool = False) -> Any:
+        from .dockerd import IMAGE
+
+        self.ledger.mkdir(parents=True, exist_ok=True)
+        policy = {"Name": restart_policy}
+        container = self.client.containers.create(
+            IMAGE, ["sh", "-c", script], name=name, network_mode="none",
+            volumes={str(self.ledger): {"bind": "/ledger", "mode": "rw"}},
+            restart_policy=policy, labels={"gpuwarden.test": "1"},
+        )
+        self.names.append(name)
+        if start:
+            container.start()
+        return container
+
+    def get(self, name: str) -> Any:
+        return self.client.containers.get(name)
+
+    def running(self, name: str) -> bool:
+        c = self.get(name)
+        return bool(c.attrs["State"]["Running"])
+
+    def cleanup(self) -> None:
+        for name in self.names:
+            with contextlib.suppress(Exception):
+                self.client.containers.get(name).remove(force=True)
+        self.client.close()
+
+
+@pytest.fixture
+def containers(dockerd: Any, node: SimNode) -> Iterator[Containers]:
+    made = Containers(dockerd, node.ledger)
+    yield made
+    made.cleanup()

@@ -19,6 +19,8 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from .api import build_app
 from .audit import open_audit
 from .config import Config
+from .docker_events import ContainerEvent, DockerEventWatcher
+from .enforcement import ModeGuard
 from .errors import GpuwardenError
 from .events import AuditWriter, EventBus, Severity
 from .gpu.attribution import OwnerIndex
@@ -70,6 +72,8 @@ class Daemon:
         self._workloads: dict[str, Workload] = {}
         self._http: httpx.AsyncClient | None = None
         self._switcher: ModeSwitcher | None = None
+        self._guard: ModeGuard | None = None
+        self._docker_events: DockerEventWatcher | None = None
         self._restore_task: asyncio.Task[None] | None = None
         self.service: Service | None = None
 
@@ -92,6 +96,11 @@ class Daemon:
         self._switcher = ModeSwitcher(cfg, self._workloads, store, persisted, self.bus,
                                       self.service.sample_blocking, self._http)
         self.service.switcher = self._switcher
+        self._guard = ModeGuard(cfg, self._switcher, self._workloads, self.bus, self._http)
+        if any(w.kind == "docker" for w in self._workloads.values()):
+            self._docker_events = DockerEventWatcher(cfg.docker, self._on_docker_event,
+                                                     self._on_docker_connection)
+            self._docker_events.start(loop)
 
         await self._tick()
         await self._listen(cfg.daemon.socket)
@@ -121,6 +130,29 @@ class Daemon:
             return
         self.notifier.watchdog()
         self.notifier.status(self._status_line())
+        if self._guard is not None and self._restore_task is not None and \
+                self._restore_task.done():
+            self._guard.check(self.service.workload_statuses)
+
+    def _on_docker_event(self, event: ContainerEvent) -> None:
+        assert self._guard is not None
+        name = self._guard.workload_of_container(event.name)
+        if name is None:
+            return
+        if event.action == "start" and (
+            self._restore_task is not None and self._restore_task.done()
+        ):
+            self._guard.spawn(self._guard.on_started(name, "docker event"))
+
+    def _on_docker_connection(self, connected: bool, detail: str) -> None:
+        if connected:
+            self.bus.publish("docker.error", "Docker engine reachable again",
+                             host=self.config.docker.resolved_host(), recovered=True)
+        else:
+            self.bus.publish(
+                "docker.error", f"Docker engine unreachable: {detail}", severity=Severity.ERROR,
+                host=self.config.docker.resolved_host(), detail=detail,
+            )
 
     def _status_line(self) -> str:
         if self.service is None:
@@ -164,6 +196,10 @@ class Daemon:
         if self._restore_task is not None:
             self._restore_task.cancel()
             await asyncio.gather(self._restore_task, return_exceptions=True)
+        if self._docker_events is not None:
+            await asyncio.to_thread(self._docker_events.stop)
+        if self._guard is not None:
+            await self._guard.close()
         if self._switcher is not None:
             await self._switcher.close()
         if self._runner is not None:

@@ -141,9 +141,31 @@ class ModeSwitcher:
     def mode_of(self, gpu: int) -> str | None:
         return self._state.gpu(gpu).mode
 
+    def mode_since(self, gpu: int) -> float | None:
+        return self._state.gpu(gpu).mode_since
+
     def transition_of(self, gpu: int) -> Transition | None:
         running = self._running.get(gpu)
         return running.transition if running else None
+
+    def allowed_on(self, gpu: int) -> set[str]:
+        """Workloads that may run on a GPU right now.
+
+        Between switches: the active mode's. During a switch: none until it starts
+        the target's (a workload of the old mode started by hand mid-switch is not
+        allowed either).
+        """
+        running = self._running.get(gpu)
+        if running is not None:
+            tr = running.transition
+            return set(self._config.all_modes()[tr.to_mode].workloads) \
+                if tr.step == "starting" else set()
+        mode = self.mode_of(gpu)
+        modes = self._config.all_modes()
+        return set(modes[mode].workloads) if mode in modes else set()
+
+    def switching(self, gpu: int) -> bool:
+        return gpu in self._running
 
     def workloads_on(self, gpu: int) -> list[str]:
         return [name for name in self._workloads if self._config.gpu_of_workload(name) == gpu]
@@ -335,6 +357,8 @@ class ModeSwitcher:
 
         timings["total_s"] = time.monotonic() - t0
         st = self._state.gpu(gpu)
+        if st.mode != tr.to_mode or st.mode_since is None:
+            st.mode_since = time.time()  # a reconcile to the same mode keeps its lease running
         st.mode, st.failure = tr.to_mode, None
         self._record(gpu, None)
         rounded = {k: round(v, 4) for k, v in timings.items()}
@@ -354,7 +378,7 @@ class ModeSwitcher:
         timings["total_s"] = time.monotonic() - t0
         st = self._state.gpu(gpu)
         # Fail closed: whatever ran was stopped, nothing new runs; the GPU is idle.
-        st.mode = IDLE_MODE
+        st.mode, st.mode_since = IDLE_MODE, time.time()
         st.failure = {"id": tr.id, "to": tr.to_mode, "error": error, "at": time.time(),
                       "requested_by": tr.requested_by}
         self._record(gpu, None)
@@ -434,6 +458,7 @@ class ModeSwitcher:
                 target != IDLE_MODE and self._config.all_modes()[target].gpu != gpu
             ):
                 target = IDLE_MODE
+            await self._report_drift(gpu, target)
             try:
                 await self.switch(target, gpu=gpu, requested_by=requested_by, force=True,
                                   reconcile=True)
@@ -443,6 +468,20 @@ class ModeSwitcher:
                                   error=str(exc))
                 await self.switch(IDLE_MODE, gpu=gpu, requested_by="daemon", force=True,
                                   reconcile=True)
+
+    async def _report_drift(self, gpu: int, target: str) -> None:
+        keep = set(self._config.all_modes()[target].workloads)
+        names = self.workloads_on(gpu)
+        statuses = await self._statuses(names)
+        strays = sorted(n for n in names if statuses[n].running and n not in keep)
+        missing = sorted(n for n in keep if not statuses[n].running)
+        if strays:
+            self._bus.publish(
+                "mode.drift",
+                f"GPU {gpu}: {', '.join(strays)} running outside mode {target}; stopping them",
+                severity=Severity.WARNING, gpu=gpu, mode=target, running=strays,
+                not_running=missing,
+            )
 
     async def close(self) -> None:
         for task in list(self._tasks):

@@ -69,6 +69,10 @@ class Service:
     def snapshot(self) -> AttributedSample | None:
         return self._snapshot
 
+    @property
+    def workload_statuses(self) -> dict[str, WorkloadStatus]:
+        return dict(self._statuses)
+
     # -- queries ---------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:

@@ -40,6 +40,7 @@ class Transition:
 @dataclass
 class GpuState:
     mode: str | None = None
+    mode_since: float | None = None  # unix seconds the mode became active (for leases)
     transition: Transition | None = None
     # The last failed switch, kept visible in status until the next success.
     failure: dict[str, Any] | None = None
@@ -78,6 +79,7 @@ class State:
             tr = raw.get("transition")
             gpus[int(key)] = GpuState(
                 mode=raw.get("mode"),
+                mode_since=raw.get("mode_since"),
                 transition=Transition(**tr) if tr else None,
                 failure=raw.get("failure"),
             )

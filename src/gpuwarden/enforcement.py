@@ -1,0 +1,157 @@
+"""Between switches: only the active mode's workloads run, and leases run out.
+
+A container of a mode that is not active and starts anyway (by hand, by a restart
+policy, by compose) is stopped at once with a `mode.violation` event. Docker's event
+stream makes this immediate; the periodic check catches anything the stream missed
+(the engine restarting, a process workload).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+import httpx
+
+from .config import IDLE_MODE, Config
+from .events import EventBus, Severity
+from .modes import ModeSwitcher
+from .workloads.base import Workload, WorkloadStatus
+from .workloads.release import comfyui_queue_size
+
+__all__ = ["ModeGuard"]
+
+log = logging.getLogger(__name__)
+
+# How often a lease whose workload still has jobs queued is looked at again.
+_LEASE_RECHECK_S = 10.0
+
+
+class ModeGuard:
+    def __init__(self, config: Config, switcher: ModeSwitcher, workloads: dict[str, Workload],
+                 bus: EventBus, http: httpx.AsyncClient) -> None:
+        self._config = config
+        self._switcher = switcher
+        self._workloads = workloads
+        self._bus = bus
+        self._http = http
+        self._by_container = {
+            w.config.container: name for name, w in workloads.items() if w.config.container
+        }
+        self._stopping: set[str] = set()
+        self._lease_checked: dict[int, float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        # Stopping a container takes seconds: never inside the sampling job.
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def workload_of_container(self, container_name: str) -> str | None:
+        return self._by_container.get(container_name)
+
+    def violates(self, name: str) -> str | None:
+        """Why `name` may not run now, or None when it may."""
+        gpu = self._config.gpu_of_workload(name)
+        if gpu is None:
+            return None  # in no mode: not gpuwarden's to police
+        if name not in self._switcher.allowed_on(gpu):
+            mode = self._switcher.mode_of(gpu)
+            if self._switcher.switching(gpu):
+                return f"GPU {gpu} is switching modes"
+            return f"mode {mode!r} is active on GPU {gpu}"
+        return None
+
+    async def on_started(self, name: str, source: str) -> None:
+        """A workload was seen starting (Docker event or periodic check)."""
+        reason = self.violates(name)
+        if reason is None or name in self._stopping:
+            return
+        self._stopping.add(name)
+        try:
+            # Look again: the start may belong to a switch that began meanwhile.
+            status: WorkloadStatus = await asyncio.to_thread(self._workloads[name].status)
+            reason = self.violates(name)
+            if reason is None or not status.running:
+                return
+            gpu = self._config.gpu_of_workload(name)
+            self._bus.publish(
+                "mode.violation",
+                f"{name} started outside its mode ({reason}); stopping it",
+                severity=Severity.WARNING, workload=name, gpu=gpu,
+                mode=self._switcher.mode_of(gpu or 0), source=source,
+            )
+            try:
+                await asyncio.to_thread(self._workloads[name].stop)
+            except Exception as exc:
+                self._bus.publish("mode.violation", f"could not stop {name}: {exc}",
+                                  severity=Severity.ERROR, workload=name, error=str(exc))
+        finally:
+            self._stopping.discard(name)
+
+    def check(self, statuses: dict[str, WorkloadStatus]) -> None:
+        """The periodic sweep: stray workloads, then leases (both in the background)."""
+        for name, status in statuses.items():
+            if status.running and name not in self._stopping and \
+                    self.violates(name) is not None:
+                self.spawn(self.on_started(name, "periodic check"))
+        self.spawn(self._check_leases())
+
+    async def _check_leases(self) -> None:
+        default = self._config.daemon.default_mode
+        modes = self._config.all_modes()
+        for gpu in self._config.gpu_indices():
+            mode = self._switcher.mode_of(gpu)
+            if mode is None or mode == default or mode not in modes:
+                continue
+            lease = modes[mode].lease
+            since = self._switcher.mode_since(gpu)
+            if lease is None or since is None or self._switcher.switching(gpu):
+                continue
+            held = time.time() - since
+            if held < lease:
+                continue
+            now = time.monotonic()
+            if now - self._lease_checked.get(gpu, 0.0) < _LEASE_RECHECK_S:
+                continue
+            self._lease_checked[gpu] = now
+            jobs = await self._queued_jobs(modes[mode].workloads)
+            if jobs:
+                log.info("lease of %s on GPU %d ran out but %d job(s) are queued", mode, gpu,
+                         jobs)
+                continue
+            # The default mode may live on another GPU: then this one goes idle.
+            target = default if default == IDLE_MODE or modes[default].gpu == gpu else IDLE_MODE
+            self._bus.publish(
+                "mode.lease.expired",
+                f"GPU {gpu}: lease of {mode} ran out after {held / 60:.0f} min with an idle "
+                f"queue; back to {target}",
+                gpu=gpu, mode=mode, lease_s=lease, held_s=round(held, 1),
+                requested_by="lease",
+            )
+            try:
+                await self._switcher.switch(target, gpu=gpu, requested_by="lease",
+                                            wait=False)
+            except Exception as exc:
+                self._bus.publish("mode.switch.failed",
+                                  f"GPU {gpu}: lease return to {target} refused: {exc}",
+                                  severity=Severity.ERROR, gpu=gpu, to=target,
+                                  requested_by="lease", error=str(exc))
+
+    async def _queued_jobs(self, names: list[str]) -> int:
+        total = 0
+        for name in names:
+            wl = self._workloads[name].config
+            if wl.release == "comfyui" and wl.url:
+                jobs = await comfyui_queue_size(self._http, wl.url.rstrip("/"))
+                total += jobs or 0
+        return total
