@@ -158,3 +158,46 @@ def test_demo_runs_and_ctrl_c_leaves_no_process(tmp_path: Path) -> None:
     assert b'"event": "daemon.started"' in out
     _, alive = psutil.wait_procs(children, timeout=5)
     assert not alive
+
+
+def test_process_workloads_switch_and_fail_closed_on_a_bad_start(node: SimNode,
+                                                                 start_daemon) -> None:
+    node.ledger.mkdir(parents=True, exist_ok=True)
+    claim = node.ledger / "ollama.mib"
+    stubborn = ["sh", "-c", f'trap "" TERM; echo 6000 > {claim}; exec sleep 100000 3<{claim}']
+    config = node.write(**{
+        "daemon": {"default_mode": "llm"},
+        "workloads.ollama": {"kind": "process", "command": stubborn, "stop_timeout": 0.5},
+        "workloads.comfyui": {"kind": "process",
+                              "command": hold_argv(node.ledger, "comfyui", 8000)},
+        "workloads.broken": {"kind": "process", "command": [str(node.root / "missing-binary")]},
+        "modes.llm": {"workloads": ["ollama"]},
+        "modes.image": {"workloads": ["comfyui"]},
+        "modes.bad": {"workloads": ["broken"]},
+    })
+    daemon = start_daemon(config, node.socket)
+    daemon.wait_mode("llm")
+    deadline = time.monotonic() + 10
+    while daemon.status()["gpus"][0]["used_mib"] != 6000:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    # The holder ignores SIGTERM: the group gets SIGKILL after stop_timeout.
+    result = run_cli("--config", str(config), "mode", "image", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    timings = json.loads(result.stdout)["timings"]
+    assert timings["stop_s"] >= 0.5
+    assert timings["release_s"] >= 0.1  # the sim's 150 ms release delay was waited out
+    doc = daemon.status()
+    assert [w["state"] for w in doc["workloads"] if w["name"] == "ollama"] == ["stopped"]
+
+    result = run_cli("--config", str(config), "mode", "bad", "--json")
+    assert result.returncode == 1
+    failed = json.loads(result.stdout)
+    assert failed["ok"] is False and "cannot run" in failed["error"]
+    doc = daemon.wait_mode("idle")
+    assert "cannot run" in doc["gpus"][0]["last_failure"]["error"]
+    assert all(w["state"] == "stopped" for w in doc["workloads"])
+
+    unknown = run_cli("--config", str(config), "mode", "nope")
+    assert unknown.returncode == 1 and "unknown mode 'nope'" in unknown.stderr
+    assert daemon.status()["gpus"][0]["mode"] == "idle"

@@ -114,3 +114,21 @@ def test_attribution_to_a_process_tree_and_unowned_holders(node: SimNode) -> Non
         root.wait()
         stray.kill()
         stray.wait()
+
+
+def test_a_rewritten_claim_is_a_new_allocation_even_if_never_seen_held(node: SimNode) -> None:
+    backend = SimBackend(node.ledger, release_delay=0.3)
+    first = node.hold("llm", 6000)
+    assert used_mib(backend) == 6000
+    first.kill()
+    first.wait()
+    time.sleep(0.4)
+    assert used_mib(backend) == 0
+    # A new holder writes the claim again and dies before any sample saw it held:
+    # its memory is still freed only release_delay later, as on a real card.
+    second = node.hold("llm", 6000)
+    second.kill()
+    second.wait()
+    assert used_mib(backend) == 6000
+    time.sleep(0.35)
+    assert used_mib(backend) == 0

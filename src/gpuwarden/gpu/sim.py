@@ -82,9 +82,12 @@ def scan_holders(targets: dict[tuple[int, int], Path]) -> dict[Path, list[int]]:
 
 @dataclass
 class _ClaimState:
+    # (inode, mtime) of the claim: a holder that (re)writes it starts a new allocation,
+    # even if no sample saw it held before it exited again.
+    signature: tuple[int, int]
     # Monotonic time the claim was first seen without a holder (None while held). The
     # release delay runs from there: the exit itself happened at most one sample before.
-    unheld_since: float | None
+    unheld_since: float | None = None
 
 
 class SimBackend:
@@ -142,21 +145,25 @@ class SimBackend:
     def _sample(self, now: float) -> tuple[GpuSample, ...]:
         files = self._claim_files()
         inodes: dict[tuple[int, int], Path] = {}
+        signatures: dict[Path, tuple[int, int]] = {}
         for path in files:
             try:
                 st = path.stat()
             except OSError:
                 continue
             inodes[(st.st_dev, st.st_ino)] = path
+            signatures[path] = (st.st_ino, st.st_mtime_ns)
         holders = scan_holders(inodes)
         used_mib = [0] * self.count
         procs: list[dict[int, int]] = [{} for _ in range(self.count)]
         for path, index in files.items():
             claim = read_claim(path)
-            if claim is None:
+            if claim is None or path not in signatures:
                 continue
             pids = sorted(holders.get(path, []))
-            state = self._seen.setdefault(path, _ClaimState(unheld_since=None))
+            state = self._seen.get(path)
+            if state is None or state.signature != signatures[path]:
+                state = self._seen[path] = _ClaimState(signature=signatures[path])
             if pids:
                 state.unheld_since = None
                 # A claim is one allocation: it is credited to one process, the lowest PID.
