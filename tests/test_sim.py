@@ -122,6 +122,7 @@ def test_a_rewritten_claim_is_a_new_allocation_even_if_never_seen_held(node: Sim
     assert used_mib(backend) == 6000
     first.kill()
     first.wait()
+    assert used_mib(backend) == 6000
     time.sleep(0.4)
     assert used_mib(backend) == 0
     # A new holder writes the claim again and dies before any sample saw it held:
