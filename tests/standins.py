@@ -7,9 +7,11 @@ calls gpuwarden makes can be checked. Shapes follow ../shared/reference.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -64,16 +66,50 @@ class StandIn:
         return [p for m, p, _ in self.calls if method is None or m == method]
 
     def stop(self) -> None:
+        claims = getattr(self, "claims", None)
+        if claims is not None:
+            claims.release_all()
         if self._runner is not None:
             asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
 
 
+class ClaimHolder:
+    """Holds simulated VRAM from this process, like a server holding a loaded model."""
+
+    def __init__(self, ledger: Path | None) -> None:
+        self.ledger = ledger
+        self.fds: dict[str, int] = {}
+
+    def hold(self, name: str, mib: int) -> None:
+        if self.ledger is None or name in self.fds:
+            return
+        self.ledger.mkdir(parents=True, exist_ok=True)
+        path = self.ledger / f"{name}.mib"
+        path.write_text(f"{mib}\n")
+        self.fds[name] = os.open(path, os.O_RDONLY)
+
+    def release(self, name: str) -> None:
+        fd = self.fds.pop(name, None)
+        if fd is not None:
+            os.close(fd)
+
+    def release_all(self) -> None:
+        for name in list(self.fds):
+            self.release(name)
+
+
 class OllamaStandIn(StandIn):
-    def __init__(self, models: list[str] | None = None) -> None:
+    """With a ledger, each loaded model holds `model_mib` of simulated VRAM until unloaded."""
+
+    def __init__(self, models: list[str] | None = None, *, ledger: Path | None = None,
+                 model_mib: int = 0) -> None:
         super().__init__()
         self.loaded = list(models or ["llama3.2:latest"])
+        self.claims = ClaimHolder(ledger)
+        for model in self.loaded:
+            self.claims.hold(f"ollama-model-{model.replace(':', '_')}", model_mib)
 
     def routes(self, app: web.Application) -> None:
         app.router.add_get("/api/version", self._version)
@@ -93,15 +129,20 @@ class OllamaStandIn(StandIn):
         body = await request.json()
         if body.get("keep_alive") == 0 and body.get("model") in self.loaded:
             self.loaded.remove(body["model"])
+            self.claims.release(f"ollama-model-{body['model'].replace(':', '_')}")
         return web.json_response({"model": body.get("model"), "created_at": time.time(),
                                   "response": "", "done": True, "done_reason": "unload"})
 
 
 class ComfyStandIn(StandIn):
-    def __init__(self) -> None:
+    """With a ledger, its model cache holds `cache_mib` of simulated VRAM until /free."""
+
+    def __init__(self, *, ledger: Path | None = None, cache_mib: int = 0) -> None:
         super().__init__()
         self.running: list[Any] = []
         self.pending: list[Any] = []
+        self.claims = ClaimHolder(ledger)
+        self.claims.hold("comfy-cache", cache_mib)
 
     def routes(self, app: web.Application) -> None:
         app.router.add_get("/queue", self._queue)
@@ -113,6 +154,9 @@ class ComfyStandIn(StandIn):
         return web.json_response({"queue_running": self.running, "queue_pending": self.pending})
 
     async def _free(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        if body.get("unload_models") or body.get("free_memory"):
+            self.claims.release_all()
         return web.Response(status=200)
 
     async def _interrupt(self, request: web.Request) -> web.Response:

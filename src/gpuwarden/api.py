@@ -125,6 +125,13 @@ async def _switch(request: web.Request) -> web.Response:
     return web.json_response(result.to_dict())
 
 
+async def _unblock(request: web.Request) -> web.Response:
+    requested_by = _requested_by(request)
+    name = request.match_info["name"]
+    result = await request.app[SERVICE].unblock(name, requested_by=requested_by)
+    return web.json_response(result)
+
+
 async def _events(request: web.Request) -> web.Response:
     _requested_by(request)
     try:
@@ -142,5 +149,6 @@ def build_app(service: Service) -> web.Application:
     app.router.add_get("/v1/status", _status)
     app.router.add_get("/v1/mode", _modes)
     app.router.add_post("/v1/mode", _switch)
+    app.router.add_post("/v1/workloads/{name}/unblock", _unblock)
     app.router.add_get("/v1/events", _events)
     return app

@@ -174,6 +174,25 @@ def cmd_mode(args: argparse.Namespace) -> int:
     return EXIT_OK if ok else EXIT_FAILED
 
 
+def cmd_unblock(args: argparse.Namespace) -> int:
+    client = _client(args)
+    resp = client.request("POST", f"/v1/workloads/{args.workload}/unblock")
+    body = _json_or_die(resp)
+    if resp.status_code != 200:
+        print(f"gpuwarden: {body.get('error', f'HTTP {resp.status_code}')}", file=sys.stderr)
+        detail = body.get("detail") or {}
+        for holder in detail.get("holders", []) if isinstance(detail, dict) else []:
+            print(f"  pid {holder['pid']} holds {holder['used_mib']} MiB "
+                  f"({holder.get('workload') or 'unowned'})", file=sys.stderr)
+        return EXIT_FAILED
+    started = " and started it (its mode is active)" if body.get("started") else ""
+    print(f"unblocked {args.workload}{started}")
+    if body.get("error"):
+        print(f"gpuwarden: but it could not start: {body['error']}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     path = args.path or args.config
     try:
@@ -245,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-wait", action="store_true", help="return once the switch is under way")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_mode)
+    p = sub.add_parser("unblock", parents=[common, client],
+                       help="lift a crash-loop block (refused unless VRAM is clear)")
+    p.add_argument("workload", metavar="WORKLOAD")
+    p.set_defaults(func=cmd_unblock)
     p = sub.add_parser("check-config", parents=[common],
                        help="validate; exit 0, or 2 with every error by key path")
     p.add_argument("path", nargs="?", metavar="PATH")

@@ -162,6 +162,20 @@ class CrashloopConfig(_Section):
     window: PositiveSeconds = 300.0
 
 
+ProtectAction = Literal["ollama_unload", "comfyui_free", "stop_lowest_priority"]
+
+
+class WatchdogConfig(_Section):
+    # GPU processes no workload owns that are expected (by command name, /proc/PID/comm).
+    allowed_processes: list[str] = []
+    # How often an unresolved leak is reported again.
+    leak_reminder: Duration = 1800.0
+    # Taken in order, once per escalation to critical.
+    protect_actions: list[ProtectAction] = ["ollama_unload", "comfyui_free"]
+    # Seconds each protective action is given to show its effect in VRAM.
+    protect_settle: PositiveSeconds = 5.0
+
+
 _RESTART_POLICY = re.compile(r"^(no|always|unless-stopped|on-failure(:\d+)?)$")
 
 
@@ -187,6 +201,9 @@ class WorkloadConfig(_Section):
     restart_policy: Annotated[str, BeforeValidator(_check_restart_policy)] = "no"
     priority: int = 0
     expected_mib: int | None = Field(None, ge=0)
+    # Per-workload overrides of [crashloop].
+    crashloop_max_restarts: int | None = Field(None, ge=1)
+    crashloop_window: PositiveSeconds | None = None
 
     @model_validator(mode="after")
     def _kind_fields(self) -> WorkloadConfig:
@@ -272,6 +289,7 @@ class Config(BaseSettings):
     thresholds: ThresholdsConfig = ThresholdsConfig()
     release: ReleaseConfig = ReleaseConfig()
     crashloop: CrashloopConfig = CrashloopConfig()
+    watchdog: WatchdogConfig = WatchdogConfig()
     workloads: dict[str, WorkloadConfig] = {}
     modes: dict[str, ModeConfig] = {}
     api: ApiConfig = ApiConfig()

@@ -10,7 +10,9 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import httpx
 from aiohttp import web
@@ -19,6 +21,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from .api import build_app
 from .audit import open_audit
 from .config import Config
+from .crashloop import CrashLoopGuard
 from .docker_events import ContainerEvent, DockerEventWatcher
 from .enforcement import ModeGuard
 from .errors import GpuwardenError
@@ -26,10 +29,11 @@ from .events import AuditWriter, EventBus, Severity
 from .gpu.attribution import OwnerIndex
 from .gpu.backend import GpuBackend, open_backend
 from .modes import ModeSwitcher
+from .protect import ProtectiveActions
 from .sdnotify import Notifier
 from .service import Service
 from .state import StateStore
-from .watchdog import Watchdog
+from .watchdog import LeakDetector, Watchdog
 from .workloads.base import Workload
 from .workloads.docker import DockerClientFactory, DockerWorkload
 from .workloads.process import ProcessWorkload
@@ -73,6 +77,9 @@ class Daemon:
         self._http: httpx.AsyncClient | None = None
         self._switcher: ModeSwitcher | None = None
         self._guard: ModeGuard | None = None
+        self._protect: ProtectiveActions | None = None
+        self._crashloop: CrashLoopGuard | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self._docker_events: DockerEventWatcher | None = None
         self._restore_task: asyncio.Task[None] | None = None
         self.service: Service | None = None
@@ -89,15 +96,25 @@ class Daemon:
         owners = OwnerIndex()
         self._backend = open_backend(cfg)
         self._workloads = build_workloads(cfg, owners)
-        watchdog = Watchdog(cfg.thresholds, self.bus)
+        leaks = LeakDetector(cfg.thresholds.sustain, cfg.watchdog, cfg.release.tolerance_mib,
+                             self.bus)
+        watchdog = Watchdog(cfg.thresholds, self.bus, leaks)
         self.service = Service(cfg, self._backend, owners, self._workloads, persisted, self.bus,
                                watchdog)
         self._http = httpx.AsyncClient()
         self._switcher = ModeSwitcher(cfg, self._workloads, store, persisted, self.bus,
                                       self.service.sample_blocking, self._http)
         self.service.switcher = self._switcher
-        self._guard = ModeGuard(cfg, self._switcher, self._workloads, self.bus, self._http)
+        self._guard = ModeGuard(cfg, self._switcher, self._workloads, persisted, self.bus,
+                                self._http)
+        self._protect = ProtectiveActions(cfg, self._workloads, self.bus, self._http,
+                                          self.service.sample_blocking,
+                                          lambda: self.service.workload_statuses
+                                          if self.service else {})
         if any(w.kind == "docker" for w in self._workloads.values()):
+            self._crashloop = CrashLoopGuard(cfg, self._workloads, persisted, store, self.bus,
+                                             self.service.sample_blocking, self._switcher)
+            self.service.crashloop = self._crashloop
             self._docker_events = DockerEventWatcher(cfg.docker, self._on_docker_event,
                                                      self._on_docker_connection)
             self._docker_events.start(loop)
@@ -124,18 +141,28 @@ class Daemon:
     async def _tick(self) -> None:
         assert self.service is not None
         try:
-            await self.service.tick()
+            critical = await self.service.tick()
         except Exception:  # a bug in one tick must not end sampling
             log.exception("sampling failed")
             return
+        if self._protect is not None:
+            for gpu in critical:
+                self._spawn(self._protect.run(gpu))
         self.notifier.watchdog()
         self.notifier.status(self._status_line())
         if self._guard is not None and self._restore_task is not None and \
                 self._restore_task.done():
             self._guard.check(self.service.workload_statuses)
 
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def _on_docker_event(self, event: ContainerEvent) -> None:
         assert self._guard is not None
+        if self._crashloop is not None:
+            self._crashloop.on_event(event)
         name = self._guard.workload_of_container(event.name)
         if name is None:
             return
@@ -200,6 +227,11 @@ class Daemon:
             await asyncio.to_thread(self._docker_events.stop)
         if self._guard is not None:
             await self._guard.close()
+        if self._crashloop is not None:
+            await self._crashloop.close()
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         if self._switcher is not None:
             await self._switcher.close()
         if self._runner is not None:

@@ -19,6 +19,7 @@ import httpx
 from .config import IDLE_MODE, Config
 from .events import EventBus, Severity
 from .modes import ModeSwitcher
+from .state import State
 from .workloads.base import Workload, WorkloadStatus
 from .workloads.release import comfyui_queue_size
 
@@ -32,8 +33,9 @@ _LEASE_RECHECK_S = 10.0
 
 class ModeGuard:
     def __init__(self, config: Config, switcher: ModeSwitcher, workloads: dict[str, Workload],
-                 bus: EventBus, http: httpx.AsyncClient) -> None:
+                 state: State, bus: EventBus, http: httpx.AsyncClient) -> None:
         self._config = config
+        self._state = state
         self._switcher = switcher
         self._workloads = workloads
         self._bus = bus
@@ -61,6 +63,8 @@ class ModeGuard:
 
     def violates(self, name: str) -> str | None:
         """Why `name` may not run now, or None when it may."""
+        if name in self._state.blocks:
+            return "it is blocked after a crash loop"
         gpu = self._config.gpu_of_workload(name)
         if gpu is None:
             return None  # in no mode: not gpuwarden's to police

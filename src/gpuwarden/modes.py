@@ -225,8 +225,6 @@ class ModeSwitcher:
         current = self.mode_of(index)
         keep = set(self._config.all_modes()[mode].workloads)
         to_stop = [w for w in self.workloads_on(index) if w not in keep]
-        if not reconcile and current == mode and self._state.gpu(index).failure is None:
-            return SwitchResult(True, index, current, mode, "", {"total_s": 0.0})
         blocked = sorted(w for w in keep if w in self._state.blocks)
         if blocked:
             raise ConflictError(
@@ -234,6 +232,8 @@ class ModeSwitcher:
                 "loop; unblock them first (gpuwarden unblock WORKLOAD)",
                 {"blocked": blocked, "mode": mode},
             )
+        if not reconcile and current == mode and self._state.gpu(index).failure is None:
+            return SwitchResult(True, index, current, mode, "", {"total_s": 0.0})
         for name in to_stop:
             await check_release_allowed(self._http, name, self._workloads[name].config,
                                         force=force)
@@ -348,7 +348,7 @@ class ModeSwitcher:
 
         self._record(gpu, tr, "starting")
         t = time.monotonic()
-        error = await self._start_all(sorted(keep), tr.requested_by, gpu, tr.id)
+        error = await self.start_workloads(sorted(keep), tr.requested_by, gpu, tr.id)
         timings["start_s"] = time.monotonic() - t
         if error is not None:
             await asyncio.gather(*(asyncio.to_thread(self._workloads[n].stop) for n in keep),
@@ -407,10 +407,22 @@ class ModeSwitcher:
                 return verdict
             await asyncio.sleep(rel.poll_interval)
 
-    async def _start_all(self, names: list[str], requested_by: str, gpu: int,
-                         tid: str) -> str | None:
+    async def start_workloads(self, names: list[str], requested_by: str, gpu: int,
+                              tid: str) -> str | None:
+        """Start workloads one by one, each through the VRAM gate and its readiness check.
+
+        Returns None on success, or why the first one could not start.
+        """
         for name in names:
             workload = self._workloads[name]
+            if name in self._state.blocks:
+                return f"{name} is blocked after a crash loop"
+            refusal = await self._vram_gate(workload, gpu)
+            if refusal is not None:
+                self._bus.publish("workload.refused", refusal, severity=Severity.ERROR,
+                                  requested_by=requested_by, workload=name, gpu=gpu,
+                                  transition_id=tid)
+                return refusal
             try:
                 await asyncio.to_thread(workload.start)
             except WorkloadError as exc:
@@ -420,6 +432,23 @@ class ModeSwitcher:
                 return error
             self._bus.publish("workload.started", f"{name} started", requested_by=requested_by,
                               workload=name, gpu=gpu, transition_id=tid)
+        return None
+
+    async def _vram_gate(self, workload: Workload, gpu: int) -> str | None:
+        """Refuse a start into a card without the workload's `expected_mib` free."""
+        need = workload.config.expected_mib
+        if not need:
+            return None
+        status = await asyncio.to_thread(workload.status)
+        if status.running:
+            return None  # already holds its share
+        sample = await asyncio.to_thread(self._sampler)
+        reading = sample.node.gpu(gpu)
+        if reading is None or not reading.ok:
+            return f"not starting {workload.name}: GPU {gpu} unreadable, free VRAM unknown"
+        if reading.free_mib < need:
+            return (f"not starting {workload.name}: it needs {need} MiB but GPU {gpu} has "
+                    f"{reading.free_mib} MiB free ({reading.used_mib}/{reading.total_mib} used)")
         return None
 
     async def _wait_ready(self, workload: Workload) -> str | None:
@@ -463,11 +492,11 @@ class ModeSwitcher:
                 await self.switch(target, gpu=gpu, requested_by=requested_by, force=True,
                                   reconcile=True)
             except RefusedError as exc:
+                # A blocked workload: the mode stays as recorded, its workload stays down
+                # until a person unblocks it; strays are stopped by the mode guard.
                 self._bus.publish("mode.switch.failed", f"GPU {gpu}: cannot restore {target}: "
                                   f"{exc}", severity=Severity.ERROR, gpu=gpu, to=target,
-                                  error=str(exc))
-                await self.switch(IDLE_MODE, gpu=gpu, requested_by="daemon", force=True,
-                                  reconcile=True)
+                                  requested_by=requested_by, error=str(exc))
 
     async def _report_drift(self, gpu: int, target: str) -> None:
         keep = set(self._config.all_modes()[target].workloads)

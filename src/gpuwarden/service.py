@@ -11,6 +11,8 @@ import time
 from typing import Any
 
 from .config import IDLE_MODE, Config
+from .crashloop import CrashLoopGuard
+from .errors import NotFoundError
 from .events import Event, EventBus
 from .gpu.attribution import AttributedSample, OwnerIndex
 from .gpu.backend import GpuBackend
@@ -43,6 +45,7 @@ class Service:
         self._state = state
         self._watchdog = watchdog
         self.switcher: ModeSwitcher | None = None
+        self.crashloop: CrashLoopGuard | None = None
         self._snapshot: AttributedSample | None = None
         self._statuses: dict[str, WorkloadStatus] = {}
         self._started_at = time.time()
@@ -58,12 +61,21 @@ class Service:
         statuses = {name: w.status() for name, w in self._workloads.items()}
         return sample, statuses
 
-    async def tick(self) -> AttributedSample:
-        """Sample the node, refresh workload states, and let the watchdog judge it."""
+    async def tick(self) -> list[int]:
+        """Sample the node, refresh workload states, and let the watchdog judge it.
+
+        Returns the GPUs that just escalated to critical (for protective actions).
+        """
         sample, statuses = await asyncio.to_thread(self._observe_blocking)
         self._snapshot, self._statuses = sample, statuses
-        self._watchdog.observe(sample)
-        return sample
+        running: dict[int, set[str]] = {}
+        for name, status in statuses.items():
+            gpu = self.config.gpu_of_workload(name)
+            if status.running and gpu is not None:
+                running.setdefault(gpu, set()).add(name)
+        switcher = self.switcher
+        quiet = {g for g in self.config.gpu_indices() if switcher and switcher.switching(g)}
+        return self._watchdog.observe(sample, running, quiet)
 
     @property
     def snapshot(self) -> AttributedSample | None:
@@ -177,6 +189,13 @@ class Service:
         return self.bus.since(event_id, limit)
 
     # -- actions ---------------------------------------------------------------
+
+    async def unblock(self, workload: str, *, requested_by: str) -> dict[str, Any]:
+        """Lift a crash-loop block (see CrashLoopGuard.unblock for what it refuses)."""
+        if self.crashloop is None:
+            raise NotFoundError(f"workload {workload!r} is not blocked (no Docker workloads)",
+                                {"workload": workload})
+        return await self.crashloop.unblock(workload, requested_by)
 
     async def switch_mode(
         self, mode: str, *, gpu: int | None = None, requested_by: str, force: bool = False,

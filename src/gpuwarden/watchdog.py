@@ -1,21 +1,25 @@
-"""VRAM tiers with sustain and hysteresis, and GPU faults, turned into events.
+"""VRAM tiers, leaks and GPU faults, turned into events.
 
 A tier escalates only after `sustain` consecutive samples above it, and clears only
 once usage falls `clear_margin` below the tier's threshold, so a reading hovering
-around 80 % gives one `vram.tier` event, not one per sample.
+around 80 % gives one `vram.tier` event, not one per sample. Leaks (memory nobody
+accounts for on an idle GPU, or GPU processes no workload owns) are one `vram.leak`
+per episode, a reminder at an interval, and one recovery.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from typing import Any
 
-from .config import ThresholdsConfig
+from .config import ThresholdsConfig, WatchdogConfig
 from .events import EventBus, Severity
 from .gpu.attribution import AttributedSample
 from .gpu.model import GpuSample
 
-__all__ = ["Tier", "TierTracker", "Watchdog", "top_holders"]
+__all__ = ["LeakDetector", "Tier", "TierTracker", "Watchdog", "top_holders"]
 
 
 class Tier(enum.IntEnum):
@@ -101,12 +105,102 @@ class _GpuWatch:
     fault: str | None = None
 
 
-class Watchdog:
-    """Evaluates each sample: `vram.tier` on tier changes, `gpu.error` on faults."""
+@dataclass
+class _Episode:
+    streak: int = 0
+    open: bool = False
+    last_sent: float = 0.0
+    opened_at: float = 0.0
+    details: dict[str, object] = field(default_factory=dict)
 
-    def __init__(self, thresholds: ThresholdsConfig, bus: EventBus) -> None:
+
+class LeakDetector:
+    """`vram.leak` for memory nobody accounts for and for GPU processes nobody owns.
+
+    * device: no managed workload runs on the GPU, yet it holds more than the
+      processes no workload owns plus `tolerance_mib` (a driver that did not free).
+    * process: a GPU process belongs to no workload and is not in
+      `[watchdog] allowed_processes`.
+
+    Each needs `sustain` consecutive samples; then one event per episode, a reminder
+    every `leak_reminder`, and one recovery event when it ends.
+    """
+
+    def __init__(self, sustain: int, config: WatchdogConfig, tolerance_mib: int,
+                 bus: EventBus) -> None:
+        self._sustain = sustain
+        self._allowed = set(config.allowed_processes)
+        self._reminder = config.leak_reminder
+        self._tolerance = tolerance_mib
+        self._bus = bus
+        self._episodes: dict[tuple[int, str], _Episode] = {}
+
+    def observe(self, sample: AttributedSample, gpu: GpuSample, running: set[str],
+                quiet: bool) -> None:
+        """`running`: managed workloads running on this GPU; `quiet`: a switch is under
+        way (memory is legitimately in flight), so no episode starts or ends."""
+        if quiet:
+            return
+        unowned = [
+            p for p in gpu.processes
+            if (o := sample.owners.get(p.pid)) is None or o.workload is None
+        ]
+        accounted = sum(p.used_mib or 0 for p in unowned)
+        device_leak: dict[str, Any] | None = None
+        if not running and gpu.used_mib > accounted + self._tolerance:
+            device_leak = {"used_mib": gpu.used_mib, "accounted_mib": accounted,
+                           "leaked_mib": gpu.used_mib - accounted,
+                           "tolerance_mib": self._tolerance}
+        strays = [p for p in unowned
+                  if (o := sample.owners.get(p.pid)) is None or o.command not in self._allowed]
+        process_leak: dict[str, Any] | None = None
+        if strays:
+            process_leak = {"processes": [
+                {"pid": p.pid, "used_mib": p.used_mib,
+                 "command": (o.command if (o := sample.owners.get(p.pid)) else "")}
+                for p in strays], "used_mib": gpu.used_mib,
+                "unowned_mib": sum(p.used_mib or 0 for p in strays)}
+        self._track(gpu, "device", device_leak,
+                    "GPU {gpu}: {leaked_mib} MiB held while no workload runs")
+        self._track(gpu, "process", process_leak,
+                    "GPU {gpu}: {unowned_mib} MiB held by processes no workload owns")
+
+    def _track(self, gpu: GpuSample, kind: str, details: dict[str, Any] | None,
+               template: str) -> None:
+        episode = self._episodes.setdefault((gpu.index, kind), _Episode())
+        now = time.monotonic()
+        if details is None:
+            episode.streak = 0
+            if episode.open:
+                episode.open = False
+                self._bus.publish(
+                    "vram.leak", f"GPU {gpu.index}: {kind} leak resolved", gpu=gpu.index,
+                    uuid=gpu.uuid, kind=kind, recovered=True, used_mib=gpu.used_mib,
+                    lasted_s=round(now - episode.opened_at, 1),
+                )
+            return
+        episode.streak += 1
+        message = template.format(gpu=gpu.index, **details)
+        if not episode.open and episode.streak >= self._sustain:
+            episode.open, episode.opened_at, episode.last_sent = True, now, now
+            self._bus.publish("vram.leak", message, severity=Severity.ERROR, gpu=gpu.index,
+                              uuid=gpu.uuid, kind=kind, recovered=False, **details)
+        elif episode.open and now - episode.last_sent >= self._reminder:
+            episode.last_sent = now
+            self._bus.publish("vram.leak", message + " (still)", severity=Severity.ERROR,
+                              gpu=gpu.index, uuid=gpu.uuid, kind=kind, recovered=False,
+                              reminder=True, **details)
+
+
+class Watchdog:
+    """Evaluates each sample: `vram.tier` on tier changes, `gpu.error` on faults,
+    `vram.leak` for leaks. `observe` returns the GPUs that just became critical."""
+
+    def __init__(self, thresholds: ThresholdsConfig, bus: EventBus,
+                 leaks: LeakDetector | None = None) -> None:
         self._thresholds = thresholds
         self._bus = bus
+        self._leaks = leaks
         self._gpus: dict[int, _GpuWatch] = {}
         self._node_fault: str | None = None
 
@@ -114,7 +208,11 @@ class Watchdog:
         watch = self._gpus.get(gpu)
         return watch.tracker.tier if watch else Tier.OK
 
-    def observe(self, sample: AttributedSample) -> None:
+    def observe(self, sample: AttributedSample, running: dict[int, set[str]] | None = None,
+                quiet: set[int] | None = None) -> list[int]:
+        """Judge one sample. `running`: managed workloads running per GPU; `quiet`: GPUs
+        in the middle of a switch. Returns the GPUs that escalated to critical."""
+        critical: list[int] = []
         node = sample.node
         node_fault = f"{node.fault}: {node.fault_detail}" if node.fault else None
         if node_fault != self._node_fault:
@@ -128,9 +226,15 @@ class Watchdog:
             self._node_fault = node_fault
         for gpu in node.gpus:
             watch = self._gpus.setdefault(gpu.index, _GpuWatch(TierTracker(self._thresholds)))
-            self._observe_gpu(sample, gpu, watch)
+            if self._observe_gpu(sample, gpu, watch) is Tier.CRITICAL:
+                critical.append(gpu.index)
+            if self._leaks is not None and gpu.ok and running is not None:
+                self._leaks.observe(sample, gpu, running.get(gpu.index, set()),
+                                    gpu.index in (quiet or set()))
+        return critical
 
-    def _observe_gpu(self, sample: AttributedSample, gpu: GpuSample, watch: _GpuWatch) -> None:
+    def _observe_gpu(self, sample: AttributedSample, gpu: GpuSample,
+                     watch: _GpuWatch) -> Tier | None:
         fault = f"{gpu.fault}" if gpu.fault else None
         if fault != watch.fault:
             if fault:
@@ -146,11 +250,11 @@ class Watchdog:
                 )
             watch.fault = fault
         if not gpu.ok:
-            return
+            return None
         before = watch.tracker.tier
         after = watch.tracker.observe(gpu.used_fraction)
         if after is None:
-            return
+            return None
         self._bus.publish(
             "vram.tier",
             f"GPU {gpu.index} VRAM {gpu.used_fraction:.0%} "
@@ -164,3 +268,4 @@ class Watchdog:
             used_fraction=round(gpu.used_fraction, 4),
             holders=top_holders(sample, gpu),
         )
+        return after

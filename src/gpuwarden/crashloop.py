@@ -1,0 +1,242 @@
+"""Crash-loop guard: Docker events -> restart windows -> block, and unblock by a person.
+
+Docker's restart policy never gives up, and a crashing GPU workload that restarts
+allocates VRAM before the last instance released it. A Docker-driven restart shows
+as `die` then `start` (not `restart`); a stop someone asked for shows a `kill`
+first. So an exit with no `kill` before it (or an `oom`) is a crash, and a `start`
+after a crash is a restart. When a workload has already been restarted
+`max_restarts` times within `window` and crashes again, the guard blocks it before
+Docker's backoff (100 ms, doubling) brings it back: restart policy `no`, stopped,
+the block persisted, `crashloop.blocked` raised. It stays down until a person
+unblocks it, which is refused while the GPU holds memory nobody accounts for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import Config
+from .docker_events import ContainerEvent
+from .errors import ConflictError, NotFoundError, WorkloadError
+from .events import EventBus, Severity
+from .modes import ModeSwitcher, ReleaseVerifier, Sampler
+from .state import Block, State, StateStore
+from .watchdog import top_holders
+from .workloads.base import Workload
+from .workloads.docker import DockerWorkload
+
+__all__ = ["CrashLoopGuard"]
+
+# A `die` within this long after a `kill` was asked for, not a crash.
+_KILL_GRACE_S = 120.0
+
+
+@dataclass
+class _History:
+    crashes: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=64))
+    restarts: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+    killed_at: float | None = None
+    crashed_last: bool = False
+
+
+class CrashLoopGuard:
+    def __init__(self, config: Config, workloads: dict[str, Workload], state: State,
+                 store: StateStore, bus: EventBus, sampler: Sampler,
+                 switcher: ModeSwitcher) -> None:
+        self._config = config
+        self._workloads = workloads
+        self._state = state
+        self._store = store
+        self._bus = bus
+        self._sampler = sampler
+        self._switcher = switcher
+        self._verifier = ReleaseVerifier(config.release.tolerance_mib)
+        self._by_container = {
+            w.config.container: name for name, w in workloads.items()
+            if isinstance(w, DockerWorkload)
+        }
+        self._history: dict[str, _History] = {}
+        self._blocking: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def limits(self, name: str) -> tuple[int, float]:
+        wl = self._workloads[name].config
+        return (wl.crashloop_max_restarts or self._config.crashloop.max_restarts,
+                wl.crashloop_window or self._config.crashloop.window)
+
+    def is_blocked(self, name: str) -> bool:
+        return name in self._state.blocks
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def on_event(self, event: ContainerEvent) -> None:
+        """Feed one container event (on the loop; Docker calls are spawned)."""
+        name = self._by_container.get(event.name)
+        if name is None:
+            return
+        history = self._history.setdefault(name, _History())
+        now = event.time_ns / 1e9
+        if event.action in ("kill", "stop"):
+            history.killed_at = now
+            return
+        if event.action in ("die", "oom"):
+            requested = history.killed_at is not None and now - history.killed_at < _KILL_GRACE_S
+            if event.action == "die":
+                history.killed_at = None
+            if requested and event.action == "die":
+                history.crashed_last = False
+                return
+            if event.action == "die" and history.crashed_last and history.crashes and \
+                    history.crashes[-1]["kind"] == "oom" and now - history.crashes[-1]["at"] < 5:
+                return  # the die that follows an oom is the same crash
+            history.crashes.append({"at": now, "kind": event.action,
+                                    "exit_code": event.attributes.get("exitCode")})
+            history.crashed_last = True
+            max_restarts, window = self.limits(name)
+            if self._recent(history.restarts, now, window) >= max_restarts:
+                # The next restart would be one too many: block before Docker makes it.
+                self._trigger(name, history, now)
+            return
+        if event.action == "start":
+            if self.is_blocked(name) and name not in self._blocking:
+                self._spawn(self._stop_blocked(name))
+                return
+            if history.crashed_last:
+                history.restarts.append(now)
+                history.crashed_last = False
+                max_restarts, window = self.limits(name)
+                if self._recent(history.restarts, now, window) > max_restarts:
+                    self._trigger(name, history, now)
+
+    @staticmethod
+    def _recent(times: deque[float], now: float, window: float) -> int:
+        return sum(1 for t in times if now - t <= window)
+
+    def _trigger(self, name: str, history: _History, now: float) -> None:
+        if self.is_blocked(name) or name in self._blocking:
+            return
+        self._blocking.add(name)
+        _, window = self.limits(name)
+        crashes = [c for c in history.crashes if now - c["at"] <= window]
+        restarts = [t for t in history.restarts if now - t <= window]
+        self._spawn(self._block(name, crashes, restarts))
+
+    async def _block(self, name: str, crashes: list[dict[str, Any]],
+                     restarts: list[float]) -> None:
+        workload = self._workloads[name]
+        assert isinstance(workload, DockerWorkload)
+        t0 = time.monotonic()
+        errors: list[str] = []
+        try:
+            try:
+                await asyncio.to_thread(workload.set_restart_policy, "no")
+            except WorkloadError as exc:
+                errors.append(str(exc))
+            policy_s = time.monotonic() - t0
+            max_restarts, window = self.limits(name)
+            self._state.blocks[name] = Block(
+                workload=name, blocked_at=time.time(),
+                reason=f"{len(restarts)} restarts after crashes within {window:.0f} s "
+                       f"(limit {max_restarts})",
+                details={"crashes": crashes, "restarts": restarts},
+            )
+            self._store.save(self._state)
+            try:
+                status = await asyncio.to_thread(workload.stop)
+            except WorkloadError as exc:
+                errors.append(str(exc))
+                status = await asyncio.to_thread(workload.status)
+            figures = await self._figures(name)
+            self._bus.publish(
+                "crashloop.blocked",
+                f"{name} crash-looped ({len(restarts)} restarts, {len(crashes)} crashes within "
+                f"{window:.0f} s): restart policy set to no, stopped, blocked until unblocked",
+                severity=Severity.CRITICAL, workload=name,
+                gpu=self._config.gpu_of_workload(name),
+                crash_times=[c["at"] for c in crashes],
+                exit_codes=[c["exit_code"] for c in crashes],
+                crash_kinds=[c["kind"] for c in crashes],
+                restarts=len(restarts), max_restarts=max_restarts, window_s=window,
+                restart_count=status.restart_count, policy_set_s=round(policy_s, 4),
+                errors=errors, **figures,
+            )
+        finally:
+            self._blocking.discard(name)
+
+    async def _stop_blocked(self, name: str) -> None:
+        self._bus.publish("mode.violation", f"{name} is blocked after a crash loop but started;"
+                          " stopping it", severity=Severity.WARNING, workload=name,
+                          gpu=self._config.gpu_of_workload(name), source="crashloop guard")
+        try:
+            await asyncio.to_thread(self._workloads[name].stop)
+        except WorkloadError as exc:
+            self._bus.publish("mode.violation", f"could not stop blocked {name}: {exc}",
+                              severity=Severity.ERROR, workload=name, error=str(exc))
+
+    async def _figures(self, name: str) -> dict[str, Any]:
+        gpu = self._config.gpu_of_workload(name) or 0
+        sample = await asyncio.to_thread(self._sampler)
+        reading = sample.node.gpu(gpu)
+        if reading is None or not reading.ok:
+            return {"vram": None}
+        return {"used_mib": reading.used_mib, "total_mib": reading.total_mib,
+                "used_fraction": round(reading.used_fraction, 4),
+                "leaked_mib": max(0, reading.used_mib - sum(p.used_mib or 0
+                                                            for p in reading.processes)),
+                "holders": top_holders(sample, reading)}
+
+    async def unblock(self, name: str, requested_by: str) -> dict[str, Any]:
+        """Lift a block once the GPU is proven clear; start it if its mode is active.
+
+        Raises:
+            NotFoundError: no such workload.
+            ConflictError: it is not blocked, or the GPU holds memory nobody accounts
+                for (the figures and holders are in the error's detail).
+        """
+        if name not in self._workloads:
+            raise NotFoundError(f"unknown workload {name!r} "
+                                f"(workloads: {', '.join(sorted(self._workloads))})",
+                                {"workload": name})
+        if not self.is_blocked(name):
+            raise ConflictError(f"workload {name!r} is not blocked", {"workload": name})
+        gpu = self._config.gpu_of_workload(name) or 0
+        sample = await asyncio.to_thread(self._sampler)
+        verdict = self._verifier.check(sample, gpu, {name})
+        if not verdict.clear:
+            raise ConflictError(
+                f"refusing to unblock {name}: GPU {gpu} is not clear ({verdict.reason})",
+                {"workload": name, "gpu": gpu, "used_mib": verdict.used_mib,
+                 "allowed_mib": verdict.allowed_mib, "holders": verdict.holders},
+            )
+        workload = self._workloads[name]
+        if isinstance(workload, DockerWorkload):
+            await asyncio.to_thread(workload.set_restart_policy, workload.config.restart_policy)
+        block = self._state.blocks.pop(name)
+        self._store.save(self._state)
+        self._history.pop(name, None)
+        started = name in self._switcher.allowed_on(gpu)
+        self._bus.publish(
+            "crashloop.unblocked",
+            f"{name} unblocked by {requested_by}"
+            + ("; its mode is active, starting it" if started else ""),
+            requested_by=requested_by, workload=name, gpu=gpu, used_mib=verdict.used_mib,
+            blocked_since=block.blocked_at,
+        )
+        if started:
+            error = await self._switcher.start_workloads([name], requested_by, gpu, "unblock")
+            if error is not None:
+                return {"ok": True, "workload": name, "started": False, "error": error}
+        return {"ok": True, "workload": name, "started": started}
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
