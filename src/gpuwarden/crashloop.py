@@ -141,6 +141,7 @@ class CrashLoopGuard:
             except WorkloadError as exc:
                 errors.append(str(exc))
             policy_s = time.monotonic() - t0
+            policy_no_at = time.time()
             max_restarts, window = self.limits(name)
             self._state.blocks[name] = Block(
                 workload=name, blocked_at=time.time(),
@@ -166,6 +167,7 @@ class CrashLoopGuard:
                 crash_kinds=[c["kind"] for c in crashes],
                 restarts=len(restarts), max_restarts=max_restarts, window_s=window,
                 restart_count=status.restart_count, policy_set_s=round(policy_s, 4),
+                policy_no_at=policy_no_at,
                 errors=errors, **figures,
             )
         finally:
