@@ -7,6 +7,8 @@ raises `ConfigError` listing every problem by its key path.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextvars
 import ipaddress
 import os
@@ -109,6 +111,19 @@ def _resolve_secret(
         object.__setattr__(model, value_field, _read_secret(file, file_field))
 
 
+def _check_whsec(secret: SecretStr | None, key: str) -> None:
+    """A Standard Webhooks secret: whsec_ + base64 of at least 24 bytes."""
+    if secret is None:
+        return
+    text = secret.get_secret_value().removeprefix("whsec_")
+    try:
+        raw = base64.b64decode(text + "==", validate=False)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"{key}: not base64 (expected whsec_<base64>)") from exc
+    if len(raw) < 24:
+        raise ValueError(f"{key}: too short ({len(raw)} bytes; at least 24)")
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -174,6 +189,8 @@ class WatchdogConfig(_Section):
     protect_actions: list[ProtectAction] = ["ollama_unload", "comfyui_free"]
     # Seconds each protective action is given to show its effect in VRAM.
     protect_settle: PositiveSeconds = 5.0
+    # How often an unresolved alert or critical tier is sent again.
+    tier_reminder: Duration = 1800.0
 
 
 _RESTART_POLICY = re.compile(r"^(no|always|unless-stopped|on-failure(:\d+)?)$")
@@ -234,15 +251,24 @@ class TokenConfig(_Section):
         return self
 
 
+SeverityName = Literal["debug", "info", "warning", "error", "critical"]
+
+
 class ApiConfig(_Section):
     listen: str | None = None
     signing_secret: SecretStr | None = None
     signing_secret_file: Path | None = None
     tokens: dict[str, TokenConfig] = {}
+    # GET /v1/status, /v1/mode, /v1/events, /v1/openapi.json without auth on TCP.
+    open_read: bool = False
+    # /metrics needs auth on TCP too.
+    metrics_auth: bool = False
+    max_body_bytes: int = Field(65536, ge=1024, le=16 * 1024 * 1024)
 
     @model_validator(mode="after")
     def _secret(self) -> ApiConfig:
         _resolve_secret(self, "signing_secret", "signing_secret_file")
+        _check_whsec(self.signing_secret, "signing_secret")
         return self
 
 
@@ -254,6 +280,8 @@ class DiscordConfig(_Section):
     allowed_user_ids: list[int] = []
     alert_channel_id: int = 0
     alert_webhook_url: str = ""
+    # Least severe event posted as an alert (webhook and channel).
+    alert_min_severity: SeverityName = "warning"
 
     @model_validator(mode="after")
     def _secret(self) -> DiscordConfig:
@@ -265,11 +293,23 @@ class N8nConfig(_Section):
     event_webhook_urls: list[str] = []
     signing_secret: SecretStr | None = None
     signing_secret_file: Path | None = None
+    min_severity: SeverityName = "info"
 
     @model_validator(mode="after")
     def _secret(self) -> N8nConfig:
         _resolve_secret(self, "signing_secret", "signing_secret_file")
+        _check_whsec(self.signing_secret, "signing_secret")
         return self
+
+
+class DeliveryConfig(_Section):
+    """Outbound webhooks: a bounded queue per receiver, retries with backoff."""
+
+    queue_size: int = Field(1000, ge=1)
+    max_attempts: int = Field(8, ge=1)
+    backoff_base: PositiveSeconds = 0.5
+    backoff_max: PositiveSeconds = 60.0
+    timeout: PositiveSeconds = 10.0
 
 
 class Config(BaseSettings):
@@ -295,6 +335,7 @@ class Config(BaseSettings):
     api: ApiConfig = ApiConfig()
     discord: DiscordConfig = DiscordConfig()
     n8n: N8nConfig = N8nConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
 
     @classmethod
     def settings_customise_sources(

@@ -28,10 +28,12 @@ from .errors import GpuwardenError
 from .events import AuditWriter, EventBus, Severity
 from .gpu.attribution import OwnerIndex
 from .gpu.backend import GpuBackend, open_backend
+from .metrics import Metrics
 from .modes import ModeSwitcher
 from .protect import ProtectiveActions
 from .sdnotify import Notifier
 from .service import Service
+from .sinks import DiscordWebhookSink, N8nSink, WebhookSink, severity_named
 from .state import StateStore
 from .watchdog import LeakDetector, Watchdog
 from .workloads.base import Workload
@@ -80,6 +82,9 @@ class Daemon:
         self._protect: ProtectiveActions | None = None
         self._crashloop: CrashLoopGuard | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._sinks: list[WebhookSink] = []
+        self._sink_http: httpx.AsyncClient | None = None
+        self.metrics = Metrics()
         self._docker_events: DockerEventWatcher | None = None
         self._restore_task: asyncio.Task[None] | None = None
         self.service: Service | None = None
@@ -98,13 +103,17 @@ class Daemon:
         self._workloads = build_workloads(cfg, owners)
         leaks = LeakDetector(cfg.thresholds.sustain, cfg.watchdog, cfg.release.tolerance_mib,
                              self.bus)
-        watchdog = Watchdog(cfg.thresholds, self.bus, leaks)
+        watchdog = Watchdog(cfg.thresholds, self.bus, leaks, cfg.watchdog.tier_reminder)
+        self.metrics = Metrics()
+        self.bus.subscribe(self.metrics.on_event)
+        self._start_sinks()
         self.service = Service(cfg, self._backend, owners, self._workloads, persisted, self.bus,
                                watchdog)
         self._http = httpx.AsyncClient()
         self._switcher = ModeSwitcher(cfg, self._workloads, store, persisted, self.bus,
                                       self.service.sample_blocking, self._http)
         self.service.switcher = self._switcher
+        self.service.metrics = self.metrics
         self._guard = ModeGuard(cfg, self._switcher, self._workloads, persisted, self.bus,
                                 self._http)
         self._protect = ProtectiveActions(cfg, self._workloads, self.bus, self._http,
@@ -189,13 +198,36 @@ class Daemon:
                  for g in doc["gpus"]]
         return "; ".join(parts) or "no GPU readable"
 
+    def _start_sinks(self) -> None:
+        cfg = self.config
+        self._sink_http = httpx.AsyncClient()
+        secret = cfg.n8n.signing_secret
+        for url in cfg.n8n.event_webhook_urls:
+            self._sinks.append(N8nSink(
+                url, secret.get_secret_value() if secret else None, cfg.delivery, self.bus,
+                self._sink_http, severity_named(cfg.n8n.min_severity),
+                self.metrics.on_delivery))
+        if cfg.discord.alert_webhook_url:
+            self._sinks.append(DiscordWebhookSink(
+                cfg.discord.alert_webhook_url, cfg.delivery, self.bus, self._sink_http,
+                severity_named(cfg.discord.alert_min_severity), self.metrics.on_delivery))
+        for sink in self._sinks:
+            sink.start()
+            self.bus.subscribe(sink.offer, sink.min_severity)
+
     async def _listen(self, path: Path) -> None:
         assert self.service is not None
         _claim_socket_path(path)
-        self._runner = web.AppRunner(build_app(self.service), access_log=None)
+        app = build_app(self.service, self.config.api, self.metrics)
+        self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.UnixSite(self._runner, str(path))
+        site: web.BaseSite = web.UnixSite(self._runner, str(path))
         await site.start()
+        listen = self.config.api.listen
+        if listen:
+            host, _, port = listen.rpartition(":")
+            site = web.TCPSite(self._runner, host.strip("[]"), int(port))
+            await site.start()
         os.chmod(path, 0o660)
         group = self.config.daemon.socket_group
         if group:
@@ -249,6 +281,10 @@ class Daemon:
                 workload.close()
             except Exception as exc:
                 errors.append(exc)
+        for sink in self._sinks:
+            await sink.close()
+        if self._sink_http is not None:
+            await self._sink_http.aclose()
         if self._http is not None:
             await self._http.aclose()
         if self._backend is not None:

@@ -16,6 +16,7 @@ from .errors import NotFoundError
 from .events import Event, EventBus
 from .gpu.attribution import AttributedSample, OwnerIndex
 from .gpu.backend import GpuBackend
+from .metrics import Metrics
 from .modes import ModeSwitcher, SwitchResult
 from .state import State
 from .watchdog import Watchdog
@@ -46,6 +47,7 @@ class Service:
         self._watchdog = watchdog
         self.switcher: ModeSwitcher | None = None
         self.crashloop: CrashLoopGuard | None = None
+        self.metrics: Metrics | None = None
         self._snapshot: AttributedSample | None = None
         self._statuses: dict[str, WorkloadStatus] = {}
         self._started_at = time.time()
@@ -75,7 +77,17 @@ class Service:
                 running.setdefault(gpu, set()).add(name)
         switcher = self.switcher
         quiet = {g for g in self.config.gpu_indices() if switcher and switcher.switching(g)}
-        return self._watchdog.observe(sample, running, quiet)
+        critical = self._watchdog.observe(sample, running, quiet)
+        if self.metrics is not None:
+            self.metrics.observe(
+                sample,
+                tiers={g.index: self._watchdog.tier(g.index).label for g in sample.node.gpus},
+                modes={g: self._state.gpu(g).mode for g in self.config.gpu_indices()},
+                modes_on_gpu={g: self.config.modes_on_gpu(g) for g in self.config.gpu_indices()},
+                statuses={n: (w.kind, statuses[n]) for n, w in self._workloads.items()},
+                blocked=set(self._state.blocks),
+            )
+        return critical
 
     @property
     def snapshot(self) -> AttributedSample | None:

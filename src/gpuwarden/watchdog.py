@@ -103,6 +103,7 @@ def top_holders(
 class _GpuWatch:
     tracker: TierTracker
     fault: str | None = None
+    tier_sent_at: float = 0.0
 
 
 @dataclass
@@ -197,10 +198,11 @@ class Watchdog:
     `vram.leak` for leaks. `observe` returns the GPUs that just became critical."""
 
     def __init__(self, thresholds: ThresholdsConfig, bus: EventBus,
-                 leaks: LeakDetector | None = None) -> None:
+                 leaks: LeakDetector | None = None, tier_reminder: float | None = None) -> None:
         self._thresholds = thresholds
         self._bus = bus
         self._leaks = leaks
+        self._tier_reminder = tier_reminder
         self._gpus: dict[int, _GpuWatch] = {}
         self._node_fault: str | None = None
 
@@ -253,8 +255,24 @@ class Watchdog:
             return None
         before = watch.tracker.tier
         after = watch.tracker.observe(gpu.used_fraction)
+        now = time.monotonic()
         if after is None:
+            if (self._tier_reminder is not None and before >= Tier.ALERT
+                    and now - watch.tier_sent_at >= self._tier_reminder):
+                # An unresolved alert is sent again; its resolution is sent once.
+                watch.tier_sent_at = now
+                self._bus.publish(
+                    "vram.tier",
+                    f"GPU {gpu.index} still {before.label}: VRAM {gpu.used_fraction:.0%} "
+                    f"({gpu.used_mib}/{gpu.total_mib} MiB)",
+                    severity=_SEVERITY[before], gpu=gpu.index, uuid=gpu.uuid,
+                    **{"from": before.label, "to": before.label}, reminder=True,
+                    used_mib=gpu.used_mib, total_mib=gpu.total_mib,
+                    used_fraction=round(gpu.used_fraction, 4),
+                    holders=top_holders(sample, gpu),
+                )
             return None
+        watch.tier_sent_at = now
         self._bus.publish(
             "vram.tier",
             f"GPU {gpu.index} VRAM {gpu.used_fraction:.0%} "

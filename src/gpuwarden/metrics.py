@@ -1,0 +1,101 @@
+"""Prometheus metrics (own registry), names in the spirit of DCGM exporter's.
+
+GPU gauges are refreshed from each sample; switch and release durations, crash-loop
+blocks and events are counted as the events happen; outbound deliveries by sink.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from .events import Event
+from .gpu.attribution import AttributedSample
+from .workloads.base import WorkloadStatus
+
+__all__ = ["Metrics"]
+
+_GPU = ("gpu", "uuid", "name")
+_TIERS = {"ok": 0, "warn": 1, "alert": 2, "critical": 3}
+_SWITCH_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
+_RELEASE_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.used = Gauge("gpuwarden_gpu_memory_used_bytes", "VRAM in use (nvidia-smi "
+                          "memory.used)", _GPU, registry=r)
+        self.free = Gauge("gpuwarden_gpu_memory_free_bytes", "VRAM free", _GPU, registry=r)
+        self.total = Gauge("gpuwarden_gpu_memory_total_bytes", "VRAM total", _GPU, registry=r)
+        self.reserved = Gauge("gpuwarden_gpu_memory_reserved_bytes",
+                              "VRAM reserved by the driver", _GPU, registry=r)
+        self.util = Gauge("gpuwarden_gpu_utilization_percent", "GPU utilization", _GPU,
+                          registry=r)
+        self.temp = Gauge("gpuwarden_gpu_temperature_celsius", "GPU temperature", _GPU,
+                          registry=r)
+        self.power = Gauge("gpuwarden_gpu_power_watts", "GPU power draw", _GPU, registry=r)
+        self.up = Gauge("gpuwarden_gpu_up", "1 when the GPU could be read", _GPU, registry=r)
+        self.tier = Gauge("gpuwarden_gpu_vram_tier",
+                          "VRAM tier: 0 ok, 1 warn, 2 alert, 3 critical", ("gpu",), registry=r)
+        self.mode = Gauge("gpuwarden_gpu_mode", "1 for the GPU's active mode", ("gpu", "mode"),
+                          registry=r)
+        self.workload_up = Gauge("gpuwarden_workload_running", "1 while the workload runs",
+                                 ("workload", "kind"), registry=r)
+        self.workload_blocked = Gauge("gpuwarden_workload_blocked",
+                                      "1 while blocked after a crash loop", ("workload",),
+                                      registry=r)
+        self.switch_seconds = Histogram("gpuwarden_mode_switch_duration_seconds",
+                                        "Completed mode switches", ("gpu",),
+                                        buckets=_SWITCH_BUCKETS, registry=r)
+        self.release_seconds = Histogram("gpuwarden_release_verify_duration_seconds",
+                                         "Time from stop to VRAM release verified", ("gpu",),
+                                         buckets=_RELEASE_BUCKETS, registry=r)
+        self.blocks = Counter("gpuwarden_crashloop_blocks", "Crash-loop blocks",
+                              ("workload",), registry=r)
+        self.events = Counter("gpuwarden_events", "Events by name", ("event",), registry=r)
+        self.deliveries = Counter("gpuwarden_deliveries", "Outbound webhook deliveries by "
+                                  "outcome (delivered, retried, failed, dropped, disabled)",
+                                  ("sink", "outcome"), registry=r)
+
+    def on_event(self, event: Event) -> None:
+        self.events.labels(event.name).inc()
+        f = event.fields
+        gpu = str(f.get("gpu", ""))
+        if event.name == "mode.switch.completed" and isinstance(f.get("timings"), dict):
+            self.switch_seconds.labels(gpu).observe(float(f["timings"].get("total_s", 0.0)))
+        elif event.name == "release.verified" and "release_s" in f:
+            self.release_seconds.labels(gpu).observe(float(f["release_s"]))
+        elif event.name == "crashloop.blocked":
+            self.blocks.labels(str(f.get("workload"))).inc()
+
+    def on_delivery(self, sink: str, outcome: str) -> None:
+        self.deliveries.labels(sink, outcome).inc()
+
+    def observe(self, sample: AttributedSample, tiers: dict[int, str],
+                modes: dict[int, str | None], modes_on_gpu: dict[int, list[str]],
+                statuses: dict[str, tuple[str, WorkloadStatus]], blocked: set[str]) -> None:
+        for gpu in sample.node.gpus:
+            labels = (str(gpu.index), gpu.uuid, gpu.name)
+            self.up.labels(*labels).set(1 if gpu.ok else 0)
+            if not gpu.ok:
+                continue
+            self.used.labels(*labels).set(gpu.used_bytes)
+            self.free.labels(*labels).set(gpu.free_bytes)
+            self.total.labels(*labels).set(gpu.total_bytes)
+            self.reserved.labels(*labels).set(gpu.reserved_bytes)
+            for gauge, value in ((self.util, gpu.util_gpu_pct), (self.temp, gpu.temp_c),
+                                 (self.power, gpu.power_w)):
+                if value is not None:
+                    gauge.labels(*labels).set(value)
+        for index, tier in tiers.items():
+            self.tier.labels(str(index)).set(_TIERS[tier])
+        for index, active in modes.items():
+            for mode in modes_on_gpu.get(index, []):
+                self.mode.labels(str(index), mode).set(1 if mode == active else 0)
+        for name, (kind, status) in statuses.items():
+            self.workload_up.labels(name, kind).set(1 if status.running else 0)
+            self.workload_blocked.labels(name).set(1 if name in blocked else 0)
+
+    def render(self) -> bytes:
+        return bytes(generate_latest(self.registry))
