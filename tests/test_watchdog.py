@@ -94,3 +94,21 @@ def test_gpu_faults_become_one_error_event_per_episode() -> None:
     assert len(errors) == 2
     assert errors[0].fields["fault"] == "driver_not_loaded"
     assert errors[1].fields["recovered"] is True
+
+
+def test_unresolved_alert_repeats_at_the_reminder_interval_and_resolves_once() -> None:
+    import time
+
+    audit = Collect()
+    watchdog = Watchdog(ThresholdsConfig(sustain=1), EventBus(audit), tier_reminder=0.05)
+    watchdog.observe(_sample(920))
+    for _ in range(3):
+        time.sleep(0.06)
+        watchdog.observe(_sample(925))
+    watchdog.observe(_sample(100))
+    watchdog.observe(_sample(100))
+    tiers = [e for e in audit.events if e.name == "vram.tier"]
+    reminders = [e for e in tiers if e.fields.get("reminder")]
+    assert len(reminders) == 3 and all(e.fields["to"] == "alert" for e in reminders)
+    resolved = [e for e in tiers if e.fields["to"] == "ok"]
+    assert len(resolved) == 1

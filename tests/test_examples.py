@@ -1,0 +1,28 @@
+"""The shipped examples stay consistent with the API and config they describe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from gpuwarden.api import SwitchRequest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_n8n_workflow_is_importable_and_calls_the_api() -> None:
+    flow = json.loads((ROOT / "examples/n8n/gpuwarden-workflow.json").read_text())
+    assert {"name", "nodes", "connections"} <= set(flow)
+    nodes = {n["name"]: n for n in flow["nodes"]}
+    assert len({n["id"] for n in flow["nodes"]}) == len(flow["nodes"])
+    for source, outputs in flow["connections"].items():
+        assert source in nodes
+        for branch in outputs["main"]:
+            assert all(link["node"] in nodes for link in branch)
+    hook = next(n for n in flow["nodes"] if n["type"] == "n8n-nodes-base.webhook")
+    assert hook["parameters"]["httpMethod"] == "POST"
+    request = next(n for n in flow["nodes"] if n["type"] == "n8n-nodes-base.httpRequest")
+    params = request["parameters"]
+    assert params["url"].endswith("/v1/mode") and params["method"] == "POST"
+    assert params["genericAuthType"] == "httpHeaderAuth"
+    SwitchRequest.model_validate(json.loads(params["jsonBody"]))  # a body the API accepts
