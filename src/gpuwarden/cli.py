@@ -193,6 +193,22 @@ def cmd_unblock(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_discord_commands(args: argparse.Namespace) -> int:
+    from .discord_bot import commands_payload
+
+    payload = commands_payload(_config_or_exit(args.config))
+    if args.json:
+        print(json.dumps(payload, indent=2, sort_keys=True))
+    else:
+        for command in payload:
+            for sub in command["options"]:
+                options = " ".join(
+                    f"{o['name']}:" + ("|".join(c["value"] for c in o.get("choices", [])) or "…")
+                    for o in sub.get("options", []))
+                print(f"/{command['name']} {sub['name']} {options}".rstrip())
+    return EXIT_OK
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     path = args.path or args.config
     try:
@@ -268,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="lift a crash-loop block (refused unless VRAM is clear)")
     p.add_argument("workload", metavar="WORKLOAD")
     p.set_defaults(func=cmd_unblock)
+    p = sub.add_parser("discord-commands", parents=[common],
+                       help="the slash-command payload that would be synced")
+    p.add_argument("--json", action="store_true", help="the exact JSON payload")
+    p.set_defaults(func=cmd_discord_commands)
     p = sub.add_parser("check-config", parents=[common],
                        help="validate; exit 0, or 2 with every error by key path")
     p.add_argument("path", nargs="?", metavar="PATH")

@@ -12,7 +12,7 @@ import signal
 import socket
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from aiohttp import web
@@ -39,6 +39,9 @@ from .watchdog import LeakDetector, Watchdog
 from .workloads.base import Workload
 from .workloads.docker import DockerClientFactory, DockerWorkload
 from .workloads.process import ProcessWorkload
+
+if TYPE_CHECKING:
+    from .discord_bot import DiscordFrontEnd
 
 __all__ = ["Daemon", "DaemonState", "build_workloads", "run_daemon"]
 
@@ -83,6 +86,8 @@ class Daemon:
         self._crashloop: CrashLoopGuard | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._sinks: list[WebhookSink] = []
+        self._discord: DiscordFrontEnd | None = None
+        self._discord_task: asyncio.Task[None] | None = None
         self._sink_http: httpx.AsyncClient | None = None
         self.metrics = Metrics()
         self._docker_events: DockerEventWatcher | None = None
@@ -144,6 +149,7 @@ class Daemon:
             f"socket {cfg.daemon.socket})", backend=self._backend.name,
             socket=str(cfg.daemon.socket), pid=os.getpid(),
         )
+        self._start_discord()
         self.notifier.ready(self._status_line())
         self._restore_task = loop.create_task(self._switcher.restore())
 
@@ -197,6 +203,21 @@ class Daemon:
         parts = [f"GPU{g['index']} {g['mode'] or '-'} {g['tier']} {g['used_fraction']:.0%}"
                  for g in doc["gpus"]]
         return "; ".join(parts) or "no GPU readable"
+
+    def _start_discord(self) -> None:
+        token = self.config.discord.token
+        if token is None or self.service is None:
+            return
+        from .discord_bot import DiscordFrontEnd
+
+        bot = DiscordFrontEnd(self.service, self.config, self.bus)
+        self._discord = bot
+        self.service.status_sections["discord"] = bot.status
+        if self.config.discord.alert_channel_id:
+            self.bus.subscribe(bot.offer,
+                               severity_named(self.config.discord.alert_min_severity))
+        self._discord_task = asyncio.get_running_loop().create_task(
+            bot.run(token.get_secret_value()))
 
     def _start_sinks(self) -> None:
         cfg = self.config
@@ -281,6 +302,11 @@ class Daemon:
                 workload.close()
             except Exception as exc:
                 errors.append(exc)
+        if self._discord is not None:
+            await self._discord.close()
+        if self._discord_task is not None:
+            self._discord_task.cancel()
+            await asyncio.gather(self._discord_task, return_exceptions=True)
         for sink in self._sinks:
             await sink.close()
         if self._sink_http is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .config import IDLE_MODE, Config
@@ -48,6 +49,8 @@ class Service:
         self.switcher: ModeSwitcher | None = None
         self.crashloop: CrashLoopGuard | None = None
         self.metrics: Metrics | None = None
+        # Extra status sections from other parts (e.g. "discord": the bot's state).
+        self.status_sections: dict[str, Callable[[], dict[str, Any]]] = {}
         self._snapshot: AttributedSample | None = None
         self._statuses: dict[str, WorkloadStatus] = {}
         self._started_at = time.time()
@@ -139,6 +142,8 @@ class Service:
                        "switching": switcher is not None and any(
                            switcher.transition_of(g) for g in self.config.gpu_indices())},
         }
+        for section, provider in self.status_sections.items():
+            doc[section] = provider()
         last_alert = self.bus.last(lambda e: e.name == "vram.tier" and e.fields.get("to") != "ok")
         doc["last_alert"] = None if last_alert is None else last_alert.to_dict()
         return doc
