@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Quick start, command 2: set up everything the tests need and run the whole suite.
-# Installs Debian's docker.io and busybox-static when missing (the tests start their own
-# private Docker engine), creates .venv, then runs ruff, mypy --strict and pytest.
+# Installs Debian's docker.io, busybox-static (the tests start their own private Docker
+# engine) and systemd (for systemd-analyze) when missing, creates .venv, then runs
+# ruff, mypy --strict and pytest.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -15,6 +16,7 @@ source_apt() {
 missing=()
 command -v dockerd >/dev/null || missing+=(docker.io)
 dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
+command -v systemd-analyze >/dev/null || missing+=(systemd)
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "installing ${missing[*]} from Debian's packages" >&2
   source_apt "${missing[@]}"

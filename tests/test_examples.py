@@ -26,3 +26,17 @@ def test_n8n_workflow_is_importable_and_calls_the_api() -> None:
     assert params["url"].endswith("/v1/mode") and params["method"] == "POST"
     assert params["genericAuthType"] == "httpHeaderAuth"
     SwitchRequest.model_validate(json.loads(params["jsonBody"]))  # a body the API accepts
+
+
+def test_compose_example_matches_the_example_config() -> None:
+    import re
+
+    from gpuwarden.config import load_config
+
+    compose = (ROOT / "examples/docker-compose.yml").read_text()
+    config = load_config(ROOT / "config.example.toml")
+    names = set(re.findall(r"^\s+container_name:\s*(\S+)", compose, re.MULTILINE))
+    assert names == {w.container for w in config.workloads.values()}
+    comfy = compose[compose.index("  comfyui:"):]
+    assert re.search(r'restart:\s*"no"', comfy)  # no automatic restart for ComfyUI
+    assert config.workloads["comfyui"].restart_policy == "no"
