@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: the cost of one full GPU sample, and the daemon's footprint at 1 Hz.
 
-    .venv/bin/python scripts/bench-sample.py [--duration 60] [--out bench/out]
+    .venv/bin/python bench/sample.py [--duration 60] [--out bench/out]
 
 1. One full sample through gpuwarden's backend, against the same raw pynvml calls
    and against `nvidia-smi --query-gpu=memory.used,memory.total --format=csv` as a

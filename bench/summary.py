@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""The summary table of every benchmark's JSON in a folder: `bench/summary.py DIR`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def load(folder: Path, name: str) -> dict[str, Any] | None:
+    path = folder / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def rows(folder: Path) -> list[tuple[str, str, str, str]]:
+    out: list[tuple[str, str, str, str]] = []
+    sample = load(folder, "sample.json")
+    if sample:
+        s, d = sample["sample"], sample["daemon"]
+        out.append(("full sample, gpuwarden", f"{s['gpuwarden_sample_us']:.1f} us",
+                    f"backend {s['backend']}", ""))
+        if "ratio_vs_raw" in s:
+            out.append(("  vs raw pynvml calls", f"{s['ratio_vs_raw']:.2f}x", "<= 2x",
+                        "PASS" if s["ratio_vs_raw"] <= 2 else "FAIL"))
+        if "nvidia_smi_vs_gpuwarden" in s:
+            ratio = s["nvidia_smi_vs_gpuwarden"]
+            out.append(("  nvidia-smi subprocess / gpuwarden", f"{ratio:.0f}x", ">= 500x",
+                        "PASS" if ratio >= 500 else "FAIL"))
+        out.append(("daemon resident memory (1 Hz, 60 s)", f"{d['rss_mb']} MB", "< 80 MB",
+                    "PASS" if d["rss_mb"] < 80 else "FAIL"))
+        out.append(("daemon CPU (1 Hz, 60 s)", f"{d['cpu_pct_of_one_core']}% of a core",
+                    "< 0.5%", "PASS" if d["cpu_pct_of_one_core"] < 0.5 else "FAIL"))
+    switch = load(folder, "switch.json")
+    if switch:
+        out.append(("switch overhead (median of "
+                    f"{switch['switches']})", f"{switch['overhead_s_median']:.3f} s",
+                    "<= 0.3 s", "PASS" if switch["overhead_s_median"] <= 0.3 else "FAIL"))
+        out.append(("  release verified after stop (median)",
+                    f"{switch['release_verified_s_median']:.3f} s",
+                    f"sim delay {switch['release_delay_s']} s", ""))
+    crash = load(folder, "crashloop.json")
+    if crash:
+        beyond = crash["restarts_beyond_threshold_total"]
+        out.append((f"crash loops: restarts beyond threshold ({crash['loops']} loops)",
+                    str(beyond), "0", "PASS" if beyond == 0 else "FAIL"))
+        out.append(("  crash -> restart policy 'no' (median / max)",
+                    f"{crash['crash_to_policy_no_s_median'] * 1000:.1f} / "
+                    f"{crash['crash_to_policy_no_s_max'] * 1000:.1f} ms", "", ""))
+        out.append(("  VRAM leaked per loop, guarded vs unguarded",
+                    f"{crash['leaked_mib_per_loop_median']:.0f} vs "
+                    f"{crash['baseline']['leaked_mib']} MiB "
+                    f"({crash['baseline']['seconds']:.0f} s)", "", ""))
+    api = load(folder, "api.json")
+    if api:
+        o = api["open_loop"]
+        out.append((f"GET /v1/status at {o['target_rps']:.0f} req/s, p50 / p99",
+                    f"{o['p50_ms']:.2f} / {o['p99_ms']:.2f} ms", "p99 < 10 ms",
+                    "PASS" if o["p99_ms"] < 10 and o["errors"] == 0 else "FAIL"))
+        out.append(("  closed loop, 4 clients", f"{api['closed_loop']['rps']:.0f} req/s",
+                    "", ""))
+    acc = load(folder, "gpu-acceptance.json")
+    if acc:
+        ok = sum(c["ok"] for c in acc["checks"])
+        out.append((f"acceptance ({acc['backend']}, {acc.get('gpu', 'no GPU')})",
+                    f"{ok}/{len(acc['checks'])} checks", "all",
+                    "PASS" if ok == len(acc["checks"]) else "FAIL"))
+        figures = acc["figures"]
+        if "exit_to_release_verified_s" in figures:
+            out.append(("  holder exit -> release.verified",
+                        f"{figures['exit_to_release_verified_s'] * 1000:.0f} ms",
+                        "<= 300 ms (real GPU)", ""))
+        if figures.get("tier_event_latency_s"):
+            worst = max(figures["tier_event_latency_s"])
+            out.append(("  tier event after the crossing (worst)", f"{worst * 1000:.0f} ms",
+                        "<= 1 sample interval (+ read)", ""))
+    return out
+
+
+def main() -> int:
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "bench/out")
+    table = rows(folder)
+    width = max((len(r[0]) for r in table), default=10)
+    print(f"\n{'benchmark':<{width}}  {'figure':<28} {'target':<22} result")
+    for name, figure, target, result in table:
+        print(f"{name:<{width}}  {figure:<28} {target:<22} {result}")
+    failed = [r for r in table if r[3] == "FAIL"]
+    print(f"\n{len(table)} figures, {len(failed)} off target; JSON in {folder}/")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
