@@ -296,3 +296,22 @@ def test_fuzz_finds_no_5xx(api: Any) -> None:
     doc = client.get("/v1/status", headers=auth()).json()
     assert doc["gpus"][0]["mode"] in {"llm", "image", "idle"}
     time.sleep(0.1)
+
+
+def test_cli_over_tcp_with_a_token(api: Any) -> None:
+    from .conftest import run_cli
+
+    daemon, client = api
+    url = str(client.base_url).rstrip("/")
+    ok = run_cli("status", "--json", "--url", url, "--token", TOKEN)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["gpus"][0]["mode"] == "llm"
+    bad = run_cli("status", "--url", url, "--token", "nope")
+    assert bad.returncode == 1 and "invalid bearer token" in bad.stderr
+    switched = run_cli("mode", "image", "--json", "--url", url,
+                       env={"GPUWARDEN_TOKEN": TOKEN})
+    assert switched.returncode == 0, switched.stdout
+    assert daemon.wait_event("mode.switch.completed", to="image")[0]["requested_by"] == \
+        "api:n8n"
+    down = run_cli("status", "--url", "http://127.0.0.1:9", "--token", TOKEN)
+    assert down.returncode == 3

@@ -201,3 +201,47 @@ def test_process_workloads_switch_and_fail_closed_on_a_bad_start(node: SimNode,
     unknown = run_cli("--config", str(config), "mode", "nope")
     assert unknown.returncode == 1 and "unknown mode 'nope'" in unknown.stderr
     assert daemon.status()["gpus"][0]["mode"] == "idle"
+
+
+def test_two_gpus_run_one_mode_each_and_switch_independently(node: SimNode,
+                                                             start_daemon) -> None:
+    config = node.write(**{
+        "daemon": {"default_mode": "llm"},
+        "gpu.sim": {"count": 2},
+        "workloads.ollama": {"kind": "process", "command": hold_argv(node.ledger, "ollama", 6000)},
+        "workloads.comfyui": {"kind": "process",
+                              "command": hold_argv(node.ledger, "comfyui", 8000, "--gpu", "1")},
+        "workloads.embed": {"kind": "process",
+                            "command": hold_argv(node.ledger, "embed", 3000, "--gpu", "1")},
+        "modes.llm": {"workloads": ["ollama"], "gpu": 0},
+        "modes.image": {"workloads": ["comfyui"], "gpu": 1},
+        "modes.embed": {"workloads": ["embed"], "gpu": 1},
+    })
+    daemon = start_daemon(config, node.socket)
+    daemon.wait_mode("llm", gpu=0)
+    daemon.wait_mode("idle", gpu=1)  # GPU 1 has no recorded mode: the default lives on 0
+    result = run_cli("--config", str(config), "mode", "image", "--json")
+    assert result.returncode == 0, result.stdout
+    assert json.loads(result.stdout)["gpu"] == 1
+    deadline = time.monotonic() + 10
+    while True:
+        gpus = {g["index"]: g for g in daemon.status()["gpus"]}
+        if gpus[0]["used_mib"] == 6000 and gpus[1]["used_mib"] == 8000:
+            break
+        assert time.monotonic() < deadline, gpus
+        time.sleep(0.05)
+    assert gpus[0]["mode"] == "llm" and gpus[1]["mode"] == "image"
+    # Exclusivity per GPU: embed replaces image on GPU 1; llm on GPU 0 is untouched.
+    result = run_cli("--config", str(config), "mode", "embed", "--json")
+    assert result.returncode == 0, result.stdout
+    expected = {"ollama": "running", "comfyui": "stopped", "embed": "running"}
+    deadline = time.monotonic() + 10
+    while {w["name"]: w["state"] for w in daemon.status()["workloads"]} != expected:
+        assert time.monotonic() < deadline, daemon.status()["workloads"]
+        time.sleep(0.05)
+    # idle needs to know which GPU; a mode on another GPU is refused.
+    result = run_cli("--config", str(config), "mode", "idle", "--gpu", "1", "--json")
+    assert result.returncode == 0 and json.loads(result.stdout)["gpu"] == 1
+    wrong = run_cli("--config", str(config), "mode", "llm", "--gpu", "1")
+    assert wrong.returncode == 1 and "runs on GPU 0" in wrong.stderr
+    assert daemon.status()["gpus"][0]["mode"] == "llm"

@@ -283,3 +283,47 @@ def test_a_bad_token_is_an_event_and_a_status_field_not_an_outage(node: SimNode,
         api.stop()
     assert "bad token" in audit.named("discord.error")[0].message
     assert "/api/v10/users/@me" in api.paths()
+
+
+class StandInChannel:
+    def __init__(self) -> None:
+        self.sent: list[discord.Embed] = []
+
+    async def send(self, *, embed: discord.Embed) -> None:
+        self.sent.append(embed)
+
+
+def test_alerts_reach_the_channel_once_connected(node: SimNode, monkeypatch: Any) -> None:
+    """The gateway is the one stand-in: `ready` and the channel lookup."""
+    config = bot_config(node, discord={"allowed_role_ids": [ROLE], "alert_channel_id": 123,
+                                       "alert_min_severity": "warning"})
+
+    async def body(daemon: Daemon, audit: Collect) -> None:
+        assert daemon.service is not None
+        front = DiscordFrontEnd(daemon.service, daemon.config)
+        channel = StandInChannel()
+        ready = asyncio.Event()
+        monkeypatch.setattr(front.client, "wait_until_ready", ready.wait)
+        monkeypatch.setattr(front.client, "get_channel",
+                            lambda cid: channel if cid == 123 else None)
+        from gpuwarden.events import Severity
+        from gpuwarden.sinks import severity_named
+
+        daemon.bus.subscribe(front.offer, severity_named("warning"))
+        task = asyncio.get_running_loop().create_task(front._post_alerts())
+        try:
+            daemon.bus.publish("vram.tier", "GPU 0 VRAM 91 %", severity=Severity.ERROR,
+                               gpu=0, **{"from": "warn", "to": "alert"})
+            daemon.bus.publish("mode.switch.completed", "info: not an alert")
+            await asyncio.sleep(0.2)
+            assert channel.sent == []  # not connected yet: held, not lost
+            ready.set()
+            deadline = time.monotonic() + 5
+            while not channel.sent:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+        finally:
+            task.cancel()
+        assert [e.title for e in channel.sent] == ["ERROR: vram.tier"]
+
+    run_daemon(config, body)

@@ -254,7 +254,7 @@ class DiscordFrontEnd:
             event = await self._alerts.get()
             await self.client.wait_until_ready()
             channel = self.client.get_channel(self.config.discord.alert_channel_id)
-            if not isinstance(channel, discord.abc.Messageable):
+            if channel is None or not hasattr(channel, "send"):
                 log.warning("alert channel %s not found or not a text channel",
                             self.config.discord.alert_channel_id)
                 continue
