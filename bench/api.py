@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +26,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT))
 
+from bench.harness import DaemonUnderTest  # noqa: E402
 from gpuwarden.demo import demo_config  # noqa: E402
 
 TOKEN = "bench-token-0123456789abcdef"
@@ -111,35 +112,17 @@ def main() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = folder / "config.toml"
-    config.write_text(demo_config(folder) + f"""
+    config = demo_config(folder) + f"""
 [api]
 listen = "127.0.0.1:{port}"
 [api.tokens.bench]
 token = "{TOKEN}"
-""")
-    log = open(folder / "daemon.out", "wb")  # noqa: SIM115
-    daemon = subprocess.Popen([sys.executable, "-m", "gpuwarden.cli", "daemon", "--config",
-                               str(config)], stdout=log, stderr=subprocess.STDOUT)
+"""
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("daemon did not start")
-            time.sleep(0.1)
+    with DaemonUnderTest(folder, config, socket=folder / "gpuwarden.sock"):
         time.sleep(1)
         loaded = asyncio.run(open_loop(url, args.rate, args.seconds))
         maximum = asyncio.run(closed_loop(url, 4, 5))
-    finally:
-        daemon.terminate()
-        daemon.wait(timeout=30)
-        log.close()
     import os
 
     report = {"open_loop": loaded, "closed_loop": maximum, "cpus": os.cpu_count(),

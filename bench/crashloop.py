@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.harness import DaemonUnderTest, base_config  # noqa: E402
 from tests.dockerd import IMAGE, PrivateDockerd, holder_script  # noqa: E402
 
 LEAK_MIB = 1000
@@ -58,19 +58,7 @@ def guarded(engine: PrivateDockerd, folder: Path, loops: int) -> list[dict[str, 
         IMAGE, ["sh", "-c", holder_script("crashy", LEAK_MIB, leak=True, exit_after=0.3)],
         name="bench-crashy", network_mode="none", restart_policy={"Name": "unless-stopped"},
         volumes={str(ledger): {"bind": "/ledger", "mode": "rw"}})
-    config = folder / "config.toml"
-    config.write_text(f"""
-[daemon]
-state_dir = "{folder / 'state'}"
-socket = "{folder / 'gw.sock'}"
-socket_group = ""
-default_mode = "image"
-[docker]
-host = "{engine.host}"
-[gpu]
-backend = "sim"
-[gpu.sim]
-ledger_dir = "{ledger}"
+    config = base_config(folder, ledger, default_mode="image", docker_host=engine.host) + f"""
 [crashloop]
 max_restarts = {MAX_RESTARTS}
 window = 120
@@ -81,48 +69,32 @@ stop_timeout = 2
 restart_policy = "unless-stopped"
 [modes.image]
 workloads = ["comfyui"]
-""")
-    log = open(folder / "daemon.out", "wb")  # noqa: SIM115
-    daemon = subprocess.Popen([sys.executable, "-m", "gpuwarden.cli", "daemon", "--config",
-                               str(config)], stdout=log, stderr=subprocess.STDOUT)
-    client = httpx.Client(transport=httpx.HTTPTransport(uds=str(folder / "gw.sock")),
-                          base_url="http://gw", timeout=60)
+"""
     results = []
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                client.get("/healthz")
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise SystemExit("daemon did not start") from None
-                time.sleep(0.1)
-        since = 0
-        for _ in range(loops):
-            blocked = wait_event(client, "crashloop.blocked", since)
-            since = blocked["id"]
-            time.sleep(2)  # anything that would still restart, would by now
-            container.reload()
-            starts = len(claims(ledger))
-            results.append({
-                "restarts": starts - 1,
-                "restarts_beyond_threshold": max(0, starts - 1 - MAX_RESTARTS),
-                "docker_restart_count": container.attrs["RestartCount"],
-                "policy_after": container.attrs["HostConfig"]["RestartPolicy"]["Name"],
-                "crash_to_policy_no_s": blocked["policy_no_at"] - blocked["crash_times"][-1],
-                "leaked_mib": starts * LEAK_MIB,
-            })
-            for claim in claims(ledger):
-                claim.unlink()
-            resp = client.post("/v1/workloads/comfyui/unblock")
-            if resp.status_code != 200:
-                raise SystemExit(f"unblock refused: {resp.text}")
+        with DaemonUnderTest(folder, config) as daemon:
+            client = daemon.client
+            since = 0
+            for _ in range(loops):
+                blocked = wait_event(client, "crashloop.blocked", since)
+                since = blocked["id"]
+                time.sleep(2)  # anything that would still restart, would by now
+                container.reload()
+                starts = len(claims(ledger))
+                results.append({
+                    "restarts": starts - 1,
+                    "restarts_beyond_threshold": max(0, starts - 1 - MAX_RESTARTS),
+                    "docker_restart_count": container.attrs["RestartCount"],
+                    "policy_after": container.attrs["HostConfig"]["RestartPolicy"]["Name"],
+                    "crash_to_policy_no_s": blocked["policy_no_at"] - blocked["crash_times"][-1],
+                    "leaked_mib": starts * LEAK_MIB,
+                })
+                for claim in claims(ledger):
+                    claim.unlink()
+                resp = client.post("/v1/workloads/comfyui/unblock")
+                if resp.status_code != 200:
+                    raise SystemExit(f"unblock refused: {resp.text}")
     finally:
-        client.close()
-        daemon.terminate()
-        daemon.wait(timeout=30)
-        log.close()
         container.remove(force=True)
         dc.close()
     return results

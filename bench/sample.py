@@ -26,12 +26,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT))
 
+from bench.harness import DaemonUnderTest  # noqa: E402
 from gpuwarden.gpu.nvml import NvmlBackend  # noqa: E402
 from gpuwarden.gpu.sim import SimBackend  # noqa: E402
 
@@ -100,30 +101,18 @@ def bench_sample(n: int) -> dict[str, Any]:
 
 
 def bench_daemon(duration: float) -> dict[str, Any]:
+    from gpuwarden.demo import demo_config
+
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        from gpuwarden.demo import demo_config
-
-        config = folder / "config.toml"
-        config.write_text(demo_config(folder))
-        log = open(folder / "daemon.out", "wb")  # noqa: SIM115
-        proc = subprocess.Popen([sys.executable, "-m", "gpuwarden.cli", "daemon", "--config",
-                                 str(config)], stdout=log, stderr=subprocess.STDOUT)
-        client = httpx.Client(transport=httpx.HTTPTransport(uds=str(folder / "gpuwarden.sock")),
-                              base_url="http://gw")
-        try:
+        with DaemonUnderTest(folder, demo_config(folder),
+                             socket=folder / "gpuwarden.sock") as daemon:
             deadline = time.monotonic() + 30
-            while True:
-                try:
-                    doc = client.get("/v1/status").json()
-                    if doc["gpus"] and doc["gpus"][0]["used_mib"] > 0:
-                        break
-                except httpx.TransportError:
-                    pass
+            while not daemon.client.get("/v1/status").json()["gpus"][0]["used_mib"]:
                 if time.monotonic() > deadline:
-                    raise SystemExit("daemon did not come up")
+                    raise SystemExit("the demo workloads never held VRAM")
                 time.sleep(0.2)
-            ps = psutil.Process(proc.pid)
+            ps = psutil.Process(daemon.proc.pid)
             time.sleep(2)  # let start-up settle
             cpu0 = ps.cpu_times()
             t0 = time.monotonic()
@@ -131,11 +120,6 @@ def bench_daemon(duration: float) -> dict[str, Any]:
             cpu1 = ps.cpu_times()
             elapsed = time.monotonic() - t0
             rss = ps.memory_info().rss
-        finally:
-            client.close()
-            proc.terminate()
-            proc.wait(timeout=30)
-            log.close()
     cpu_s = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
     return {"duration_s": round(elapsed, 1), "rss_mb": round(rss / 1e6, 1),
             "cpu_s": round(cpu_s, 3), "cpu_pct_of_one_core": round(100 * cpu_s / elapsed, 3),

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.harness import DaemonUnderTest, base_config  # noqa: E402
 from tests.dockerd import IMAGE, PrivateDockerd, holder_script  # noqa: E402
 
 
@@ -57,19 +57,7 @@ def run(switches: int, release_delay: float) -> dict[str, Any]:
         dc.containers.create(IMAGE, ["sh", "-c", holder_script(name, mib)], name=name,
                              network_mode="none",
                              volumes={str(ledger): {"bind": "/ledger", "mode": "rw"}})
-    config = folder / "config.toml"
-    config.write_text(f"""
-[daemon]
-state_dir = "{folder / 'state'}"
-socket = "{folder / 'gw.sock'}"
-socket_group = ""
-default_mode = "llm"
-[docker]
-host = "{engine.host}"
-[gpu]
-backend = "sim"
-[gpu.sim]
-ledger_dir = "{ledger}"
+    config = base_config(folder, ledger, default_mode="llm", docker_host=engine.host) + f"""
 release_delay = {release_delay}
 [workloads.ollama]
 kind = "docker"
@@ -83,27 +71,19 @@ stop_timeout = 5
 workloads = ["ollama"]
 [modes.image]
 workloads = ["comfyui"]
-""")
-    log = open(folder / "daemon.out", "wb")  # noqa: SIM115
-    daemon = subprocess.Popen([sys.executable, "-m", "gpuwarden.cli", "daemon", "--config",
-                               str(config)], stdout=log, stderr=subprocess.STDOUT)
-    client = httpx.Client(transport=httpx.HTTPTransport(uds=str(folder / "gw.sock")),
-                          base_url="http://gw", timeout=120)
+"""
     results: list[dict[str, float]] = []
     try:
-        wait_status(client, "llm")
-        for i in range(switches):
-            target = "image" if i % 2 == 0 else "llm"
-            resp = client.post("/v1/mode", json={"mode": target})
-            body = resp.json()
-            if resp.status_code != 200:
-                raise SystemExit(f"switch failed: {body}")
-            results.append(body["timings"])
+        with DaemonUnderTest(folder, config) as daemon:
+            wait_status(daemon.client, "llm")
+            for i in range(switches):
+                target = "image" if i % 2 == 0 else "llm"
+                resp = daemon.client.post("/v1/mode", json={"mode": target})
+                body = resp.json()
+                if resp.status_code != 200:
+                    raise SystemExit(f"switch failed: {body}")
+                results.append(body["timings"])
     finally:
-        client.close()
-        daemon.terminate()
-        daemon.wait(timeout=30)
-        log.close()
         for name in ("bench-ollama", "bench-comfy"):
             dc.containers.get(name).remove(force=True)
         dc.close()

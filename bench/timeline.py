@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import threading
@@ -22,12 +21,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
+from bench.harness import DaemonUnderTest, base_config  # noqa: E402
 from gpuwarden.gpu.sim import SimBackend  # noqa: E402
 from tests.dockerd import IMAGE, PrivateDockerd, holder_script  # noqa: E402
 
@@ -75,20 +73,8 @@ def main() -> int:
     crash = ["sh", "-c", holder_script("crashy", LEAK, leak=True, exit_after=0.3)]
     dc.containers.create(IMAGE, crash, name="tl-crashy", network_mode="none", volumes=vol,
                          restart_policy={"Name": "unless-stopped"})
-    config = folder / "config.toml"
-    config.write_text(f"""
-[daemon]
-state_dir = "{folder / 'state'}"
-socket = "{folder / 'gw.sock'}"
-socket_group = ""
-default_mode = "llm"
-sample_interval = 0.5
-[docker]
-host = "{engine.host}"
-[gpu]
-backend = "sim"
-[gpu.sim]
-ledger_dir = "{ledger}"
+    config = base_config(folder, ledger, default_mode="llm", docker_host=engine.host,
+                         sample_interval=0.5) + f"""
 total_mib = {TOTAL}
 [crashloop]
 max_restarts = 3
@@ -111,25 +97,14 @@ workloads = ["ollama"]
 workloads = ["comfyui"]
 [modes.broken]
 workloads = ["crashy"]
-""")
+"""
     recorder = Recorder(ledger)
-    log = open(folder / "daemon.out", "wb")  # noqa: SIM115
-    daemon = subprocess.Popen([sys.executable, "-m", "gpuwarden.cli", "daemon", "--config",
-                               str(config)], stdout=log, stderr=subprocess.STDOUT)
-    client = httpx.Client(transport=httpx.HTTPTransport(uds=str(folder / "gw.sock")),
-                          base_url="http://gw", timeout=120)
-    switch_window: tuple[float, float]
-    try:
+    with DaemonUnderTest(folder, config) as daemon:
+        client = daemon.client
         deadline = time.monotonic() + 30
-        while True:
-            try:
-                doc = client.get("/v1/status").json()
-                if doc["gpus"][0]["mode"] == "llm" and doc["gpus"][0]["used_mib"]:
-                    break
-            except httpx.TransportError:
-                pass
+        while not client.get("/v1/status").json()["gpus"][0]["used_mib"]:
             if time.monotonic() > deadline:
-                raise SystemExit("daemon did not come up")
+                raise SystemExit("llm never held VRAM")
             time.sleep(0.1)
         recorder.start()
         time.sleep(1.5)
@@ -151,11 +126,6 @@ workloads = ["crashy"]
         recorder.mark("blocked")
         time.sleep(2)
         guarded_end = time.monotonic() - recorder.t0
-    finally:
-        client.close()
-        daemon.terminate()
-        daemon.wait(timeout=30)
-        log.close()
     points = list(recorder.points)
     switch = [(t, u) for t, u in points if switch_window[0] <= t <= switch_window[1]]
     guarded = [(t - crash_start, u) for t, u in points if crash_start <= t <= guarded_end]

@@ -5,14 +5,8 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 python="${PYTHON:-python3}"
-apt_install() {
-  # Debian packages the project needs; only as root (or with sudo) and only if missing.
-  local sudo=""
-  [ "$(id -u)" = 0 ] || sudo="sudo"
-  export DEBIAN_FRONTEND=noninteractive
-  $sudo apt-get update -qq
-  $sudo apt-get install -y -qq "$@" >/dev/null
-}
+# shellcheck source=scripts/lib.sh
+. "$root/scripts/lib.sh"
 if [ ! -x .venv/bin/python ]; then
   if ! "$python" -m venv .venv 2>/dev/null; then
     rm -rf .venv

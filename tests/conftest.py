@@ -80,6 +80,27 @@ class SimNode:
         return proc
 
 
+def two_process_modes(node: SimNode, **extra: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Sections for modes llm (ollama, 6000 MiB) and image (comfyui, 8000 MiB), both
+    process workloads holding simulated VRAM. `extra` tables are merged in; a workload
+    table that names its `kind` replaces the default one."""
+    sections: dict[str, dict[str, Any]] = {
+        "daemon": {"default_mode": "llm"},
+        "workloads.ollama": {"kind": "process", "stop_timeout": 2,
+                             "command": hold_argv(node.ledger, "ollama", 6000)},
+        "workloads.comfyui": {"kind": "process", "stop_timeout": 2,
+                              "command": hold_argv(node.ledger, "comfyui", 8000)},
+        "modes.llm": {"workloads": ["ollama"]},
+        "modes.image": {"workloads": ["comfyui"]},
+    }
+    for table, keys in extra.items():
+        if table.startswith("workloads.") and "kind" in keys:
+            sections[table] = dict(keys)
+        else:
+            sections.setdefault(table, {}).update(keys)
+    return sections
+
+
 @pytest.fixture
 def node(tmp_path: Path) -> SimNode:
     return SimNode(tmp_path)

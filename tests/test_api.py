@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from standardwebhooks.webhooks import Webhook
 
-from .conftest import SimNode, hold_argv
+from .conftest import SimNode, hold_argv, two_process_modes
 from .standins import free_port
 
 TOKEN = "n8n-token-" + "x" * 20
@@ -28,19 +28,8 @@ SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef01234567").decode()
 def api_config(node: SimNode, port: int, **extra: Any) -> Path:
     api = {"listen": f"127.0.0.1:{port}", "signing_secret": SECRET, "max_body_bytes": 2048,
            **extra.pop("api", {})}
-    return node.write(**{
-        "daemon": {"default_mode": "llm"},
-        "api": api,
-        "api.tokens.n8n": {"token": TOKEN},
-        "workloads.ollama": {"kind": "process", "command": hold_argv(node.ledger, "ollama", 6000),
-                             "stop_timeout": 2},
-        "workloads.comfyui": {"kind": "process",
-                              "command": hold_argv(node.ledger, "comfyui", 8000),
-                              "stop_timeout": 2},
-        "modes.llm": {"workloads": ["ollama"]},
-        "modes.image": {"workloads": ["comfyui"]},
-        **extra,
-    })
+    return node.write(**two_process_modes(node, api=api, **{"api.tokens.n8n": {"token": TOKEN}},
+                                          **extra))
 
 
 @pytest.fixture

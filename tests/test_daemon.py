@@ -12,20 +12,11 @@ from pathlib import Path
 
 import psutil
 
-from .conftest import PYTHON, SimNode, hold_argv, run_cli
+from .conftest import PYTHON, SimNode, hold_argv, run_cli, two_process_modes
 
 
 def two_mode_config(node: SimNode) -> Path:
-    return node.write(**{
-        "daemon": {"default_mode": "llm"},
-        "workloads.ollama": {"kind": "process", "command": hold_argv(node.ledger, "ollama", 6000),
-                             "stop_timeout": 5},
-        "workloads.comfyui": {"kind": "process",
-                              "command": hold_argv(node.ledger, "comfyui", 8000),
-                              "stop_timeout": 5},
-        "modes.llm": {"workloads": ["ollama"]},
-        "modes.image": {"workloads": ["comfyui"]},
-    })
+    return node.write(**two_process_modes(node))
 
 
 def test_status_over_the_socket_shows_figures_holders_and_modes(node: SimNode,

@@ -20,7 +20,7 @@ from gpuwarden.daemon import Daemon
 from gpuwarden.discord_bot import DiscordFrontEnd
 from gpuwarden.events import Event
 
-from .conftest import Containers, SimNode, hold_argv, run_cli
+from .conftest import Containers, SimNode, run_cli, two_process_modes
 from .dockerd import holder_script
 from .standins import StandIn
 
@@ -103,18 +103,8 @@ def run_daemon(config: Path, body: Callable[[Daemon, Collect], Awaitable[None]])
 
 
 def bot_config(node: SimNode, **extra: Any) -> Path:
-    return node.write(**{
-        "daemon": {"default_mode": "llm"},
-        "discord": {"allowed_role_ids": [ROLE], "guild_id": 77},
-        "workloads.ollama": {"kind": "process", "command": hold_argv(node.ledger, "ollama", 6000),
-                             "stop_timeout": 2},
-        "workloads.comfyui": {"kind": "process",
-                              "command": hold_argv(node.ledger, "comfyui", 8000),
-                              "stop_timeout": 2},
-        "modes.llm": {"workloads": ["ollama"]},
-        "modes.image": {"workloads": ["comfyui"]},
-        **extra,
-    })
+    discord_keys = {"allowed_role_ids": [ROLE], "guild_id": 77, **extra.pop("discord", {})}
+    return node.write(**two_process_modes(node, discord=discord_keys, **extra))
 
 
 async def settle(daemon: Daemon, mode: str) -> None:

@@ -33,7 +33,7 @@ from .workloads.docker import DockerWorkload
 __all__ = ["CrashLoopGuard"]
 
 # A `die` within this long after a `kill` was asked for, not a crash.
-_KILL_GRACE_S = 120.0
+_KILL_GRACE_S = 60.0
 
 
 @dataclass

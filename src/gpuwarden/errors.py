@@ -2,7 +2,6 @@
 
 * GpuwardenError
   x ConfigError          -- the configuration is invalid (each problem by key path)
-  x GpuBackendError      -- the GPU backend could not be opened at all
   x WorkloadError        -- a workload could not be started, stopped or inspected
   x RefusedError         -- a request was understood and refused (why is in the message)
     - NotFoundError      -- it names a mode or workload that does not exist
@@ -16,7 +15,6 @@ __all__ = [
     "ConfigError",
     "ConflictError",
     "DaemonUnreachable",
-    "GpuBackendError",
     "GpuwardenError",
     "NotFoundError",
     "RefusedError",
@@ -36,10 +34,6 @@ class ConfigError(GpuwardenError):
         self.source = source
         head = f"invalid configuration {source}".rstrip()
         super().__init__(head + ":\n" + "\n".join(f"  {p}" for p in problems))
-
-
-class GpuBackendError(GpuwardenError):
-    """The GPU backend could not be opened (library missing, driver not loaded)."""
 
 
 class WorkloadError(GpuwardenError):

@@ -205,7 +205,7 @@ class ModeSwitcher:
         """Switch a GPU to `mode`.
 
         With `wait=False` returns as soon as the switch is under way (its result then
-        has `ok=True` and no timings); it can be awaited through `join()`.
+        has `ok=True` and no timings; the outcome is in the events and status).
 
         Raises:
             NotFoundError: unknown mode.
@@ -258,10 +258,6 @@ class ModeSwitcher:
     def _pending(entry: _Running) -> SwitchResult:
         tr = entry.transition
         return SwitchResult(True, entry.gpu, tr.from_mode, tr.to_mode, tr.id)
-
-    async def join(self, gpu: int) -> SwitchResult | None:
-        running = self._running.get(gpu)
-        return await running.future if running else None
 
     def _record(self, gpu: int, transition: Transition | None, step: str = "") -> None:
         st = self._state.gpu(gpu)

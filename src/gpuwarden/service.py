@@ -93,10 +93,6 @@ class Service:
         return critical
 
     @property
-    def snapshot(self) -> AttributedSample | None:
-        return self._snapshot
-
-    @property
     def workload_statuses(self) -> dict[str, WorkloadStatus]:
         return dict(self._statuses)
 

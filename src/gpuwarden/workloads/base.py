@@ -13,7 +13,6 @@ __all__ = ["Workload", "WorkloadState", "WorkloadStatus"]
 
 class WorkloadState(enum.StrEnum):
     RUNNING = "running"
-    STARTING = "starting"  # running but not yet answering its readiness check
     STOPPED = "stopped"
     MISSING = "missing"  # docker: no container of that name
     UNKNOWN = "unknown"  # cannot tell (Docker unreachable)
@@ -31,7 +30,7 @@ class WorkloadStatus:
 
     @property
     def running(self) -> bool:
-        return self.state in (WorkloadState.RUNNING, WorkloadState.STARTING)
+        return self.state is WorkloadState.RUNNING
 
 
 class Workload(Protocol):

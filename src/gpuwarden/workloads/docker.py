@@ -86,9 +86,10 @@ class DockerWorkload:
     def _container(self) -> Any:
         return self._clients.get().containers.get(self.container_name)
 
-    def status(self) -> WorkloadStatus:
+    def _lookup(self) -> Any:
+        """The container, or a MISSING/UNKNOWN status saying why there is none."""
         try:
-            container = self._container()
+            return self._container()
         except docker.errors.NotFound:
             return WorkloadStatus(WorkloadState.MISSING,
                                   f"no container named {self.container_name!r}")
@@ -96,7 +97,10 @@ class DockerWorkload:
             self._clients.reset()
             return WorkloadStatus(WorkloadState.UNKNOWN,
                                   f"Docker unreachable at {self._clients.base_url}: {exc}")
-        return self._status_of(container)
+
+    def status(self) -> WorkloadStatus:
+        found = self._lookup()
+        return found if isinstance(found, WorkloadStatus) else self._status_of(found)
 
     def _status_of(self, container: Any) -> WorkloadStatus:
         attrs = container.attrs
@@ -150,14 +154,11 @@ class DockerWorkload:
             time.sleep(0.05)
 
     def stop(self) -> WorkloadStatus:
-        try:
-            container = self._container()
-        except docker.errors.NotFound:
-            return WorkloadStatus(WorkloadState.MISSING,
-                                  f"no container named {self.container_name!r}")
-        except _DOCKER_ERRORS as exc:
-            self._clients.reset()
-            raise WorkloadError(f"workload {self.name!r}: inspect failed: {exc}") from exc
+        container = self._lookup()
+        if isinstance(container, WorkloadStatus):
+            if container.state is WorkloadState.MISSING:
+                return container  # nothing to stop
+            raise WorkloadError(f"workload {self.name!r}: cannot stop: {container.detail}")
         self._call("stop", container.stop, timeout=int(self.config.stop_timeout))
         self._call("inspect", container.reload)
         status = self._status_of(container)
