@@ -15,7 +15,6 @@ Writes crashloop.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import DaemonUnderTest, base_config  # noqa: E402
+from bench.harness import DaemonUnderTest, base_config, write_report  # noqa: E402
 from tests.dockerd import IMAGE, PrivateDockerd, holder_script  # noqa: E402
 
 LEAK_MIB = 1000
@@ -150,12 +149,7 @@ def main() -> int:
         "baseline": base,
         "raw": loops,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "crashloop.json").write_text(json.dumps(report, indent=2))
-    for key, value in report.items():
-        if key != "raw":
-            print(f"{key:<36} {value}")
-    print(f"JSON: {args.out / 'crashloop.json'}")
+    write_report(args.out, "crashloop", report)
     return 0
 
 

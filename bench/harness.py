@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import httpx
 
-__all__ = ["DaemonUnderTest", "base_config"]
+__all__ = ["DaemonUnderTest", "base_config", "write_report"]
 
 
 def base_config(folder: Path, ledger: Path, *, default_mode: str, docker_host: str = "",
@@ -75,3 +77,13 @@ class DaemonUnderTest:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def write_report(out: Path, name: str, report: dict[str, Any]) -> None:
+    """Write `<out>/<name>.json` and print its figures (all but the raw samples)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2))
+    for key, value in report.items():
+        if key != "raw":
+            print(f"{key:<36} {value}")
+    print(f"JSON: {out / f'{name}.json'}")

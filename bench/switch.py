@@ -14,7 +14,6 @@ free VRAM, as an H200 did). Writes switch.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import DaemonUnderTest, base_config  # noqa: E402
+from bench.harness import DaemonUnderTest, base_config, write_report  # noqa: E402
 from tests.dockerd import IMAGE, PrivateDockerd, holder_script  # noqa: E402
 
 
@@ -112,12 +111,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     args = parser.parse_args()
     report = run(args.switches, args.release_delay)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "switch.json").write_text(json.dumps(report, indent=2))
-    for key, value in report.items():
-        if key != "raw":
-            print(f"{key:<30} {value}")
-    print(f"JSON: {args.out / 'switch.json'}")
+    write_report(args.out, "switch", report)
     return 0
 
 
