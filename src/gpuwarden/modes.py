@@ -234,9 +234,6 @@ class ModeSwitcher:
             )
         if not reconcile and current == mode and self._state.gpu(index).failure is None:
             return SwitchResult(True, index, current, mode, "", {"total_s": 0.0})
-        for name in to_stop:
-            await check_release_allowed(self._http, name, self._workloads[name].config,
-                                        force=force)
         transition = Transition(
             id=uuid.uuid4().hex[:12],
             from_mode=current or IDLE_MODE,
@@ -247,7 +244,17 @@ class ModeSwitcher:
         )
         loop = asyncio.get_running_loop()
         entry = _Running(transition, index, loop.create_future())
+        # Claim the GPU before the first await, so a concurrent request sees this one.
         self._running[index] = entry
+        try:
+            for name in to_stop:
+                await check_release_allowed(self._http, name, self._workloads[name].config,
+                                            force=force)
+        except RefusedError as exc:
+            self._running.pop(index, None)
+            entry.future.set_exception(exc)  # a request that joined meanwhile gets it too
+            entry.future.exception()  # retrieved: no "never retrieved" warning
+            raise
         self._record(index, transition, "planned")
         task = loop.create_task(self._run(entry, keep, to_stop, force))
         self._tasks.add(task)

@@ -8,6 +8,11 @@ was seen; a `leak` claim counts until the file is deleted. The processes that ke
 a claim open are its GPU processes, by host PID, found by scanning `/proc/*/fd`
 (the same PIDs NVML would report, also for processes inside containers).
 
+Holders are found by a full scan when a claim appears or is rewritten, when a known
+holder goes away, and every 10 s; in between, known holders are re-checked cheaply.
+A process that opens an existing claim without writing it is seen within 10 s, so a
+holder writes its claim when it takes it, as the recipe does.
+
 In busybox sh, inside a container with the ledger bind-mounted at /ledger:
 
     echo 6000 > /ledger/llm.mib; exec sleep 1000000 3</ledger/llm.mib
@@ -43,13 +48,16 @@ def read_claim(path: Path) -> Claim | None:
     return Claim(mib=int(words[0]), leak=len(words) > 1 and words[1].lower() == "leak")
 
 
-def scan_holders(targets: dict[tuple[int, int], Path]) -> dict[Path, list[int]]:
-    """Which PIDs hold each target file open, matched by (device, inode).
+Holder = tuple[int, int]  # (pid, fd)
+
+
+def scan_holders(targets: dict[tuple[int, int], Path]) -> dict[Path, list[Holder]]:
+    """Which (pid, fd) hold each target file open, matched by (device, inode).
 
     Matching by inode rather than by name makes this work across mount namespaces:
     a container sees the bind-mounted ledger under its own path.
     """
-    holders: dict[Path, list[int]] = {}
+    holders: dict[Path, list[Holder]] = {}
     if not targets:
         return holders
     self_pid = os.getpid()
@@ -74,10 +82,25 @@ def scan_holders(targets: dict[tuple[int, int], Path]) -> dict[Path, list[int]]:
                 continue
             path = targets.get((st.st_dev, st.st_ino))
             if path is not None:
-                pids = holders.setdefault(path, [])
-                if pid not in pids:
-                    pids.append(pid)
+                holders.setdefault(path, []).append((pid, int(fd)))
     return holders
+
+
+def still_held(holder: Holder, inode: tuple[int, int]) -> bool:
+    """Whether a holder seen before still has the claim open (two syscalls, not a scan)."""
+    pid, fd = holder
+    try:
+        st = os.stat(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == inode
+
+
+# A full /proc scan finds holders nobody has seen yet; between scans the known ones are
+# re-checked cheaply. A scan also runs whenever a claim appears or is rewritten, or a
+# known holder is gone, so releases are seen at once; only an extra holder of a claim
+# that already has one can wait this long to be listed.
+_FULL_SCAN_S = 10.0
 
 
 @dataclass
@@ -111,6 +134,9 @@ class SimBackend:
         self.gpu_name = gpu_name
         self._lock = threading.Lock()
         self._seen: dict[Path, _ClaimState] = {}
+        self._holders: dict[Path, list[Holder]] = {}
+        self._inodes: dict[tuple[int, int], Path] = {}
+        self._last_scan = -_FULL_SCAN_S
         ledger_dir.mkdir(parents=True, exist_ok=True)
         for index in range(1, count):
             (ledger_dir / f"gpu{index}").mkdir(exist_ok=True)
@@ -153,14 +179,14 @@ class SimBackend:
                 continue
             inodes[(st.st_dev, st.st_ino)] = path
             signatures[path] = (st.st_ino, st.st_mtime_ns)
-        holders = scan_holders(inodes)
+        holders = self._find_holders(inodes, signatures, now)
         used_mib = [0] * self.count
         procs: list[dict[int, int]] = [{} for _ in range(self.count)]
         for path, index in files.items():
             claim = read_claim(path)
             if claim is None or path not in signatures:
                 continue
-            pids = sorted(holders.get(path, []))
+            pids = sorted({pid for pid, _fd in holders.get(path, [])})
             state = self._seen.get(path)
             if state is None or state.signature != signatures[path]:
                 state = self._seen[path] = _ClaimState(signature=signatures[path])
@@ -201,6 +227,22 @@ class SimBackend:
                 )
             )
         return tuple(samples)
+
+    def _find_holders(self, inodes: dict[tuple[int, int], Path],
+                      signatures: dict[Path, tuple[int, int]], now: float
+                      ) -> dict[Path, list[Holder]]:
+        known = {inode: path for inode, path in inodes.items()}
+        unchanged = known == self._inodes and all(
+            (state := self._seen.get(path)) is not None and state.signature == signatures[path]
+            for path in signatures)
+        if unchanged and now - self._last_scan < _FULL_SCAN_S:
+            by_path = {path: inode for inode, path in inodes.items()}
+            if all(still_held(h, by_path[path])
+                   for path, hs in self._holders.items() for h in hs):
+                return self._holders
+        self._holders = scan_holders(inodes)
+        self._inodes, self._last_scan = known, now
+        return self._holders
 
     def _uuid(self, index: int) -> str:
         digest = hashlib.sha1(f"{self.ledger_dir.resolve()}:{index}".encode()).hexdigest()
