@@ -31,10 +31,6 @@ from .service import Service
 
 __all__ = ["ApiAuth", "SwitchRequest", "build_app", "peer_user"]
 
-SERVICE: web.AppKey[Service] = web.AppKey("service", Service)
-AUTH: web.AppKey[ApiAuth] = web.AppKey("auth", object)  # type: ignore[arg-type]
-METRICS: web.AppKey[Metrics | None] = web.AppKey("metrics", object)  # type: ignore[arg-type]
-
 _REPLAY_WINDOW_S = 600.0  # twice the 5-minute tolerance: a replay is refused either way
 _READ_ONLY = {("GET", "/v1/status"), ("GET", "/v1/mode"), ("GET", "/v1/events"),
               ("GET", "/v1/openapi.json")}
@@ -111,6 +107,11 @@ class ApiAuth:
         return None
 
 
+SERVICE = web.AppKey("service", Service)
+AUTH = web.AppKey("auth", ApiAuth)
+METRICS = web.AppKey("metrics", Metrics)
+
+
 def _error(status: int, error: str, detail: Any = None) -> web.Response:
     return web.json_response({"error": error, "detail": detail}, status=status)
 
@@ -182,10 +183,7 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    metrics = request.app[METRICS]
-    if metrics is None:
-        return _error(404, "metrics are not enabled")
-    return web.Response(body=metrics.render(),
+    return web.Response(body=request.app[METRICS].render(),
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
@@ -245,8 +243,7 @@ async def _events(request: web.Request) -> web.Response:
                              dumps=lambda o: json.dumps(o, default=str))
 
 
-def build_app(service: Service, api: ApiConfig, metrics: Metrics | None = None
-              ) -> web.Application:
+def build_app(service: Service, api: ApiConfig, metrics: Metrics) -> web.Application:
     app = web.Application(middlewares=[_errors, _auth], client_max_size=api.max_body_bytes)
     app[SERVICE] = service
     app[AUTH] = ApiAuth(api)
