@@ -149,7 +149,7 @@ class CrashLoopGuard:
                        f"(limit {max_restarts})",
                 details={"crashes": crashes, "restarts": restarts},
             )
-            self._store.save(self._state)
+            await self._store.save_async(self._state)
             try:
                 status = await asyncio.to_thread(workload.stop)
             except WorkloadError as exc:
@@ -222,7 +222,7 @@ class CrashLoopGuard:
         if isinstance(workload, DockerWorkload):
             await asyncio.to_thread(workload.set_restart_policy, workload.config.restart_policy)
         block = self._state.blocks.pop(name)
-        self._store.save(self._state)
+        await self._store.save_async(self._state)
         self._history.pop(name, None)
         started = name in self._switcher.allowed_on(gpu)
         self._bus.publish(

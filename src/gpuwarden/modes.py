@@ -255,7 +255,7 @@ class ModeSwitcher:
             entry.future.set_exception(exc)  # a request that joined meanwhile gets it too
             entry.future.exception()  # retrieved: no "never retrieved" warning
             raise
-        self._record(index, transition, "planned")
+        await self._record(index, transition, "planned")
         task = loop.create_task(self._run(entry, keep, to_stop, force))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -266,12 +266,13 @@ class ModeSwitcher:
         tr = entry.transition
         return SwitchResult(True, entry.gpu, tr.from_mode, tr.to_mode, tr.id)
 
-    def _record(self, gpu: int, transition: Transition | None, step: str = "") -> None:
+    async def _record(self, gpu: int, transition: Transition | None, step: str = "") -> None:
+        """Persist the transition's step (or its end) before acting on it: write-ahead."""
         st = self._state.gpu(gpu)
         if transition is not None:
             transition.step = step
         st.transition = transition
-        self._store.save(self._state)
+        await self._store.save_async(self._state)
 
     async def _run(
         self, entry: _Running, keep: set[str], to_stop: list[str], force: bool
@@ -287,7 +288,7 @@ class ModeSwitcher:
         try:
             result = await self._steps(entry, keep, to_stop, force, timings, t0)
         except Exception as exc:  # an unexpected bug must still fail closed and be seen
-            result = self._fail(entry, timings, t0, f"internal error: {exc!r}", {})
+            result = await self._fail(entry, timings, t0, f"internal error: {exc!r}", {})
         self._running.pop(gpu, None)
         entry.future.set_result(result)
         return result
@@ -300,7 +301,7 @@ class ModeSwitcher:
         statuses = await self._statuses(to_stop)
         running_stop = [n for n in to_stop if statuses[n].running]
 
-        self._record(gpu, tr, "releasing")
+        await self._record(gpu, tr, "releasing")
         t = time.monotonic()
         reports = await asyncio.gather(*(
             graceful_release(self._http, n, self._workloads[n].config, force=force)
@@ -308,7 +309,7 @@ class ModeSwitcher:
         ))
         timings["graceful_s"] = time.monotonic() - t
 
-        self._record(gpu, tr, "stopping")
+        await self._record(gpu, tr, "stopping")
         t = time.monotonic()
         results = await asyncio.gather(
             *(asyncio.to_thread(self._workloads[n].stop) for n in to_stop), return_exceptions=True
@@ -316,14 +317,14 @@ class ModeSwitcher:
         timings["stop_s"] = time.monotonic() - t
         for name, res in zip(to_stop, results, strict=True):
             if isinstance(res, BaseException):
-                return self._fail(entry, timings, t0, f"could not stop {name}: {res}",
+                return await self._fail(entry, timings, t0, f"could not stop {name}: {res}",
                                   {"workload": name})
             if name in running_stop:
                 self._bus.publish("workload.stopped", f"{name} stopped for a switch",
                                   requested_by=tr.requested_by, workload=name, gpu=gpu,
                                   transition_id=tr.id)
 
-        self._record(gpu, tr, "verifying")
+        await self._record(gpu, tr, "verifying")
         t = time.monotonic()
         verdict = await self._verify(gpu, set(to_stop))
         timings["release_s"] = time.monotonic() - t
@@ -338,8 +339,8 @@ class ModeSwitcher:
                 transition_id=tr.id, workloads=sorted(to_stop),
                 release_s=round(timings["release_s"], 3), **figures,
             )
-            return self._fail(entry, timings, t0, f"VRAM release not verified: {verdict.reason}",
-                              figures)
+            return await self._fail(entry, timings, t0,
+                                    f"VRAM release not verified: {verdict.reason}", figures)
         self._bus.publish(
             "release.verified",
             f"GPU {gpu}: VRAM free after {timings['release_s'] * 1000:.0f} ms",
@@ -349,21 +350,21 @@ class ModeSwitcher:
             graceful=[r.actions + r.errors for r in reports],
         )
 
-        self._record(gpu, tr, "starting")
+        await self._record(gpu, tr, "starting")
         t = time.monotonic()
         error = await self.start_workloads(sorted(keep), tr.requested_by, gpu, tr.id)
         timings["start_s"] = time.monotonic() - t
         if error is not None:
             await asyncio.gather(*(asyncio.to_thread(self._workloads[n].stop) for n in keep),
                                  return_exceptions=True)
-            return self._fail(entry, timings, t0, error, {})
+            return await self._fail(entry, timings, t0, error, {})
 
         timings["total_s"] = time.monotonic() - t0
         st = self._state.gpu(gpu)
         if st.mode != tr.to_mode or st.mode_since is None:
             st.mode_since = time.time()  # a reconcile to the same mode keeps its lease running
         st.mode, st.failure = tr.to_mode, None
-        self._record(gpu, None)
+        await self._record(gpu, None)
         rounded = {k: round(v, 4) for k, v in timings.items()}
         self._bus.publish(
             "mode.switch.completed",
@@ -373,7 +374,7 @@ class ModeSwitcher:
         )
         return SwitchResult(True, gpu, tr.from_mode, tr.to_mode, tr.id, rounded)
 
-    def _fail(
+    async def _fail(
         self, entry: _Running, timings: dict[str, float], t0: float, error: str,
         detail: dict[str, Any],
     ) -> SwitchResult:
@@ -384,7 +385,7 @@ class ModeSwitcher:
         st.mode, st.mode_since = IDLE_MODE, time.time()
         st.failure = {"id": tr.id, "to": tr.to_mode, "error": error, "at": time.time(),
                       "requested_by": tr.requested_by}
-        self._record(gpu, None)
+        await self._record(gpu, None)
         rounded = {k: round(v, 4) for k, v in timings.items()}
         self._bus.publish(
             "mode.switch.failed", f"GPU {gpu}: switch to {tr.to_mode} failed: {error}",

@@ -8,6 +8,7 @@ finish or undo it on the next start.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -113,6 +114,7 @@ class StateStore:
 
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / "state.json"
+        self._lock = asyncio.Lock()
 
     def load(self) -> State:
         """The saved state, or an empty one when none was ever written.
@@ -132,9 +134,25 @@ class StateStore:
             raise StateError(f"{self.path} is not a gpuwarden state file: {exc}") from exc
 
     def save(self, state: State) -> None:
+        self._write(self._encode(state))
+
+    async def save_async(self, state: State) -> None:
+        """Save without blocking the loop: encoded here, written (fsync) in a thread.
+
+        Encoding at call time and writing under a FIFO lock keeps the writes in call
+        order, so an older state never lands after a newer one.
+        """
+        data = self._encode(state)
+        async with self._lock:
+            await asyncio.to_thread(self._write, data)
+
+    @staticmethod
+    def _encode(state: State) -> bytes:
+        return json.dumps(state.to_json(), indent=2, sort_keys=True).encode()
+
+    def _write(self, data: bytes) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        data = json.dumps(state.to_json(), indent=2, sort_keys=True).encode()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
         try:
             os.write(fd, data)
