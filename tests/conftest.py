@@ -206,8 +206,14 @@ def start_daemon() -> Iterator[Any]:
     yield start
     for daemon in started:
         if daemon.proc.poll() is None:
-            daemon.proc.kill()
-            daemon.proc.wait()
+            # Gracefully, so the daemon stops its process workloads (a SIGKILL would
+            # orphan them); a daemon that does not stop in time is killed.
+            daemon.proc.terminate()
+            try:
+                daemon.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                daemon.proc.kill()
+                daemon.proc.wait()
 
 
 # -- a private Docker engine ----------------------------------------------------------

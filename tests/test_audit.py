@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import socket
 import struct
 from pathlib import Path
@@ -71,3 +72,27 @@ def test_json_lines_outside_journald() -> None:
     assert doc["workload"] == "comfyui" and doc["exit_codes"] == ["1", "1"]
     assert doc["id"] == 1 and "ts" in doc
     assert isinstance(open_audit({}), JsonLinesAudit)
+
+
+def test_a_large_event_goes_through_a_memfd(tmp_path: Path) -> None:
+    path = str(tmp_path / "journal.sock")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    receiver.bind(path)
+    try:
+        bus = EventBus(JournaldAudit(path))
+        holders = [{"pid": i, "used_mib": 1, "workload": "w" * 40} for i in range(5000)]
+        bus.publish("vram.tier", "big", gpu=0, holders=holders)
+        msg, fds, _flags, _addr = socket.recv_fds(receiver, 1024, 1)
+    finally:
+        receiver.close()
+    assert msg == b"" and len(fds) == 1
+    import fcntl
+
+    seals = fcntl.fcntl(fds[0], fcntl.F_GET_SEALS)
+    assert seals & fcntl.F_SEAL_WRITE and seals & fcntl.F_SEAL_SEAL  # journald requires it
+    size = os.fstat(fds[0]).st_size
+    fields = parse_native(os.pread(fds[0], size, 0))
+    os.close(fds[0])
+    assert fields["GPUWARDEN_EVENT"] == "vram.tier"
+    assert len(json.loads(fields["GPUWARDEN_HOLDERS"])) == 5000

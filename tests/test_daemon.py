@@ -236,3 +236,15 @@ def test_two_gpus_run_one_mode_each_and_switch_independently(node: SimNode,
     wrong = run_cli("--config", str(config), "mode", "llm", "--gpu", "1")
     assert wrong.returncode == 1 and "runs on GPU 0" in wrong.stderr
     assert daemon.status()["gpus"][0]["mode"] == "llm"
+
+
+def test_status_right_after_a_switch_shows_the_new_mode(node: SimNode, start_daemon) -> None:
+    config = node.write(**two_process_modes(node, daemon={"sample_interval": 5.0}))
+    daemon = start_daemon(config, node.socket)
+    daemon.wait_mode("llm")
+    assert run_cli("--config", str(config), "mode", "image").returncode == 0
+    doc = json.loads(run_cli("--config", str(config), "status", "--json").stdout)
+    # Read well inside the 5 s sample interval: the switch refreshed the figures.
+    assert {w["name"]: w["state"] for w in doc["workloads"]} == {"ollama": "stopped",
+                                                               "comfyui": "running"}
+    assert all(p["workload"] != "ollama" for p in doc["gpus"][0]["processes"])

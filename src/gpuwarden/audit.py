@@ -8,6 +8,7 @@ record is a JSON line on stdout, rendered by structlog.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -108,6 +109,9 @@ class JournaldAudit:
     def __init__(self, path: str = JOURNAL_SOCKET, fallback: AuditWriter | None = None) -> None:
         self._path = path
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        # Never wait on a busy journald from the event loop: a full queue (EAGAIN) is
+        # handled like journald being away.
+        self._sock.setblocking(False)
         self._fallback = fallback or JsonLinesAudit()
         self._lock = threading.Lock()
 
@@ -130,8 +134,12 @@ class JournaldAudit:
             fd = os.memfd_create("gpuwarden-journal", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             try:
                 os.write(fd, payload)
-                self._sock.connect(self._path)
-                socket.send_fds(self._sock, [b""], [fd])
+                # journald accepts only a sealed memfd (JOURNAL_NATIVE_PROTOCOL.md).
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+                            | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
+                with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                    sock.connect(self._path)
+                    socket.send_fds(sock, [b""], [fd])
             finally:
                 os.close(fd)
 

@@ -304,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
         _die(str(exc), EXIT_UNREACHABLE)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`gpuwarden status | head`): not an error worth a trace.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     return code
 
 

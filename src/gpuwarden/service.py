@@ -66,6 +66,11 @@ class Service:
         statuses = {name: w.status() for name, w in self._workloads.items()}
         return sample, statuses
 
+    async def refresh(self) -> None:
+        """Re-read the node and the workloads now (after a switch), without judging it:
+        the watchdog sees the next regular sample, so no tier change is lost."""
+        self._snapshot, self._statuses = await asyncio.to_thread(self._observe_blocking)
+
     async def tick(self) -> list[int]:
         """Sample the node, refresh workload states, and let the watchdog judge it.
 
@@ -208,7 +213,9 @@ class Service:
         if self.crashloop is None:
             raise NotFoundError(f"workload {workload!r} is not blocked (no Docker workloads)",
                                 {"workload": workload})
-        return await self.crashloop.unblock(workload, requested_by)
+        result = await self.crashloop.unblock(workload, requested_by)
+        await self.refresh()
+        return result
 
     async def switch_mode(
         self, mode: str, *, gpu: int | None = None, requested_by: str, force: bool = False,
@@ -216,6 +223,9 @@ class Service:
     ) -> SwitchResult:
         """Switch a GPU's mode (see ModeSwitcher.switch for what it refuses and why)."""
         assert self.switcher is not None, "the daemon wires the switcher before serving"
-        return await self.switcher.switch(
+        result = await self.switcher.switch(
             mode, gpu=gpu, requested_by=requested_by, force=force, wait=wait
         )
+        if wait:
+            await self.refresh()  # a status read right after shows the new mode's figures
+        return result
