@@ -52,6 +52,8 @@ def test_crash_loop_is_blocked_and_unblock_needs_a_clear_gpu(
     assert blocked["restarts"] == 3 and len(blocked["exit_codes"]) == 4
     assert set(blocked["exit_codes"]) == {"1"}
     assert blocked["used_mib"] >= LEAK_MIB and "leaked_mib" in blocked
+    crashes = daemon.events("workload.crashed")
+    assert len(crashes) == 4 and {c["exit_code"] for c in crashes} == {"1"}
 
     container = containers.get(crashy)
     assert container.attrs["HostConfig"]["RestartPolicy"]["Name"] == "no"

@@ -248,3 +248,18 @@ def test_status_right_after_a_switch_shows_the_new_mode(node: SimNode, start_dae
     assert {w["name"]: w["state"] for w in doc["workloads"]} == {"ollama": "stopped",
                                                                "comfyui": "running"}
     assert all(p["workload"] != "ollama" for p in doc["gpus"][0]["processes"])
+
+
+def test_a_process_workload_exiting_on_its_own_is_a_crash_event(node: SimNode,
+                                                               start_daemon) -> None:
+    config = node.write(**two_process_modes(node, **{
+        "workloads.ollama": {"kind": "process", "command": hold_argv(
+            node.ledger, "ollama", 6000, "--exit-after", "1.0", "--exit-code", "3")}}))
+    daemon = start_daemon(config, node.socket)
+    crashed = daemon.wait_event("workload.crashed", workload="ollama")[0]
+    assert crashed["exit_code"] == 3 and crashed["severity"] == "error"
+    # A workload stopped by a switch did not crash.
+    assert run_cli("--config", str(config), "mode", "image").returncode == 0
+    assert run_cli("--config", str(config), "mode", "idle").returncode == 0
+    time.sleep(0.5)
+    assert [e["workload"] for e in daemon.events("workload.crashed")] == ["ollama"]

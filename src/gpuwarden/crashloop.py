@@ -100,6 +100,14 @@ class CrashLoopGuard:
             history.crashes.append({"at": now, "kind": event.action,
                                     "exit_code": event.attributes.get("exitCode")})
             history.crashed_last = True
+            self._bus.publish(
+                "workload.crashed",
+                f"{name} " + ("was killed for lack of memory (oom)" if event.action == "oom"
+                              else f"exited on its own (exit code "
+                                   f"{event.attributes.get('exitCode')})"),
+                severity=Severity.ERROR, workload=name, gpu=self._config.gpu_of_workload(name),
+                exit_code=event.attributes.get("exitCode"), kind=event.action,
+            )
             max_restarts, window = self.limits(name)
             if self._recent(history.restarts, now, window) >= max_restarts:
                 # The next restart would be one too many: block before Docker makes it.

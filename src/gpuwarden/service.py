@@ -14,7 +14,7 @@ from typing import Any
 from .config import IDLE_MODE, Config
 from .crashloop import CrashLoopGuard
 from .errors import NotFoundError
-from .events import Event, EventBus
+from .events import Event, EventBus, Severity
 from .gpu.attribution import AttributedSample, OwnerIndex
 from .gpu.backend import GpuBackend
 from .metrics import Metrics
@@ -66,6 +66,17 @@ class Service:
         statuses = {name: w.status() for name, w in self._workloads.items()}
         return sample, statuses
 
+    def _report_crashes(self, statuses: dict[str, WorkloadStatus]) -> None:
+        """`workload.crashed` once for a workload that stopped without being asked."""
+        for name, now in statuses.items():
+            before = self._statuses.get(name)
+            if before is not None and before.running and not now.running and now.crashed:
+                self.bus.publish(
+                    "workload.crashed", f"{name} exited on its own ({now.detail})",
+                    severity=Severity.ERROR, workload=name,
+                    gpu=self.config.gpu_of_workload(name), exit_code=now.exit_code,
+                )
+
     async def refresh(self) -> None:
         """Re-read the node and the workloads now (after a switch), without judging it:
         the watchdog sees the next regular sample, so no tier change is lost."""
@@ -77,6 +88,7 @@ class Service:
         Returns the GPUs that just escalated to critical (for protective actions).
         """
         sample, statuses = await asyncio.to_thread(self._observe_blocking)
+        self._report_crashes(statuses)
         self._snapshot, self._statuses = sample, statuses
         running: dict[int, set[str]] = {}
         for name, status in statuses.items():

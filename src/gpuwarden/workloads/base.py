@@ -27,6 +27,8 @@ class WorkloadStatus:
     exit_code: int | None = None
     restart_policy: str | None = None
     restart_count: int | None = None
+    # Stopped without gpuwarden asking (process workloads; Docker crashes come as events).
+    crashed: bool = False
 
     @property
     def running(self) -> bool:

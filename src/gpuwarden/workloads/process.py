@@ -36,6 +36,7 @@ class ProcessWorkload:
         self._log_dir = log_dir
         self._owners = owners
         self._proc: subprocess.Popen[bytes] | None = None
+        self._stop_requested = False
         self._lock = threading.Lock()
 
     def status(self) -> WorkloadStatus:
@@ -46,7 +47,8 @@ class ProcessWorkload:
         if code is None:
             return WorkloadStatus(WorkloadState.RUNNING, pid=proc.pid)
         return WorkloadStatus(
-            WorkloadState.STOPPED, f"exited with status {code}", exit_code=code
+            WorkloadState.STOPPED, f"exited with status {code}", exit_code=code,
+            crashed=not self._stop_requested,
         )
 
     def start(self) -> WorkloadStatus:
@@ -54,6 +56,7 @@ class ProcessWorkload:
             if self._proc is not None and self._proc.poll() is None:
                 return self.status()
             self._log_dir.mkdir(parents=True, exist_ok=True)
+            self._stop_requested = False
             env = {**os.environ, **self.config.env}
             argv = list(self.config.command or ())
             with open(self._log_dir / f"{self.name}.log", "ab") as log:
@@ -79,6 +82,7 @@ class ProcessWorkload:
             proc = self._proc
             if proc is None:
                 return self.status()
+            self._stop_requested = True
             self._signal_group(proc.pid, signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=self.config.stop_timeout)
