@@ -74,6 +74,18 @@ def test_json_lines_outside_journald() -> None:
     assert isinstance(open_audit({}), JsonLinesAudit)
 
 
+def test_journal_stream_must_be_our_stdout() -> None:
+    import sys
+
+    from gpuwarden.audit import stdout_is_journal
+
+    st = os.fstat(sys.stdout.fileno())
+    assert stdout_is_journal({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+    assert not stdout_is_journal({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino + 1}"})
+    assert not stdout_is_journal({"JOURNAL_STREAM": "garbage"})
+    assert not stdout_is_journal({})
+
+
 def test_a_large_event_goes_through_a_memfd(tmp_path: Path) -> None:
     path = str(tmp_path / "journal.sock")
     receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -29,6 +29,7 @@ __all__ = [
     "journal_fields",
     "journal_payload",
     "open_audit",
+    "stdout_is_journal",
 ]
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
@@ -147,8 +148,21 @@ class JournaldAudit:
         self._sock.close()
 
 
+def stdout_is_journal(environ: dict[str, str] | Any = os.environ) -> bool:
+    """Whether stdout is journald's stream: $JOURNAL_STREAM names its device:inode
+    (a child that inherited the variable but not the stream does not match)."""
+    dev, _, ino = str(environ.get("JOURNAL_STREAM", "")).partition(":")
+    if not dev.isdigit() or not ino.isdigit():
+        return False
+    try:
+        st = os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError):
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
 def open_audit(environ: dict[str, str] | Any = os.environ) -> AuditWriter:
     """journald when started by systemd with its journal reachable, else JSON lines."""
-    if environ.get("JOURNAL_STREAM") and os.path.exists(JOURNAL_SOCKET):
+    if stdout_is_journal(environ) and os.path.exists(JOURNAL_SOCKET):
         return JournaldAudit()
     return JsonLinesAudit()
