@@ -9,6 +9,7 @@ hang them), so the daemon runs `sample()` in a worker thread.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import threading
 import time
 from dataclasses import dataclass
@@ -62,19 +63,26 @@ class NvmlBackend:
 
     name = "nvml"
 
-    def __init__(self) -> None:
+    def __init__(self, library: ModuleType | Any = None) -> None:
+        """`library`: the pynvml module, imported on first use when not given (tests
+        pass a stand-in for a driver they do not have)."""
         self._lock = threading.Lock()
-        self._nvml: ModuleType | None = None
+        self._library = library
+        self._nvml: Any = None
         self._devices: list[_Device] | None = None
         self._init_fault: tuple[GpuFault, str] | None = None
         self._init_failed_at = -_INIT_RETRY_S
+        self._reinit_at = -_INIT_RETRY_S
 
     def _init(self) -> None:
-        try:
-            import pynvml
-        except ImportError as exc:
-            self._init_fault = (GpuFault.LIBRARY_NOT_FOUND, f"nvidia-ml-py is not installed: {exc}")
-            return
+        pynvml = self._library
+        if pynvml is None:
+            try:
+                pynvml = importlib.import_module("pynvml")
+            except ImportError as exc:
+                self._init_fault = (GpuFault.LIBRARY_NOT_FOUND,
+                                    f"nvidia-ml-py is not installed: {exc}")
+                return
         try:
             pynvml.nvmlInit()
             count = pynvml.nvmlDeviceGetCount()
@@ -105,6 +113,12 @@ class NvmlBackend:
                 fault, detail = self._init_fault or (GpuFault.UNKNOWN, "NVML not initialised")
                 return NodeSample(gpus=(), fault=fault, fault_detail=detail, taken_at=started)
             gpus = tuple(self._read(i, dev, self._nvml) for i, dev in enumerate(self._devices))
+            if any(g.fault is GpuFault.LOST for g in gpus) and \
+                    started - self._reinit_at >= _INIT_RETRY_S:
+                # A lost GPU's handle stays dead: start NVML afresh on the next sample, in
+                # case the GPU came back (reset, driver reload).
+                self._reinit_at = started
+                self._shutdown()
         return NodeSample(gpus=gpus, taken_at=started, duration_s=time.monotonic() - started)
 
     def _read(self, index: int, dev: _Device, nvml: Any) -> GpuSample:
@@ -181,9 +195,13 @@ class NvmlBackend:
         except nvml.NVMLError:
             return None
 
+    def _shutdown(self) -> None:
+        if self._nvml is not None:
+            with contextlib.suppress(self._nvml.NVMLError):
+                self._nvml.nvmlShutdown()
+        self._nvml, self._devices = None, None
+        self._init_failed_at = -_INIT_RETRY_S
+
     def close(self) -> None:
         with self._lock:
-            if self._nvml is not None:
-                with contextlib.suppress(self._nvml.NVMLError):
-                    self._nvml.nvmlShutdown()
-            self._nvml, self._devices = None, None
+            self._shutdown()
