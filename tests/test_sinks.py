@@ -211,6 +211,9 @@ def test_daemon_sends_signed_events_to_n8n(node: SimNode, start_daemon, tmp_path
         while not any(r["body"]["event"] == "daemon.started" for r in receiver.received):
             assert time.monotonic() < deadline, receiver.received
             time.sleep(0.05)
+        (sink,) = daemon.status()["sinks"]["receivers"]
+        assert sink["sink"].startswith("n8n:") and sink["delivered"] >= 1
+        assert sink["dropped"] == 0 and not sink["disabled"]
         daemon.stop()
         deadline = time.monotonic() + 5
         while not any(r["body"]["event"] == "daemon.stopping" for r in receiver.received):

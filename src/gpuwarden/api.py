@@ -74,10 +74,6 @@ class ApiAuth:
         self.open_read = config.open_read
         self.metrics_auth = config.metrics_auth
 
-    @property
-    def configured(self) -> bool:
-        return bool(self._tokens) or self._webhook is not None
-
     def bearer(self, header: str) -> str | None:
         """The token's name, or None. Every token is compared, in constant time."""
         scheme, _, presented = header.partition(" ")

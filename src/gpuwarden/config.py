@@ -134,7 +134,6 @@ class DaemonConfig(_Section):
     socket: Path = Path("/run/gpuwarden/gpuwarden.sock")
     socket_group: str | None = "gpuwarden"
     default_mode: str = IDLE_MODE
-    shutdown_timeout: PositiveSeconds = 30.0
 
 
 class DockerConfig(_Section):

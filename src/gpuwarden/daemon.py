@@ -119,6 +119,9 @@ class Daemon:
                                       self.service.sample_blocking, self._http)
         self.service.switcher = self._switcher
         self.service.metrics = self.metrics
+        # Outbound receivers' deliveries, failures and drops, for operators.
+        self.service.status_sections["sinks"] = lambda: {
+            "receivers": [sink.status() for sink in self._sinks]}
         self._guard = ModeGuard(cfg, self._switcher, self._workloads, persisted, self.bus,
                                 self._http)
         self._protect = ProtectiveActions(cfg, self._workloads, self.bus, self._http,

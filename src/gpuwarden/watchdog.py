@@ -146,7 +146,7 @@ class LeakDetector:
             p for p in gpu.processes
             if (o := sample.owners.get(p.pid)) is None or o.workload is None
         ]
-        accounted = sum(p.used_mib or 0 for p in unowned)
+        accounted = sample.unowned_mib(gpu)
         device_leak: dict[str, Any] | None = None
         if not running and gpu.used_mib > accounted + self._tolerance:
             device_leak = {"used_mib": gpu.used_mib, "accounted_mib": accounted,
