@@ -6,8 +6,9 @@
 1. One full sample through gpuwarden's backend, against the same raw pynvml calls
    and against `nvidia-smi --query-gpu=memory.used,memory.total --format=csv` as a
    subprocess, on whichever backend is present (NVML when a GPU answers, else sim).
-2. The real daemon on the sim backend (two process workloads holding VRAM) sampling
-   at 1 Hz for --duration seconds: resident memory and CPU time.
+2. The real daemon sampling at 1 Hz for --duration seconds, resident memory and CPU
+   time: on NVML with a PyTorch process workload holding 1 GiB when a GPU answers,
+   else the sim demo (two process workloads holding VRAM).
 
 Prints a table and writes JSON (sample.json) to --out.
 """
@@ -100,17 +101,40 @@ def bench_sample(n: int) -> dict[str, Any]:
     return result
 
 
-def bench_daemon(duration: float) -> dict[str, Any]:
+def nvml_daemon_config(folder: Path) -> str:
+    """The daemon on the real card: one process workload holding 1 GiB through PyTorch,
+    so that every sample lists and attributes a GPU process."""
+    holder = [sys.executable, str(ROOT / "scripts" / "acceptance_holder.py"), "--backend",
+              "torch", "--name", "holder", "--mib", "1024"]
+    return f"""
+[daemon]
+sample_interval = 1.0
+state_dir = {json.dumps(str(folder / "state"))}
+socket = {json.dumps(str(folder / "gpuwarden.sock"))}
+socket_group = ""
+default_mode = "hold"
+[gpu]
+backend = "nvml"
+[workloads.holder]
+kind = "process"
+command = {json.dumps(holder)}
+[modes.hold]
+workloads = ["holder"]
+"""
+
+
+def bench_daemon(duration: float, backend: str) -> dict[str, Any]:
+    """The daemon's footprint at 1 Hz: on the card when NVML answers, else the sim demo."""
     from gpuwarden.demo import demo_config
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        with DaemonUnderTest(folder, demo_config(folder),
-                             socket=folder / "gpuwarden.sock") as daemon:
-            deadline = time.monotonic() + 30
-            while not daemon.client.get("/v1/status").json()["gpus"][0]["used_mib"]:
+        config = nvml_daemon_config(folder) if backend == "nvml" else demo_config(folder)
+        with DaemonUnderTest(folder, config, socket=folder / "gpuwarden.sock") as daemon:
+            deadline = time.monotonic() + 60
+            while not daemon.client.get("/v1/status").json()["gpus"][0]["processes"]:
                 if time.monotonic() > deadline:
-                    raise SystemExit("the demo workloads never held VRAM")
+                    raise SystemExit("the workloads never held VRAM")
                 time.sleep(0.2)
             ps = psutil.Process(daemon.proc.pid)
             time.sleep(2)  # let start-up settle
@@ -121,7 +145,7 @@ def bench_daemon(duration: float) -> dict[str, Any]:
             elapsed = time.monotonic() - t0
             rss = ps.memory_info().rss
     cpu_s = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
-    return {"duration_s": round(elapsed, 1), "rss_mb": round(rss / 1e6, 1),
+    return {"backend": backend, "duration_s": round(elapsed, 1), "rss_mb": round(rss / 1e6, 1),
             "cpu_s": round(cpu_s, 3), "cpu_pct_of_one_core": round(100 * cpu_s / elapsed, 3),
             "sample_interval_s": 1.0}
 
@@ -135,7 +159,7 @@ def main() -> int:
     args = parser.parse_args()
     os.environ.setdefault("PYTHONPATH", str(ROOT / "src"))
     sample = bench_sample(args.samples)
-    daemon = bench_daemon(args.duration)
+    daemon = bench_daemon(args.duration, sample["backend"])
     report = {"sample": sample, "daemon": daemon, "when": time.strftime("%Y-%m-%d"),
               "host_cpus": os.cpu_count()}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -28,9 +28,10 @@ def rows(folder: Path) -> list[tuple[str, str, str, str]]:
             ratio = s["nvidia_smi_vs_gpuwarden"]
             out.append(("  nvidia-smi subprocess / gpuwarden", f"{ratio:.0f}x", ">= 500x",
                         "PASS" if ratio >= 500 else "FAIL"))
-        out.append(("daemon resident memory (1 Hz, 60 s)", f"{d['rss_mb']} MB", "< 80 MB",
+        run = f"1 Hz, {d['duration_s']:.0f} s, {d.get('backend', 'sim')}"
+        out.append((f"daemon resident memory ({run})", f"{d['rss_mb']} MB", "< 80 MB",
                     "PASS" if d["rss_mb"] < 80 else "FAIL"))
-        out.append(("daemon CPU (1 Hz, 60 s)", f"{d['cpu_pct_of_one_core']}% of a core",
+        out.append((f"daemon CPU ({run})", f"{d['cpu_pct_of_one_core']}% of a core",
                     "< 0.5%", "PASS" if d["cpu_pct_of_one_core"] < 0.5 else "FAIL"))
     switch = load(folder, "switch.json")
     if switch:

@@ -37,18 +37,20 @@ class TorchHeld:
 
     def set(self, mib: int) -> None:
         torch = self.torch
+        # Free first, and hand the freed blocks back to the driver before growing: the
+        # caching allocator would otherwise serve the new tensors from them, and NVML
+        # would go on seeing the whole cached segments.
+        while self.mib > mib and self.blocks:
+            # No name may keep the tensor alive: it must be free before empty_cache().
+            self.mib -= self.blocks.pop().numel() // 2**20
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
         chunk = 1024  # MiB per tensor, so that a step down frees whole tensors
         while self.mib < mib:
             n = min(chunk, mib - self.mib)
             self.blocks.append(torch.empty(n * 2**20, dtype=torch.uint8, device="cuda"))
             self.mib += n
-        while self.mib > mib and self.blocks:
-            block = self.blocks.pop()
-            self.mib -= block.numel() // 2**20
         torch.cuda.synchronize()
-        if self.mib < mib:
-            self.set(mib)
-        torch.cuda.empty_cache()  # give freed blocks back to the driver, as NVML sees it
 
     def view(self) -> dict[str, int]:
         free, total = self.torch.cuda.mem_get_info()
