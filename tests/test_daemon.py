@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from .conftest import PYTHON, SimNode, hold_argv, run_cli, two_process_modes
 
@@ -151,8 +152,8 @@ def test_demo_runs_and_ctrl_c_leaves_no_process(tmp_path: Path) -> None:
     assert not alive
 
 
-def test_process_workloads_switch_and_fail_closed_on_a_bad_start(node: SimNode,
-                                                                 start_daemon) -> None:
+def test_process_workloads_switch_and_roll_back_after_a_bad_start(node: SimNode,
+                                                                   start_daemon) -> None:
     node.ledger.mkdir(parents=True, exist_ok=True)
     claim = node.ledger / "ollama.mib"
     stubborn = ["sh", "-c", f'trap "" TERM; echo 6000 > {claim}; exec sleep 100000 3<{claim}']
@@ -176,7 +177,7 @@ def test_process_workloads_switch_and_fail_closed_on_a_bad_start(node: SimNode,
     result = run_cli("--config", str(config), "mode", "image", "--json")
     assert result.returncode == 0, result.stdout + result.stderr
     timings = json.loads(result.stdout)["timings"]
-    assert timings["stop_s"] >= 0.5
+    assert timings["stop_s"] >= 0.45  # SIGKILL only after stop_timeout (0.5 s)
     assert timings["release_s"] >= 0.1  # the sim's 150 ms release delay was waited out
     doc = daemon.status()
     assert [w["state"] for w in doc["workloads"] if w["name"] == "ollama"] == ["stopped"]
@@ -185,13 +186,59 @@ def test_process_workloads_switch_and_fail_closed_on_a_bad_start(node: SimNode,
     assert result.returncode == 1
     failed = json.loads(result.stdout)
     assert failed["ok"] is False and "cannot run" in failed["error"]
-    doc = daemon.wait_mode("idle")
-    assert "cannot run" in doc["gpus"][0]["last_failure"]["error"]
-    assert all(w["state"] == "stopped" for w in doc["workloads"])
+    assert failed["error"].endswith("rolled back to image")
+    # The previous mode is back, after comfyui's VRAM was proven free and started again.
+    doc = daemon.wait_mode("image")
+    failure = doc["gpus"][0]["last_failure"]
+    assert "cannot run" in failure["error"] and failure["rolled_back_to"] == "image"
+    states = {w["name"]: w["state"] for w in doc["workloads"]}
+    assert states == {"ollama": "stopped", "comfyui": "running", "broken": "stopped"}
+    events = daemon.client.get("/v1/events", params={"since": 0}).json()["events"]
+    assert [e["event"] for e in events][-3:] == ["release.verified", "workload.started",
+                                                 "mode.switch.failed"]
+    assert events[-1]["rolled_back_to"] == "image" and events[-1]["mode"] == "image"
 
     unknown = run_cli("--config", str(config), "mode", "nope")
     assert unknown.returncode == 1 and "unknown mode 'nope'" in unknown.stderr
-    assert daemon.status()["gpus"][0]["mode"] == "idle"
+    assert daemon.status()["gpus"][0]["mode"] == "image"
+
+
+@pytest.mark.parametrize("roll_back", [True, False])
+def test_a_failed_start_that_leaves_vram_behind_fails_closed_to_idle(
+        node: SimNode, start_daemon, roll_back: bool) -> None:
+    """No roll back unless the failed workload's VRAM is proven back; none when off."""
+    node.ledger.mkdir(parents=True, exist_ok=True)
+    claim = node.ledger / "leaky.mib"
+    config = node.write(**{
+        "daemon": {"default_mode": "image", "roll_back_failed_start": roll_back},
+        "release": {"timeout": 1.0},
+        "workloads.comfyui": {"kind": "process",
+                              "command": hold_argv(node.ledger, "comfyui", 8000)},
+        # Takes VRAM that outlives it, and never answers its readiness probe.
+        "workloads.leaky": {"kind": "process", "release": "comfyui",
+                            "url": "http://127.0.0.1:9", "ready_timeout": 0.5,
+                            "command": ["sh", "-c",
+                                        f'echo "4000 leak" > {claim}; exec sleep 100000']},
+        "modes.image": {"workloads": ["comfyui"]},
+        "modes.leaky": {"workloads": ["leaky"]},
+    })
+    daemon = start_daemon(config, node.socket)
+    daemon.wait_mode("image")
+    result = run_cli("--config", str(config), "mode", "leaky", "--json")
+    assert result.returncode == 1
+    error = json.loads(result.stdout)["error"]
+    assert "leaky not ready within" in error
+    doc = daemon.wait_mode("idle")
+    assert all(w["state"] == "stopped" for w in doc["workloads"])
+    assert doc["gpus"][0]["last_failure"]["rolled_back_to"] is None
+    events = [e["event"] for e in
+              daemon.client.get("/v1/events", params={"since": 0}).json()["events"]]
+    if roll_back:
+        assert "no roll back to image: VRAM release not verified" in error
+        assert events[-2:] == ["release.timeout", "mode.switch.failed"]
+    else:
+        assert "roll back" not in error and events[-1] == "mode.switch.failed"
+        assert "release.timeout" not in events
 
 
 def test_two_gpus_run_one_mode_each_and_switch_independently(node: SimNode,

@@ -316,6 +316,54 @@ def test_kill_9_mid_switch_recovers_without_two_modes(
         cf.stop()
 
 
+def test_failed_start_rolls_back_and_a_kill_9_mid_roll_back_recovers(
+        node: SimNode, dockerd: Any, containers: Containers, start_daemon) -> None:
+    ollama, comfy = names()
+    containers.create(ollama, holder_script("ollama", 6000))
+    containers.create(comfy, holder_script("comfyui", 8000))
+    # ComfyUI's API never answers: the start fails after ready_timeout and the switch
+    # rolls back to llm once comfyui's VRAM is proven back (1 s release delay).
+    config = docker_config(node, dockerd.host, ollama, comfy, sim={"release_delay": 1.0},
+                           comfy_extra={"release": "comfyui", "url": "http://127.0.0.1:9",
+                                        "ready_timeout": 0.5})
+    daemon = start_daemon(config, node.socket)
+    daemon.wait_mode("llm")
+    state = node.state_dir / "state.json"
+    probe = ExclusivityProbe(containers, ollama, comfy)
+    probe.start()
+    try:
+        daemon.client.post("/v1/mode", json={"mode": "image"}, params={"wait": "false"})
+        deadline = time.monotonic() + 20
+        while True:  # the roll back records itself ahead of acting, like any switch
+            tr = json.loads(state.read_text())["gpus"]["0"]["transition"]
+            if tr is not None and tr["to_mode"] == "llm" and tr["step"] == "verifying":
+                break
+            assert time.monotonic() < deadline, "never saw the roll back"
+            time.sleep(0.005)
+        daemon.proc.send_signal(signal.SIGKILL)
+        daemon.proc.wait()
+        again = start_daemon(config, node.socket)
+        again.wait_event("mode.recovery")
+        doc = again.wait_mode("llm", timeout=30)
+        assert containers.running(ollama) and not containers.running(comfy)
+        assert doc["gpus"][0]["transition"] is None
+
+        # Uninterrupted, the roll back ends in llm with the failure on record.
+        code, result = switch(config, "image")
+        assert code == 1 and result["ok"] is False
+        assert "comfyui not ready within 0.5 s" in result["error"]
+        assert result["error"].endswith("rolled back to llm")
+        doc = again.wait_mode("llm")
+        assert doc["gpus"][0]["last_failure"]["rolled_back_to"] == "llm"
+        assert containers.running(ollama) and not containers.running(comfy)
+        failed = again.events("mode.switch.failed")[-1]
+        assert failed["mode"] == "llm" and failed["rolled_back_to"] == "llm"
+        assert failed["timings"]["rollback_release_s"] >= 0.9  # the release was waited out
+    finally:
+        probe.stop()
+    assert probe.violations == []
+
+
 def test_lease_returns_to_default_mode_when_queue_is_idle(
         node: SimNode, dockerd: Any, containers: Containers, start_daemon) -> None:
     ollama, comfy = names()

@@ -134,6 +134,7 @@ class DaemonConfig(_Section):
     socket: Path = Path("/run/gpuwarden/gpuwarden.sock")
     socket_group: str | None = "gpuwarden"
     default_mode: str = IDLE_MODE
+    roll_back_failed_start: bool = True
 
 
 class DockerConfig(_Section):

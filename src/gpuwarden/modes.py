@@ -357,6 +357,8 @@ class ModeSwitcher:
         if error is not None:
             await asyncio.gather(*(asyncio.to_thread(self._workloads[n].stop) for n in keep),
                                  return_exceptions=True)
+            if self._config.daemon.roll_back_failed_start:
+                return await self._roll_back(entry, keep, error, timings, t0)
             return await self._fail(entry, timings, t0, error, {})
 
         timings["total_s"] = time.monotonic() - t0
@@ -374,26 +376,87 @@ class ModeSwitcher:
         )
         return SwitchResult(True, gpu, tr.from_mode, tr.to_mode, tr.id, rounded)
 
+    async def _roll_back(
+        self, entry: _Running, failed: set[str], error: str, timings: dict[str, float],
+        t0: float,
+    ) -> SwitchResult:
+        """After a failed start: prove the target's VRAM is back, then bring the previous
+        mode back up, so a bad image or a broken workload does not also take down what
+        ran before. Anything short of that fails closed to idle."""
+        tr, gpu = entry.transition, entry.gpu
+        back = tr.from_mode
+        back_workloads = sorted(self._config.all_modes()[back].workloads) \
+            if back in self._config.all_modes() else []
+        if back in (IDLE_MODE, tr.to_mode) or any(w in self._state.blocks
+                                                    for w in back_workloads):
+            return await self._fail(entry, timings, t0, error, {})
+        # Write-ahead as a switch of its own: a daemon killed from here on finishes the
+        # roll back at its next start (restore() switches to the recorded target).
+        rollback = Transition(id=tr.id, from_mode=tr.to_mode, to_mode=back, step="verifying",
+                              requested_by=tr.requested_by, started_at=time.time())
+        entry.transition = rollback
+        await self._record(gpu, rollback, "verifying")
+        t = time.monotonic()
+        verdict = await self._verify(gpu, failed)
+        timings["rollback_release_s"] = time.monotonic() - t
+        if not verdict.clear:
+            self._bus.publish(
+                "release.timeout",
+                f"GPU {gpu}: VRAM of the failed {tr.to_mode} not proven free: "
+                f"{verdict.reason}; {back} is NOT started again",
+                severity=Severity.CRITICAL, requested_by=tr.requested_by, gpu=gpu,
+                transition_id=tr.id, workloads=sorted(failed), used_mib=verdict.used_mib,
+                allowed_mib=verdict.allowed_mib, holders=verdict.holders,
+                release_s=round(timings["rollback_release_s"], 3),
+            )
+            entry.transition = tr
+            return await self._fail(entry, timings, t0, f"{error}; no roll back to {back}: "
+                                    f"VRAM release not verified: {verdict.reason}", {})
+        self._bus.publish(
+            "release.verified",
+            f"GPU {gpu}: VRAM free after the failed start of {tr.to_mode}",
+            requested_by=tr.requested_by, gpu=gpu, transition_id=tr.id,
+            workloads=sorted(failed), release_s=round(timings["rollback_release_s"], 4),
+            used_mib=verdict.used_mib, allowed_mib=verdict.allowed_mib,
+        )
+        await self._record(gpu, rollback, "starting")
+        t = time.monotonic()
+        back_error = await self.start_workloads(back_workloads, tr.requested_by, gpu, tr.id)
+        timings["rollback_start_s"] = time.monotonic() - t
+        entry.transition = tr
+        if back_error is not None:
+            await asyncio.gather(*(asyncio.to_thread(self._workloads[n].stop)
+                                   for n in back_workloads), return_exceptions=True)
+            return await self._fail(entry, timings, t0,
+                                    f"{error}; roll back to {back} failed too: {back_error}", {})
+        return await self._fail(entry, timings, t0, error, {"rolled_back_to": back},
+                                rolled_back_to=back)
+
     async def _fail(
         self, entry: _Running, timings: dict[str, float], t0: float, error: str,
-        detail: dict[str, Any],
+        detail: dict[str, Any], *, rolled_back_to: str | None = None,
     ) -> SwitchResult:
+        """End a switch that did not reach its target. The GPU is left idle (fail closed:
+        whatever ran was stopped, nothing new runs), or in `rolled_back_to`, the previous
+        mode, brought back after its VRAM was proven free."""
         tr, gpu = entry.transition, entry.gpu
         timings["total_s"] = time.monotonic() - t0
+        mode = rolled_back_to or IDLE_MODE
         st = self._state.gpu(gpu)
-        # Fail closed: whatever ran was stopped, nothing new runs; the GPU is idle.
-        st.mode, st.mode_since = IDLE_MODE, time.time()
+        st.mode, st.mode_since = mode, time.time()
         st.failure = {"id": tr.id, "to": tr.to_mode, "error": error, "at": time.time(),
-                      "requested_by": tr.requested_by}
+                      "requested_by": tr.requested_by, "rolled_back_to": rolled_back_to}
         await self._record(gpu, None)
         rounded = {k: round(v, 4) for k, v in timings.items()}
+        back = f"; rolled back to {rolled_back_to}" if rolled_back_to else ""
         self._bus.publish(
-            "mode.switch.failed", f"GPU {gpu}: switch to {tr.to_mode} failed: {error}",
+            "mode.switch.failed", f"GPU {gpu}: switch to {tr.to_mode} failed: {error}{back}",
             severity=Severity.ERROR, requested_by=tr.requested_by, gpu=gpu, transition_id=tr.id,
-            mode=IDLE_MODE, **_from_to(tr), error=error,
+            mode=mode, **_from_to(tr), error=error, rolled_back_to=rolled_back_to,
             timings=rounded,
         )
-        return SwitchResult(False, gpu, tr.from_mode, tr.to_mode, tr.id, rounded, error, detail)
+        return SwitchResult(False, gpu, tr.from_mode, tr.to_mode, tr.id, rounded,
+                            error + back, detail)
 
     async def _statuses(self, names: list[str]) -> dict[str, WorkloadStatus]:
         found = await asyncio.gather(*(asyncio.to_thread(self._workloads[n].status)
@@ -464,7 +527,7 @@ class ModeSwitcher:
             if await probe_ready(self._http, workload.config):
                 return None
             if time.monotonic() >= deadline:
-                return (f"{workload.name} not ready within {workload.config.ready_timeout:.0f} s "
+                return (f"{workload.name} not ready within {workload.config.ready_timeout:g} s "
                         f"({workload.config.url} does not answer)")
             await asyncio.sleep(0.25)
 
