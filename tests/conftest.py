@@ -106,6 +106,18 @@ def node(tmp_path: Path) -> SimNode:
     return SimNode(tmp_path)
 
 
+@pytest.fixture
+def standin_gpu(tmp_path: Path) -> dict[str, str]:
+    """The environment under which processes see the stand-in H200 (tests/gpu_standin)
+    as their GPU, through `pynvml` and `torch`."""
+    card = tmp_path / "card"
+    card.mkdir()
+    root = Path(__file__).resolve().parent.parent
+    return {**os.environ, "GPUWARDEN_STANDIN_GPU": str(card),
+            "PYTHONPATH": os.pathsep.join([str(root / "tests" / "gpu_standin"),
+                                           str(root / "src")])}
+
+
 def run_cli(*args: str, timeout: float = 60, env: dict[str, str] | None = None
             ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([PYTHON, "-m", "gpuwarden.cli", *args], capture_output=True,

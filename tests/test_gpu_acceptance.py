@@ -6,7 +6,6 @@ these machines cannot have; the daemon, the scripts and the holders run for real
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,17 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-STANDIN = ROOT / "tests" / "gpu_standin"
 HOLDER = ROOT / "scripts" / "acceptance_holder.py"
-
-
-@pytest.fixture
-def standin_gpu(tmp_path: Path) -> dict[str, str]:
-    """The environment under which processes see the stand-in H200 as their GPU."""
-    card = tmp_path / "card"
-    card.mkdir()
-    return {**os.environ, "GPUWARDEN_STANDIN_GPU": str(card),
-            "PYTHONPATH": os.pathsep.join([str(STANDIN), str(ROOT / "src")])}
 
 
 def run_acceptance(backend: str, out: Path, env: dict[str, str] | None = None

@@ -65,9 +65,12 @@ class Verdict:
 class ReleaseVerifier:
     """Decides, from one sample, whether the given workloads' VRAM is back.
 
-    Clear means: no GPU process of a released workload remains, and the device's used
-    memory is at most what the other processes (unowned ones, and workloads that keep
-    running) hold, plus `tolerance_mib`.
+    Clear means: no GPU process of a released workload remains, none that the GPU lists
+    is missing from /proc, and the device's used memory is at most what the other
+    processes (unowned ones, and workloads that keep running) hold, plus
+    `tolerance_mib`. A listed PID with no /proc entry cannot be attributed: most likely
+    it is a released holder that has exited while the driver still frees its memory,
+    so it never counts as someone else's.
     """
 
     def __init__(self, tolerance_mib: int) -> None:
@@ -79,6 +82,7 @@ class ReleaseVerifier:
             detail = "not in the sample" if reading is None else f"{reading.fault}"
             return Verdict(False, 0, 0, [], f"GPU {gpu} unreadable ({detail}): cannot prove")
         holders: list[dict[str, Any]] = []
+        unseen: list[dict[str, Any]] = []
         others_mib = 0
         for proc in reading.processes:
             owner = sample.owners.get(proc.pid)
@@ -86,13 +90,22 @@ class ReleaseVerifier:
             if workload is not None and workload in released:
                 holders.append({"pid": proc.pid, "used_mib": proc.used_mib, "workload": workload,
                                 "command": owner.command if owner else ""})
+            elif workload is None and owner is not None and not owner.visible:
+                unseen.append({"pid": proc.pid, "used_mib": proc.used_mib, "workload": None,
+                               "command": ""})
             else:
                 others_mib += proc.used_mib or 0
         allowed = others_mib + self.tolerance_mib
         if holders:
             names = ", ".join(sorted({str(h["workload"]) for h in holders}))
-            return Verdict(False, reading.used_mib, allowed, holders,
+            return Verdict(False, reading.used_mib, allowed, holders + unseen,
                            f"processes of {names} still hold VRAM")
+        if unseen:
+            pids = ", ".join(str(h["pid"]) for h in unseen)
+            return Verdict(False, reading.used_mib, allowed, unseen,
+                           f"the GPU lists PIDs {pids}, which are not in /proc: exited with "
+                           "their VRAM not yet freed, or in another PID namespace "
+                           "(gpuwarden must run in the host's)")
         if reading.used_mib > allowed:
             return Verdict(False, reading.used_mib, allowed, [],
                            f"{reading.used_mib} MiB used, more than the {allowed} MiB that "

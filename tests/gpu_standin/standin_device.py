@@ -9,7 +9,8 @@ H200 (DESIGN.md, "Facts measured on real hardware"):
 - total 143771 MiB; memory v2 reports 615 MiB driver-reserved apart from `used`;
 - a process's VRAM is its CUDA context (500 MiB, taken at `torch.cuda.init`) plus what
   its caching allocator has reserved; NVML lists it by host PID;
-- VRAM is back 150 ms after the holding process exits or is killed, not at once.
+- VRAM is back 150 ms after the holding process exits or is killed, not at once, and
+  until then NVML lists the process by its PID, which may be gone from /proc already.
 
 Each process records its usage in `<folder>/<pid>.bytes`; whoever first sees the
 process gone writes `<folder>/<pid>.gone` with the time, and the usage counts until
@@ -27,7 +28,8 @@ MIB = 2**20
 TOTAL_BYTES = 143771 * MIB
 RESERVED_BYTES = 615 * MIB
 CONTEXT_BYTES = 500 * MIB
-RELEASE_DELAY_S = 0.15
+# `GPUWARDEN_STANDIN_RELEASE_DELAY` (seconds) stands for a card slower to free.
+RELEASE_DELAY_S = float(os.environ.get("GPUWARDEN_STANDIN_RELEASE_DELAY", "0.15"))
 NAME = "NVIDIA H200 (stand-in)"
 UUID = "GPU-5a1d0000-0000-4000-8000-standin00000"
 DRIVER = "580.95.05 (stand-in)"

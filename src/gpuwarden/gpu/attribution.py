@@ -41,12 +41,13 @@ def parent_of(pid: int) -> int | None:
     return int(fields[1]) if len(fields) > 1 else None
 
 
-def _comm(pid: int) -> str:
+def _comm(pid: int) -> str | None:
+    """/proc/PID/comm, or None when this /proc has no such process."""
     try:
         with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as fh:
             return fh.read().strip()
     except OSError:
-        return ""
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +55,10 @@ class ProcessOwner:
     pid: int
     workload: str | None  # None: no workload owns it
     command: str  # /proc/PID/comm, for people and allow lists
+    # False when the GPU lists a PID this /proc does not have: a process that exited
+    # with its VRAM not yet freed, or one in another PID namespace. Either way nothing
+    # can be proven about it.
+    visible: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +141,9 @@ class OwnerIndex:
         for gpu in node.gpus:
             for proc in gpu.processes:
                 if proc.pid not in owners:
+                    command = _comm(proc.pid)
                     owners[proc.pid] = ProcessOwner(
-                        pid=proc.pid, workload=self.owner_of(proc.pid), command=_comm(proc.pid)
+                        pid=proc.pid, workload=self.owner_of(proc.pid), command=command or "",
+                        visible=command is not None,
                     )
         return AttributedSample(node=node, owners=owners)
