@@ -205,6 +205,7 @@ def test_leak_detection_on_an_idle_gpu_and_an_unowned_holder(node: SimNode,
     try:
         event = daemon.wait_event("vram.leak", kind="process")[0]
         assert event["processes"][0]["pid"] == stray.pid
+        assert event["processes"][0]["visible"] is True  # a live process, in this /proc
         assert event["unowned_mib"] == 700
     finally:
         stray.kill()

@@ -158,7 +158,9 @@ class LeakDetector:
         if strays:
             process_leak = {"processes": [
                 {"pid": p.pid, "used_mib": p.used_mib,
-                 "command": (o.command if (o := sample.owners.get(p.pid)) else "")}
+                 "command": o.command if (o := sample.owners.get(p.pid)) else "",
+                 # not in /proc: exited and not freed, or in another PID namespace
+                 "visible": o.visible if o else False}
                 for p in strays], "used_mib": gpu.used_mib,
                 "unowned_mib": sum(p.used_mib or 0 for p in strays)}
         self._track(gpu, "device", device_leak,
