@@ -191,6 +191,8 @@ def test_process_workloads_switch_and_roll_back_after_a_bad_start(node: SimNode,
     doc = daemon.wait_mode("image")
     failure = doc["gpus"][0]["last_failure"]
     assert "cannot run" in failure["error"] and failure["rolled_back_to"] == "image"
+    shown = run_cli("--config", str(config), "status").stdout
+    assert "last switch FAILED: " in shown and "(rolled back to image)" in shown
     states = {w["name"]: w["state"] for w in doc["workloads"]}
     assert states == {"ollama": "stopped", "comfyui": "running", "broken": "stopped"}
     events = daemon.client.get("/v1/events", params={"since": 0}).json()["events"]

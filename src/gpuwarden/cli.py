@@ -110,11 +110,16 @@ def format_status(doc: dict[str, Any]) -> str:
             tr = gpu["transition"]
             lines.append(f"  switching {tr['from']} -> {tr['to']} ({tr['step']}, id {tr['id']})")
         if gpu.get("last_failure"):
-            lines.append(f"  last switch FAILED: {gpu['last_failure']['error']}")
+            failure = gpu["last_failure"]
+            back = f" (rolled back to {failure['rolled_back_to']})" \
+                if failure.get("rolled_back_to") else ""
+            lines.append(f"  last switch FAILED: {failure['error']}{back}")
         for proc in gpu["processes"]:
             owner = proc["workload"] or "UNOWNED"
+            command = proc["command"] if proc.get("visible", True) else \
+                "not in /proc: exited, or another PID namespace"
             lines.append(f"  pid {proc['pid']:>7}  {proc['used_mib'] or 0:>7} MiB  {owner}"
-                         f"  ({proc['command']})")
+                         f"  ({command})")
     lines.append("workloads:")
     for wl in doc["workloads"]:
         blocked = "  BLOCKED" if wl["blocked"] else ""
