@@ -17,7 +17,7 @@ from aiohttp import web
 
 from gpuwarden.config import load_config
 from gpuwarden.daemon import Daemon
-from gpuwarden.discord_bot import DiscordFrontEnd
+from gpuwarden.discord_bot import DiscordFrontEnd, status_embed
 from gpuwarden.events import Event
 
 from .conftest import Containers, SimNode, run_cli, two_process_modes
@@ -195,6 +195,19 @@ def test_status_mode_and_denial_callbacks(node: SimNode) -> None:
         assert "**image** → **llm**" in by_user.followup.messages[0]["content"]
 
     run_daemon(config, body)
+
+
+def test_status_embed_tells_a_failed_switch_and_its_roll_back() -> None:
+    gpu = {"index": 0, "name": "RTX 4000 Ada", "used_mib": 6000, "total_mib": 20480,
+           "used_fraction": 0.29, "tier": "ok", "mode": "llm", "transition": None,
+           "last_failure": {"error": "comfyui not ready within 120 s", "to": "image",
+                            "rolled_back_to": "llm"}}
+    embed = status_embed({"gpus": [gpu], "workloads": []})
+    value = embed.fields[0].value
+    assert "last switch failed: comfyui not ready within 120 s (rolled back to llm)" in value
+    gpu["last_failure"] = {**gpu["last_failure"], "rolled_back_to": None}
+    value = status_embed({"gpus": [gpu], "workloads": []}).fields[0].value
+    assert value.endswith("last switch failed: comfyui not ready within 120 s")
 
 
 def test_unblock_refused_while_vram_is_held(node: SimNode, dockerd: Any,

@@ -51,7 +51,10 @@ def status_embed(doc: dict[str, Any]) -> discord.Embed:
         if gpu.get("transition"):
             lines.append(f"switching to {gpu['transition']['to']} ({gpu['transition']['step']})")
         if gpu.get("last_failure"):
-            lines.append(f"last switch failed: {gpu['last_failure']['error'][:200]}")
+            failure = gpu["last_failure"]
+            back = f" (rolled back to {failure['rolled_back_to']})" \
+                if failure.get("rolled_back_to") else ""
+            lines.append(f"last switch failed: {failure['error'][:200]}{back}")
         embed.add_field(name=f"GPU {gpu['index']} · {gpu['name']}", value="\n".join(lines),
                         inline=False)
     workloads = []
