@@ -358,7 +358,10 @@ def test_failed_start_rolls_back_and_a_kill_9_mid_roll_back_recovers(
         assert containers.running(ollama) and not containers.running(comfy)
         failed = again.events("mode.switch.failed")[-1]
         assert failed["mode"] == "llm" and failed["rolled_back_to"] == "llm"
-        assert failed["timings"]["rollback_release_s"] >= 0.9  # the release was waited out
+        # comfyui's claim outlived it by 1 s (counted from when it was last seen alive)
+        assert failed["timings"]["rollback_release_s"] >= 0.5
+        # The mode guard knew all along that llm's workloads were coming back.
+        assert again.events("mode.violation") == []
     finally:
         probe.stop()
     assert probe.violations == []

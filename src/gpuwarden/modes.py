@@ -338,30 +338,14 @@ class ModeSwitcher:
                                   transition_id=tr.id)
 
         await self._record(gpu, tr, "verifying")
-        t = time.monotonic()
-        verdict = await self._verify(gpu, set(to_stop))
-        timings["release_s"] = time.monotonic() - t
-        figures = {"used_mib": verdict.used_mib, "allowed_mib": verdict.allowed_mib,
-                   "holders": verdict.holders}
+        verdict = await self._verify_release(
+            tr, gpu, set(to_stop), timings, "release_s", starting=tr.to_mode,
+            stop_s=round(timings["stop_s"], 4), graceful=[r.actions + r.errors for r in reports])
         if not verdict.clear:
-            self._bus.publish(
-                "release.timeout",
-                f"GPU {gpu}: VRAM not proven free after {timings['release_s']:.1f} s: "
-                f"{verdict.reason}; {tr.to_mode} is NOT started",
-                severity=Severity.CRITICAL, requested_by=tr.requested_by, gpu=gpu,
-                transition_id=tr.id, workloads=sorted(to_stop),
-                release_s=round(timings["release_s"], 3), **figures,
-            )
+            figures = {"used_mib": verdict.used_mib, "allowed_mib": verdict.allowed_mib,
+                       "holders": verdict.holders}
             return await self._fail(entry, timings, t0,
                                     f"VRAM release not verified: {verdict.reason}", figures)
-        self._bus.publish(
-            "release.verified",
-            f"GPU {gpu}: VRAM free after {timings['release_s'] * 1000:.0f} ms",
-            requested_by=tr.requested_by, gpu=gpu, transition_id=tr.id, workloads=sorted(to_stop),
-            release_s=round(timings["release_s"], 4), stop_s=round(timings["stop_s"], 4),
-            used_mib=verdict.used_mib, allowed_mib=verdict.allowed_mib,
-            graceful=[r.actions + r.errors for r in reports],
-        )
 
         await self._record(gpu, tr, "starting")
         t = time.monotonic()
@@ -407,52 +391,39 @@ class ModeSwitcher:
         # roll back at its next start (restore() switches to the recorded target).
         rollback = Transition(id=tr.id, from_mode=tr.to_mode, to_mode=back, step="verifying",
                               requested_by=tr.requested_by, started_at=time.time())
+        # It stays the running transition to the end: what it allows (nothing while
+        # verifying, `back`'s workloads once starting) is what the mode guard enforces.
         entry.transition = rollback
         await self._record(gpu, rollback, "verifying")
-        t = time.monotonic()
-        verdict = await self._verify(gpu, failed)
-        timings["rollback_release_s"] = time.monotonic() - t
+        verdict = await self._verify_release(tr, gpu, failed, timings, "rollback_release_s",
+                                             starting=back)
         if not verdict.clear:
-            self._bus.publish(
-                "release.timeout",
-                f"GPU {gpu}: VRAM of the failed {tr.to_mode} not proven free: "
-                f"{verdict.reason}; {back} is NOT started again",
-                severity=Severity.CRITICAL, requested_by=tr.requested_by, gpu=gpu,
-                transition_id=tr.id, workloads=sorted(failed), used_mib=verdict.used_mib,
-                allowed_mib=verdict.allowed_mib, holders=verdict.holders,
-                release_s=round(timings["rollback_release_s"], 3),
-            )
-            entry.transition = tr
             return await self._fail(entry, timings, t0, f"{error}; no roll back to {back}: "
-                                    f"VRAM release not verified: {verdict.reason}", {})
-        self._bus.publish(
-            "release.verified",
-            f"GPU {gpu}: VRAM free after the failed start of {tr.to_mode}",
-            requested_by=tr.requested_by, gpu=gpu, transition_id=tr.id,
-            workloads=sorted(failed), release_s=round(timings["rollback_release_s"], 4),
-            used_mib=verdict.used_mib, allowed_mib=verdict.allowed_mib,
-        )
+                                    f"VRAM release not verified: {verdict.reason}", {},
+                                    switch=tr)
         await self._record(gpu, rollback, "starting")
         t = time.monotonic()
         back_error = await self.start_workloads(back_workloads, tr.requested_by, gpu, tr.id)
         timings["rollback_start_s"] = time.monotonic() - t
-        entry.transition = tr
         if back_error is not None:
             await asyncio.gather(*(asyncio.to_thread(self._workloads[n].stop)
                                    for n in back_workloads), return_exceptions=True)
             return await self._fail(entry, timings, t0,
-                                    f"{error}; roll back to {back} failed too: {back_error}", {})
+                                    f"{error}; roll back to {back} failed too: {back_error}", {},
+                                    switch=tr)
         return await self._fail(entry, timings, t0, error, {"rolled_back_to": back},
-                                rolled_back_to=back)
+                                switch=tr, rolled_back_to=back)
 
     async def _fail(
         self, entry: _Running, timings: dict[str, float], t0: float, error: str,
-        detail: dict[str, Any], *, rolled_back_to: str | None = None,
+        detail: dict[str, Any], *, switch: Transition | None = None,
+        rolled_back_to: str | None = None,
     ) -> SwitchResult:
         """End a switch that did not reach its target. The GPU is left idle (fail closed:
         whatever ran was stopped, nothing new runs), or in `rolled_back_to`, the previous
-        mode, brought back after its VRAM was proven free."""
-        tr, gpu = entry.transition, entry.gpu
+        mode, brought back after its VRAM was proven free. `switch`: the switch that
+        failed, when a roll back has taken its place as the running transition."""
+        tr, gpu = switch or entry.transition, entry.gpu
         timings["total_s"] = time.monotonic() - t0
         mode = rolled_back_to or IDLE_MODE
         st = self._state.gpu(gpu)
@@ -475,6 +446,31 @@ class ModeSwitcher:
         found = await asyncio.gather(*(asyncio.to_thread(self._workloads[n].status)
                                        for n in names))
         return dict(zip(names, found, strict=True))
+
+    async def _verify_release(
+        self, tr: Transition, gpu: int, released: set[str], timings: dict[str, float],
+        timing: str, *, starting: str, **fields: Any,
+    ) -> Verdict:
+        """Wait for the released workloads' VRAM (timed as `timings[timing]`) and say how
+        it went: `release.verified`, or `release.timeout` and `starting` is not started."""
+        t = time.monotonic()
+        verdict = await self._verify(gpu, released)
+        seconds = timings[timing] = time.monotonic() - t
+        common: dict[str, Any] = {
+            "requested_by": tr.requested_by, "gpu": gpu, "transition_id": tr.id,
+            "workloads": sorted(released), "release_s": round(seconds, 4),
+            "used_mib": verdict.used_mib, "allowed_mib": verdict.allowed_mib}
+        if verdict.clear:
+            self._bus.publish("release.verified",
+                              f"GPU {gpu}: VRAM free after {seconds * 1000:.0f} ms",
+                              **common, **fields)
+        else:
+            self._bus.publish(
+                "release.timeout",
+                f"GPU {gpu}: VRAM not proven free after {seconds:.1f} s: {verdict.reason}; "
+                f"{starting} is NOT started", severity=Severity.CRITICAL,
+                holders=verdict.holders, **common, **fields)
+        return verdict
 
     async def _verify(self, gpu: int, released: set[str]) -> Verdict:
         """Poll the GPU until the released workloads' VRAM is back, or time out."""
