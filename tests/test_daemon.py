@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from .conftest import PYTHON, SimNode, hold_argv, run_cli, two_process_modes
+from .standins import ComfyStandIn
 
 
 def two_mode_config(node: SimNode) -> Path:
@@ -312,3 +313,20 @@ def test_a_process_workload_exiting_on_its_own_is_a_crash_event(node: SimNode,
     assert run_cli("--config", str(config), "mode", "idle").returncode == 0
     time.sleep(0.5)
     assert [e["workload"] for e in daemon.events("workload.crashed")] == ["ollama"]
+
+
+def test_a_slow_readiness_answer_still_counts(node: SimNode, start_daemon) -> None:
+    """A ComfyUI that takes 3 s to answer /system_stats is ready, not failed."""
+    comfy = ComfyStandIn().start()
+    comfy.delay["/system_stats"] = 3.0
+    try:
+        config = node.write(**two_process_modes(node, **{
+            "workloads.comfyui": {"release": "comfyui", "url": comfy.url,
+                                  "ready_timeout": 20}}))
+        daemon = start_daemon(config, node.socket)
+        daemon.wait_mode("llm")
+        result = run_cli("--config", str(config), "mode", "image", "--json")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert json.loads(result.stdout)["timings"]["start_s"] >= 3.0
+    finally:
+        comfy.stop()

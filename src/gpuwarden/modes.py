@@ -533,7 +533,10 @@ class ModeSwitcher:
             status = await asyncio.to_thread(workload.status)
             if not status.running:
                 return f"{workload.name} exited while starting ({status.detail})"
-            if await probe_ready(self._http, workload.config):
+            # A slow answer still counts while the deadline allows (a busy ComfyUI can
+            # take seconds for /system_stats); a refused connection returns at once.
+            left = max(0.5, deadline - time.monotonic())
+            if await probe_ready(self._http, workload.config, timeout=min(10.0, left)):
                 return None
             if time.monotonic() >= deadline:
                 return (f"{workload.name} not ready within {workload.config.ready_timeout:g} s "

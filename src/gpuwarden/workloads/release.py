@@ -93,13 +93,15 @@ async def graceful_release(
     return report
 
 
-async def probe_ready(client: httpx.AsyncClient, config: WorkloadConfig) -> bool:
-    """Whether the workload's API answers (Ollama /api/version, ComfyUI /system_stats)."""
+async def probe_ready(client: httpx.AsyncClient, config: WorkloadConfig,
+                      timeout: float = 10.0) -> bool:
+    """Whether the workload's API answers (Ollama /api/version, ComfyUI /system_stats)
+    within `timeout` seconds."""
     if config.release == "none" or not config.url:
         return True
     path = "/api/version" if config.release == "ollama" else "/system_stats"
     try:
-        resp = await client.get(config.url.rstrip("/") + path, timeout=httpx.Timeout(2.0))
+        resp = await client.get(config.url.rstrip("/") + path, timeout=httpx.Timeout(timeout))
     except httpx.HTTPError:
         return False
     return resp.status_code == 200
