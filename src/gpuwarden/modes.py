@@ -158,8 +158,10 @@ class ModeSwitcher:
         return self._state.gpu(gpu).mode_since
 
     def transition_of(self, gpu: int) -> Transition | None:
+        """The switch under way on a GPU, or one interrupted by a restart that restore()
+        has yet to finish (step "recovering")."""
         running = self._running.get(gpu)
-        return running.transition if running else None
+        return running.transition if running else self._state.gpu(gpu).transition
 
     def allowed_on(self, gpu: int) -> set[str]:
         """Workloads that may run on a GPU right now.
@@ -556,7 +558,9 @@ class ModeSwitcher:
                     severity=Severity.WARNING, gpu=gpu, transition_id=interrupted.id,
                     step=interrupted.step, to=interrupted.to_mode,
                 )
-                st.transition = None
+                # Kept until the switch below replaces it: status shows the GPU as still
+                # switching, not as settled in a mode whose workloads may be down.
+                interrupted.step = "recovering"
                 target = interrupted.to_mode
                 requested_by = interrupted.requested_by
             else:
@@ -571,6 +575,9 @@ class ModeSwitcher:
                 await self.switch(target, gpu=gpu, requested_by=requested_by, force=True,
                                   reconcile=True)
             except RefusedError as exc:
+                if st.transition is not None:
+                    st.transition = None
+                    await self._store.save_async(self._state)
                 # A blocked workload: the mode stays as recorded, its workload stays down
                 # until a person unblocks it; strays are stopped by the mode guard.
                 self._bus.publish("mode.switch.failed", f"GPU {gpu}: cannot restore {target}: "

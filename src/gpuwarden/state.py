@@ -33,7 +33,7 @@ class Transition:
     id: str
     from_mode: str
     to_mode: str
-    step: str  # "planned" | "releasing" | "stopping" | "verifying" | "starting"
+    step: str  # "planned" | "releasing" | "stopping" | "verifying" | "starting" | "recovering"
     requested_by: str
     started_at: float  # unix seconds
 
