@@ -241,9 +241,10 @@ class Acceptance:
                        f"exits {len(exits)}, release.verified {len(verified)}")
         beta = self.wait_for(lambda: self.held("beta"), 120, "beta to allocate")
         gpu = self.wait_listed(beta["pid"], "beta")
-        owners = {p["workload"] for p in gpu["processes"]}
+        # Processes gpuwarden does not own (on a shared box) may be there too.
+        owners = {p["workload"] for p in gpu["processes"]} - {None}
         self.check("only the new mode holds the card", owners == {"beta"},
-                   f"GPU processes belong to {sorted(map(str, owners))}")
+                   f"GPU processes of workloads: {sorted(owners)}")
 
     def phase_tiers(self) -> None:
         print("phase 3: unowned holder, tiers, hysteresis, protective action", flush=True)
