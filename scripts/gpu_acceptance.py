@@ -33,6 +33,10 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.harness import DaemonUnderTest  # noqa: E402
+
 HOLDER = ROOT / "scripts" / "acceptance_holder.py"
 INTERVAL = 0.25  # daemon sample interval for this run
 SIM_TOTAL_MIB = 20480
@@ -69,10 +73,8 @@ class Acceptance:
         self.figures: dict[str, Any] = {}
         self.total_mib = SIM_TOTAL_MIB if backend == "sim" else (nvml_total_mib() or 0)
         self.holder_backend = "sim" if backend == "sim" else "torch"
-        self.daemon: subprocess.Popen[bytes] | None = None
+        self.daemon: DaemonUnderTest | None = None
         self.ramp: subprocess.Popen[str] | None = None
-        self.client = httpx.Client(transport=httpx.HTTPTransport(uds=str(folder / "gw.sock")),
-                                   base_url="http://gw", timeout=120)
 
     # -- plumbing ------------------------------------------------------------------
 
@@ -84,7 +86,12 @@ class Acceptance:
         return [sys.executable, str(HOLDER), "--backend", self.holder_backend, "--name", name,
                 "--mib", str(mib), "--ledger", str(self.ledger), *extra]
 
-    def write_config(self) -> Path:
+    @property
+    def client(self) -> httpx.Client:
+        assert self.daemon is not None, "the daemon is not started"
+        return self.daemon.client
+
+    def config_text(self) -> str:
         alpha, beta = int(0.30 * self.total_mib), int(0.40 * self.total_mib)
         lines = [
             "[daemon]", f'state_dir = "{self.folder / "state"}"',
@@ -104,25 +111,12 @@ class Acceptance:
             "[modes.a]", 'workloads = ["alpha"]',
             "[modes.b]", 'workloads = ["beta"]',
         ]
-        path = self.folder / "config.toml"
-        path.write_text("\n".join(lines) + "\n")
         self.figures.update(alpha_mib=alpha, beta_mib=beta)
-        return path
+        return "\n".join(lines) + "\n"
 
     def start(self) -> None:
-        config = self.write_config()
-        env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
-        self.daemon_log = open(self.folder / "daemon.out", "wb")  # noqa: SIM115
-        self.daemon = subprocess.Popen(
-            [sys.executable, "-m", "gpuwarden.cli", "daemon", "--config", str(config)],
-            stdout=self.daemon_log, stderr=subprocess.STDOUT, env=env)
-        self.wait_for(lambda: self._healthy(), 60, "daemon up")
-
-    def _healthy(self) -> bool:
-        try:
-            return self.client.get("/healthz").status_code == 200
-        except httpx.TransportError:
-            return False
+        self.daemon = DaemonUnderTest(self.folder, self.config_text())
+        self.daemon.wait_healthy(timeout=60)
 
     def wait_for(self, predicate: Callable[[], Any], timeout: float, what: str) -> Any:
         deadline = time.monotonic() + timeout
@@ -130,7 +124,7 @@ class Acceptance:
             value = predicate()
             if value:
                 return value
-            if self.daemon is not None and self.daemon.poll() is not None:
+            if self.daemon is not None and self.daemon.proc.poll() is not None:
                 raise SystemExit(f"daemon exited while waiting for {what}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"timed out waiting for {what}")
@@ -332,13 +326,7 @@ class Acceptance:
         if self.ramp is not None and self.ramp.poll() is None:
             self.ramp.kill()
         if self.daemon is not None:
-            self.daemon.terminate()
-            try:
-                self.daemon.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.daemon.kill()
-            self.daemon_log.close()
-        self.client.close()
+            self.daemon.close()
 
 
 def main() -> int:
