@@ -90,7 +90,7 @@ class ReleaseVerifier:
             if workload is not None and workload in released:
                 holders.append({"pid": proc.pid, "used_mib": proc.used_mib, "workload": workload,
                                 "command": owner.command if owner else ""})
-            elif workload is None and owner is not None and not owner.visible:
+            elif workload is None and not (owner and owner.visible):
                 unseen.append({"pid": proc.pid, "used_mib": proc.used_mib, "workload": None,
                                "command": ""})
             else:
@@ -413,8 +413,7 @@ class ModeSwitcher:
             return await self._fail(entry, timings, t0,
                                     f"{error}; roll back to {back} failed too: {back_error}", {},
                                     switch=tr)
-        return await self._fail(entry, timings, t0, error, {"rolled_back_to": back},
-                                switch=tr, rolled_back_to=back)
+        return await self._fail(entry, timings, t0, error, {}, switch=tr, rolled_back_to=back)
 
     async def _fail(
         self, entry: _Running, timings: dict[str, float], t0: float, error: str,
@@ -434,7 +433,10 @@ class ModeSwitcher:
                       "requested_by": tr.requested_by, "rolled_back_to": rolled_back_to}
         await self._record(gpu, None)
         rounded = {k: round(v, 4) for k, v in timings.items()}
-        back = f"; rolled back to {rolled_back_to}" if rolled_back_to else ""
+        back = ""
+        if rolled_back_to:
+            back = f"; rolled back to {rolled_back_to}"
+            detail = {**detail, "rolled_back_to": rolled_back_to}
         self._bus.publish(
             "mode.switch.failed", f"GPU {gpu}: switch to {tr.to_mode} failed: {error}{back}",
             severity=Severity.ERROR, requested_by=tr.requested_by, gpu=gpu, transition_id=tr.id,

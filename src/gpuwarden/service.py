@@ -175,7 +175,7 @@ class Service:
                 "used_mib": proc.used_mib,
                 "workload": owner.workload if owner else None,
                 "command": owner.command if owner else "",
-                "visible": owner.visible if owner else True,
+                "visible": owner.visible if owner else False,
             })
         return {
             "index": gpu.index,
