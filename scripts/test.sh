@@ -3,11 +3,22 @@
 # Installs Debian's docker.io, busybox-static (the tests start their own private Docker
 # engine) and systemd (for systemd-analyze) when missing, creates .venv, then runs
 # ruff, mypy --strict and pytest.
+#
+#   scripts/test.sh [--busy] [PYTEST ARGS...]
+#
+# --busy runs the tests while every core is saturated by a CPU burner this script
+# starts and stops itself: a homelab box doing inference, or a shared CI runner. A
+# test that passes only on an idle machine hides a race.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 # shellcheck source=scripts/lib.sh
 . "$root/scripts/lib.sh"
+busy=0
+if [ "${1:-}" = "--busy" ]; then
+  busy=1
+  shift
+fi
 missing=()
 command -v dockerd >/dev/null || missing+=(docker.io)
 dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
@@ -19,4 +30,16 @@ fi
 scripts/bootstrap.sh test
 .venv/bin/ruff check src tests
 .venv/bin/mypy
-exec .venv/bin/python -m pytest "$@"
+if [ "$busy" = 0 ]; then
+  exec .venv/bin/python -m pytest "$@"
+fi
+burners=()
+stop_burners() { [ "${#burners[@]}" -eq 0 ] || kill "${burners[@]}" 2>/dev/null || true; }
+trap stop_burners EXIT
+for _ in $(seq "$(nproc)"); do
+  # A busy loop at normal priority: the tests compete for every core.
+  sh -c 'while :; do :; done' &
+  burners+=("$!")
+done
+echo "busy: ${#burners[@]} CPU burner(s) on $(nproc) core(s)" >&2
+.venv/bin/python -m pytest "$@"

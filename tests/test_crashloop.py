@@ -116,30 +116,52 @@ def test_crash_loop_is_blocked_and_unblock_needs_a_clear_gpu(
     assert run_cli("--config", str(config), "unblock", "ghost").returncode == 1
 
 
-def test_pre_start_gate_refuses_a_start_into_a_full_card(
+def test_the_gate_after_the_release_refuses_a_card_filled_during_the_switch(
         node: SimNode, dockerd: Any, containers: Containers, start_daemon) -> None:
+    """The up-front fit prediction passes (the card is empty), but a stray fills the card
+    while the switch stops llm: the last gate, after the release, refuses the start,
+    and the switch rolls back to llm."""
     tag = uuid.uuid4().hex[:8]
     crashy, calm = f"gw-a-{tag}", f"gw-b-{tag}"
     containers.create(crashy, holder_script("comfy", 1000))
-    containers.create(calm, holder_script("ollama", 2000))
+    # Ignores SIGTERM: the stop takes stop_timeout (2 s), time to fill the card.
+    containers.create(calm, 'c=/ledger/ollama.mib; echo 2000 > $c; exec sleep 1000000 3<$c')
     config = crashloop_config(
-        node, dockerd.host, crashy, calm, daemon={"default_mode": "idle"},
+        node, dockerd.host, crashy, calm, daemon={"default_mode": "llm"},
         **{"workloads.comfyui": {"kind": "docker", "container": crashy, "stop_timeout": 2,
                                  "expected_mib": 12000}})
     daemon = start_daemon(config, node.socket)
-    daemon.wait_mode("idle")
-    stray = node.hold("stray", 10000)  # an unowned holder: 10 GiB of 20 GiB in use
+    daemon.wait_mode("llm")
+    state = node.state_dir / "state.json"
+    stray = None
     try:
-        result = run_cli("--config", str(config), "mode", "image", "--json")
-        assert result.returncode == 1
-        error = json.loads(result.stdout)["error"]
-        assert "needs 12000 MiB" in error and "10480 MiB free" in error
-        assert not containers.running(crashy)
-        assert daemon.status()["gpus"][0]["mode"] == "idle"
-        daemon.wait_event("workload.refused", workload="comfyui")
+        first = daemon.client.post("/v1/mode", json={"mode": "image"}, params={"wait": "false"})
+        assert first.status_code == 202, first.text
+        deadline = time.monotonic() + 20
+        while (json.loads(state.read_text())["gpus"]["0"]["transition"] or {}).get(
+                "step") != "stopping":
+            assert time.monotonic() < deadline, "never saw the stopping step"
+            time.sleep(0.005)
+        stray = node.hold("stray", 10000)  # 10 GiB of 20 GiB taken mid-switch
+        result = daemon.client.get(f"/v1/switches/{first.json()['id']}").json()
+        deadline = time.monotonic() + 60
+        while not result["done"]:
+            assert time.monotonic() < deadline, result
+            time.sleep(0.05)
+            result = daemon.client.get(f"/v1/switches/{first.json()['id']}").json()
+        assert result["ok"] is False
+        assert "needs 12000 MiB" in result["error"] and "10480 MiB free" in result["error"]
+        assert result["error"].endswith("rolled back to llm")
+        refused = daemon.wait_event("workload.refused", workload="comfyui")[0]
+        assert refused["transition_id"] == first.json()["id"]
+        daemon.wait_mode("llm")
+        assert containers.running(calm) and not containers.running(crashy)
+        assert containers.get(crashy).attrs["State"]["StartedAt"].startswith("0001-"), \
+            "comfyui must never have started"
     finally:
-        stray.kill()
-        stray.wait()
+        if stray is not None:
+            stray.kill()
+            stray.wait()
     result = run_cli("--config", str(config), "mode", "image", "--json")
     assert result.returncode == 0, result.stdout
 

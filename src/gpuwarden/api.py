@@ -36,6 +36,10 @@ _READ_ONLY = {("GET", "/v1/status"), ("GET", "/v1/mode"), ("GET", "/v1/events"),
               ("GET", "/v1/openapi.json")}
 
 
+def _read_only(method: str, path: str) -> bool:
+    return (method, path) in _READ_ONLY or (method == "GET" and path.startswith("/v1/switches/"))
+
+
 class SwitchRequest(BaseModel):
     """Body of POST /v1/mode."""
 
@@ -153,7 +157,7 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     auth = request.app[AUTH]
     if path == "/metrics" and not auth.metrics_auth:
         return await handler(request)
-    if (request.method, path) in _READ_ONLY and auth.open_read:
+    if auth.open_read and _read_only(request.method, path):
         request["requested_by"] = "api:anonymous"
         return await handler(request)
     header = request.headers.get("Authorization")
@@ -213,11 +217,15 @@ async def _switch(request: web.Request) -> web.Response:
         req.mode, gpu=req.gpu, requested_by=request["requested_by"], force=req.force,
         wait=wait,
     )
-    if not wait:
-        return web.json_response({**result.to_dict(), "pending": True}, status=202)
+    if result.pending:
+        return web.json_response(result.to_dict(), status=202)
     if not result.ok:
         return web.json_response({**result.to_dict(), "detail": result.detail}, status=409)
     return web.json_response(result.to_dict())
+
+
+async def _switch_state(request: web.Request) -> web.Response:
+    return web.json_response(request.app[SERVICE].switch_state(request.match_info["id"]))
 
 
 async def _unblock(request: web.Request) -> web.Response:
@@ -249,6 +257,7 @@ def build_app(service: Service, api: ApiConfig, metrics: Metrics) -> web.Applica
     app.router.add_get("/v1/status", _status)
     app.router.add_get("/v1/mode", _modes)
     app.router.add_post("/v1/mode", _switch)
+    app.router.add_get("/v1/switches/{id}", _switch_state)
     app.router.add_post("/v1/workloads/{name}/unblock", _unblock)
     app.router.add_get("/v1/events", _events)
     app.router.add_get("/v1/openapi.json", _openapi)

@@ -2,7 +2,8 @@
 
 Client verbs (status, mode, ...) are HTTP clients of the daemon's control socket (or
 `--url` with a token). Exit codes: 0 done, 1 refused or failed, 2 bad usage or
-config, 3 daemon unreachable.
+config, 3 daemon unreachable, 4 `mode --timeout` ran out while the switch goes on,
+130 interrupted (Ctrl-C; a switch already under way goes on).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -23,7 +25,12 @@ from .errors import ConfigError, DaemonUnreachable, GpuwardenError
 
 __all__ = ["ControlClient", "main"]
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_STILL_SWITCHING = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 130
+# Seconds a client verb waits for one answer from the daemon (not for a whole switch).
+_ANSWER_TIMEOUT = 30.0
+# How often `mode` asks how its switch is going.
+_POLL_S = 0.1
 
 
 class ControlClient:
@@ -68,16 +75,17 @@ def _config_or_exit(path: str | None) -> Config:
         _die(str(exc), EXIT_USAGE)
 
 
-def _client(args: argparse.Namespace) -> ControlClient:
+def _client(args: argparse.Namespace, timeout: float | None = None) -> ControlClient:
     token = args.token or os.environ.get("GPUWARDEN_TOKEN")
+    timeout = timeout or args.timeout or _ANSWER_TIMEOUT
     if args.url:
-        return ControlClient(url=args.url, token=token, timeout=args.timeout)
+        return ControlClient(url=args.url, token=token, timeout=timeout)
     explicit = args.config or os.environ.get("GPUWARDEN_CONFIG")
     if not explicit and not config_path(None).exists():
         # No config anywhere: the daemon's default socket is the best guess.
-        return ControlClient(socket=Config().daemon.socket, timeout=args.timeout)
+        return ControlClient(socket=Config().daemon.socket, timeout=timeout)
     return ControlClient(socket=_config_or_exit(args.config).daemon.socket,
-                         timeout=args.timeout)
+                         timeout=timeout)
 
 
 def _json_or_die(resp: httpx.Response) -> dict[str, Any]:
@@ -124,8 +132,28 @@ def format_status(doc: dict[str, Any]) -> str:
     for wl in doc["workloads"]:
         blocked = "  BLOCKED" if wl["blocked"] else ""
         gpu = "-" if wl["gpu"] is None else wl["gpu"]
-        lines.append(f"  {wl['name']:<16} {wl['kind']:<8} {wl['state']:<9} gpu {gpu}{blocked}")
+        stopped = wl.get("stopped")
+        why = ""
+        if stopped:
+            when = f", {_when(stopped['at'])}" if stopped.get("at") else ""
+            why = f"  {stopped['reason']}{when}"
+        lines.append(f"  {wl['name']:<16} {wl['kind']:<8} {wl['state']:<9} gpu {gpu}"
+                     f"{blocked}{why}")
     return "\n".join(lines)
+
+
+def _when(unix: float, now: float | None = None) -> str:
+    """'at 14:03:07 (2 min ago)': a moment in local time and how long ago it was."""
+    ago = max(0.0, (now or time.time()) - unix)
+    if ago < 90:
+        span = f"{ago:.0f} s ago"
+    elif ago < 90 * 60:
+        span = f"{ago / 60:.0f} min ago"
+    elif ago < 36 * 3600:
+        span = f"{ago / 3600:.0f} h ago"
+    else:
+        span = f"{ago / 86400:.0f} days ago"
+    return f"at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(unix))} ({span})"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -139,7 +167,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_mode(args: argparse.Namespace) -> int:
-    client = _client(args)
+    client = _client(args, _ANSWER_TIMEOUT)
     if args.mode is None:
         resp = client.request("GET", "/v1/mode")
         body = _json_or_die(resp)
@@ -158,25 +186,85 @@ def cmd_mode(args: argparse.Namespace) -> int:
     payload: dict[str, Any] = {"mode": args.mode, "force": args.force}
     if args.gpu is not None:
         payload["gpu"] = args.gpu
-    params = {"wait": "false"} if args.no_wait else {}
-    resp = client.request("POST", "/v1/mode", json=payload, params=params,
-                          timeout=None if not args.no_wait else args.timeout)
+    # Always asked without waiting: the daemon answers as soon as the switch is under
+    # way (or refused), and the CLI follows it by id, so it can stop waiting on its own
+    # terms (--timeout, Ctrl-C) and still say which switch goes on.
+    try:
+        resp = client.request("POST", "/v1/mode", json=payload, params={"wait": "false"})
+    except KeyboardInterrupt:
+        print(f"gpuwarden: interrupted; the switch to {args.mode} may still go on: see "
+              "`gpuwarden mode`", file=sys.stderr)
+        return EXIT_INTERRUPTED
     body = _json_or_die(resp)
-    ok = resp.status_code in (200, 202)
+    if resp.status_code == 202 and not args.no_wait:
+        try:
+            done = _follow_switch(client, body, args.timeout)
+        except KeyboardInterrupt:
+            _still_switching(body, "interrupted", args.json)
+            return EXIT_INTERRUPTED
+        if done is None:
+            _still_switching(body, f"still running after {args.timeout:g} s", args.json)
+            return EXIT_STILL_SWITCHING
+        body = done
+    elif resp.status_code not in (200, 202):
+        body = {"ok": False, **body}
+    body.pop("done", None)
+    ok = bool(body.get("ok"))
     if args.json:
-        out = dict(body) if ok else {"ok": False, **body}
-        print(json.dumps(out, indent=2, sort_keys=True))
+        print(json.dumps(body, indent=2, sort_keys=True))
     elif not ok:
         print(f"gpuwarden: switch to {args.mode} refused or failed: {body.get('error')}",
               file=sys.stderr)
-    elif resp.status_code == 202:
+    elif body.get("pending"):
         print(f"switch to {args.mode} under way on GPU {body['gpu']} (id {body['id']})")
     else:
-        t = body.get("timings", {})
-        print(f"GPU {body['gpu']}: {body['from']} -> {body['to']} in {t.get('total_s', 0):.2f} s"
-              f" (stop {t.get('stop_s', 0):.2f} s, release verified {t.get('release_s', 0):.2f}"
-              f" s, start {t.get('start_s', 0):.2f} s)")
+        print(_switch_line(body))
     return EXIT_OK if ok else EXIT_FAILED
+
+
+def _follow_switch(client: ControlClient, pending: dict[str, Any],
+                   timeout: float | None) -> dict[str, Any] | None:
+    """Wait for a switch under way to end: its result, or None once `timeout` ran out."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        resp = client.request("GET", f"/v1/switches/{pending['id']}")
+        doc = _json_or_die(resp)
+        if resp.status_code != 200:
+            _die(f"cannot follow switch {pending['id']}: {doc.get('error')}", EXIT_FAILED)
+        if doc.get("done"):
+            return doc
+        pending["step"] = doc.get("step")
+        if deadline is not None and time.monotonic() >= deadline:
+            return None
+        time.sleep(_POLL_S if deadline is None else
+                   max(0.0, min(_POLL_S, deadline - time.monotonic())))
+
+
+def _still_switching(pending: dict[str, Any], why: str, as_json: bool) -> None:
+    step = f", step {pending['step']}" if pending.get("step") else ""
+    message = (f"{why}: the switch to {pending['to']} on GPU {pending['gpu']} goes on "
+               f"(id {pending['id']}{step}); follow it with `gpuwarden mode` or "
+               "`gpuwarden status`")
+    if as_json:
+        print(json.dumps({"ok": False, "pending": True, "gpu": pending["gpu"],
+                          "from": pending.get("from"), "to": pending["to"],
+                          "id": pending["id"], "step": pending.get("step"),
+                          "error": message}, indent=2, sort_keys=True))
+    else:
+        print(f"gpuwarden: {message}", file=sys.stderr)
+
+
+def _switch_line(result: dict[str, Any]) -> str:
+    t = result.get("timings", {})
+    if not result.get("id"):
+        return f"GPU {result['gpu']}: already in {result['to']}, all its workloads running"
+    if result["from"] == result["to"]:
+        started = ", ".join(result.get("started") or []) or "nothing"
+        return (f"GPU {result['gpu']}: {result['to']} healed in {t.get('total_s', 0):.2f} s:"
+                f" started {started}")
+    return (f"GPU {result['gpu']}: {result['from']} -> {result['to']} in "
+            f"{t.get('total_s', 0):.2f} s (stop {t.get('stop_s', 0):.2f} s, release verified "
+            f"{t.get('release_s', 0):.2f} s, start {t.get('start_s', 0):.2f} s)")
 
 
 def cmd_unblock(args: argparse.Namespace) -> int:
@@ -259,12 +347,14 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--token", default=argparse.SUPPRESS,
                         help="API token for --url (default: $GPUWARDEN_TOKEN)")
     client.add_argument("--timeout", type=float, default=argparse.SUPPRESS,
-                        help="seconds to wait for an answer (default 30)")
+                        help="seconds to wait for an answer (default 30); for mode MODE, "
+                             "for the whole switch (default: until it ends; past it: exit "
+                             "4, the switch goes on)")
 
     parser = argparse.ArgumentParser(prog="gpuwarden", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="PATH", default=None, help=argparse.SUPPRESS)
-    parser.set_defaults(url=None, token=None, timeout=30.0)
+    parser.set_defaults(url=None, token=None, timeout=None)
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = sub.add_parser("daemon", parents=[common], help="run the service (what systemd runs)")
@@ -285,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-wait", action="store_true", help="return once the switch is under way")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_mode)
+    # For `mode`, --timeout bounds the wait for the whole switch (default: until it ends);
+    # past it the CLI exits 4 and the switch goes on.
+    p.set_defaults(timeout=None)
     p = sub.add_parser("unblock", parents=[common, client],
                        help="lift a crash-loop block (refused unless VRAM is clear)")
     p.add_argument("workload", metavar="WORKLOAD")
@@ -308,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     except DaemonUnreachable as exc:
         _die(str(exc), EXIT_UNREACHABLE)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # The reader went away (`gpuwarden status | head`): not an error worth a trace.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -170,6 +170,7 @@ class ReleaseConfig(_Section):
     timeout: PositiveSeconds = 60.0
     poll_interval: PositiveSeconds = 0.1
     tolerance_mib: int = Field(256, ge=0)
+    queue_timeout: PositiveSeconds = 5.0
 
 
 class CrashloopConfig(_Section):

@@ -29,6 +29,7 @@ from .state import Block, State, StateStore
 from .watchdog import top_holders
 from .workloads.base import Workload
 from .workloads.docker import DockerWorkload
+from .workloads.supervisor import WorkloadSupervisor
 
 __all__ = ["CrashLoopGuard"]
 
@@ -45,11 +46,12 @@ class _History:
 
 
 class CrashLoopGuard:
-    def __init__(self, config: Config, workloads: dict[str, Workload], state: State,
-                 store: StateStore, bus: EventBus, sampler: Sampler,
-                 switcher: ModeSwitcher) -> None:
+    def __init__(self, config: Config, workloads: dict[str, Workload],
+                 supervisor: WorkloadSupervisor, state: State, store: StateStore,
+                 bus: EventBus, sampler: Sampler, switcher: ModeSwitcher) -> None:
         self._config = config
         self._workloads = workloads
+        self._supervisor = supervisor
         self._state = state
         self._store = store
         self._bus = bus
@@ -159,7 +161,9 @@ class CrashLoopGuard:
             )
             await self._store.save_async(self._state)
             try:
-                status = await asyncio.to_thread(workload.stop)
+                status = await self._supervisor.stop(
+                    name, by="crash-loop guard",
+                    reason=f"{len(restarts)} restarts within {window:.0f} s")
             except WorkloadError as exc:
                 errors.append(str(exc))
                 status = await asyncio.to_thread(workload.status)
@@ -186,7 +190,8 @@ class CrashLoopGuard:
                           " stopping it", severity=Severity.WARNING, workload=name,
                           gpu=self._config.gpu_of_workload(name), source="crashloop guard")
         try:
-            await asyncio.to_thread(self._workloads[name].stop)
+            await self._supervisor.stop(name, by="crash-loop guard",
+                                        reason="blocked, but started")
         except WorkloadError as exc:
             self._bus.publish("mode.violation", f"could not stop blocked {name}: {exc}",
                               severity=Severity.ERROR, workload=name, error=str(exc))
@@ -241,7 +246,8 @@ class CrashLoopGuard:
             blocked_since=block.blocked_at,
         )
         if started:
-            error = await self._switcher.start_workloads([name], requested_by, gpu, "unblock")
+            _, error = await self._switcher.start_workloads([name], requested_by, gpu,
+                                                            "unblock")
             if error is not None:
                 return {"ok": True, "workload": name, "started": False, "error": error}
         return {"ok": True, "workload": name, "started": started}

@@ -39,6 +39,7 @@ from .watchdog import LeakDetector, Watchdog
 from .workloads.base import Workload
 from .workloads.docker import DockerClientFactory, DockerWorkload
 from .workloads.process import ProcessWorkload
+from .workloads.supervisor import WorkloadSupervisor
 
 if TYPE_CHECKING:
     from .discord_bot import DiscordFrontEnd
@@ -115,22 +116,27 @@ class Daemon:
         self.service = Service(cfg, self._backend, owners, self._workloads, persisted, self.bus,
                                watchdog)
         self._http = httpx.AsyncClient()
-        self._switcher = ModeSwitcher(cfg, self._workloads, store, persisted, self.bus,
-                                      self.service.sample_blocking, self._http)
+        supervisor = WorkloadSupervisor(self._workloads)
+        self.service.supervisor = supervisor
+        self._switcher = ModeSwitcher(cfg, self._workloads, supervisor, store, persisted,
+                                      self.bus, self.service.sample_blocking, self._http,
+                                      on_settled=self.service.refresh)
         self.service.switcher = self._switcher
         self.service.metrics = self.metrics
         # Outbound receivers' deliveries, failures and drops, for operators.
         self.service.status_sections["sinks"] = lambda: {
             "receivers": [sink.status() for sink in self._sinks]}
-        self._guard = ModeGuard(cfg, self._switcher, self._workloads, persisted, self.bus,
-                                self._http)
-        self._protect = ProtectiveActions(cfg, self._workloads, self.bus, self._http,
+        self._guard = ModeGuard(cfg, self._switcher, self._workloads, supervisor, persisted,
+                                self.bus, self._http)
+        self._protect = ProtectiveActions(cfg, self._workloads, supervisor, self.bus,
+                                          self._http,
                                           self.service.sample_blocking,
                                           lambda: self.service.workload_statuses
                                           if self.service else {})
         if any(w.kind == "docker" for w in self._workloads.values()):
-            self._crashloop = CrashLoopGuard(cfg, self._workloads, persisted, store, self.bus,
-                                             self.service.sample_blocking, self._switcher)
+            self._crashloop = CrashLoopGuard(cfg, self._workloads, supervisor, persisted,
+                                             store, self.bus, self.service.sample_blocking,
+                                             self._switcher)
             self.service.crashloop = self._crashloop
             self._docker_events = DockerEventWatcher(cfg.docker, self._on_docker_event,
                                                      self._on_docker_connection)

@@ -77,6 +77,10 @@ def _switch_text(result: dict[str, Any]) -> str:
     t = result.get("timings", {})
     if not result.get("id"):  # nothing to do: no transition was made
         return f"GPU {result['gpu']} is already in **{result['to']}**."
+    if result["from"] == result["to"]:
+        started = ", ".join(result.get("started") or []) or "nothing"
+        return (f"✅ GPU {result['gpu']}: **{result['to']}** healed in "
+                f"{t.get('total_s', 0):.1f} s: started {started}")
     return (f"✅ GPU {result['gpu']}: **{result['from']}** → **{result['to']}** in "
             f"{t.get('total_s', 0):.1f} s (stop {t.get('stop_s', 0):.1f} s, VRAM release "
             f"verified in {t.get('release_s', 0):.2f} s, start {t.get('start_s', 0):.1f} s)")

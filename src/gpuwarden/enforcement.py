@@ -1,9 +1,14 @@
-"""Between switches: only the active mode's workloads run, and leases run out.
+"""Only what the switcher allows runs on a GPU, and leases run out.
 
 A container of a mode that is not active and starts anyway (by hand, by a restart
 policy, by compose) is stopped at once with a `mode.violation` event. Docker's event
 stream makes this immediate; the periodic check catches anything the stream missed
 (the engine restarting, a process workload).
+
+The guard never decides on its own what may run: it asks the switcher
+(`allowed_on`), which during a switch answers with what that switch owns. It decides
+and stops while holding the workload's lock, so its stop and a start by the
+switcher cannot interleave.
 """
 
 from __future__ import annotations
@@ -17,11 +22,13 @@ from typing import Any
 import httpx
 
 from .config import IDLE_MODE, Config
+from .errors import RefusedError
 from .events import EventBus, Severity
 from .modes import ModeSwitcher
 from .state import State
 from .workloads.base import Workload, WorkloadStatus
-from .workloads.release import comfyui_queue_size
+from .workloads.release import QueueUnreadable, comfyui_queue_size
+from .workloads.supervisor import WorkloadSupervisor
 
 __all__ = ["ModeGuard"]
 
@@ -33,11 +40,13 @@ _LEASE_RECHECK_S = 10.0
 
 class ModeGuard:
     def __init__(self, config: Config, switcher: ModeSwitcher, workloads: dict[str, Workload],
-                 state: State, bus: EventBus, http: httpx.AsyncClient) -> None:
+                 supervisor: WorkloadSupervisor, state: State, bus: EventBus,
+                 http: httpx.AsyncClient) -> None:
         self._config = config
         self._state = state
         self._switcher = switcher
         self._workloads = workloads
+        self._supervisor = supervisor
         self._bus = bus
         self._http = http
         self._by_container = {
@@ -69,10 +78,10 @@ class ModeGuard:
         if gpu is None:
             return None  # in no mode: not gpuwarden's to police
         if name not in self._switcher.allowed_on(gpu):
-            mode = self._switcher.mode_of(gpu)
-            if self._switcher.switching(gpu):
-                return f"GPU {gpu} is switching modes"
-            return f"mode {mode!r} is active on GPU {gpu}"
+            tr = self._switcher.transition_of(gpu)
+            if self._switcher.switching(gpu) and tr is not None:
+                return f"GPU {gpu} is switching {tr.from_mode} -> {tr.to_mode}"
+            return f"mode {self._switcher.mode_of(gpu)!r} is active on GPU {gpu}"
         return None
 
     async def on_started(self, name: str, source: str) -> None:
@@ -82,23 +91,25 @@ class ModeGuard:
             return
         self._stopping.add(name)
         try:
-            # Look again: the start may belong to a switch that began meanwhile.
-            status: WorkloadStatus = await asyncio.to_thread(self._workloads[name].status)
-            reason = self.violates(name)
-            if reason is None or not status.running:
-                return
-            gpu = self._config.gpu_of_workload(name)
-            self._bus.publish(
-                "mode.violation",
-                f"{name} started outside its mode ({reason}); stopping it",
-                severity=Severity.WARNING, workload=name, gpu=gpu,
-                mode=self._switcher.mode_of(gpu or 0), source=source,
-            )
-            try:
-                await asyncio.to_thread(self._workloads[name].stop)
-            except Exception as exc:
-                self._bus.publish("mode.violation", f"could not stop {name}: {exc}",
-                                  severity=Severity.ERROR, workload=name, error=str(exc))
+            async with self._supervisor.lock(name):
+                # Look again, under the lock: the start may belong to a switch that
+                # began meanwhile, and no start can slip in until the stop is done.
+                status: WorkloadStatus = await self._supervisor.status(name)
+                reason = self.violates(name)
+                if reason is None or not status.running:
+                    return
+                gpu = self._config.gpu_of_workload(name)
+                self._bus.publish(
+                    "mode.violation",
+                    f"{name} started outside its mode ({reason}); stopping it",
+                    severity=Severity.WARNING, workload=name, gpu=gpu,
+                    mode=self._switcher.mode_of(gpu or 0), source=source,
+                )
+                try:
+                    await self._supervisor.stop_locked(name, by="mode guard", reason=reason)
+                except Exception as exc:
+                    self._bus.publish("mode.violation", f"could not stop {name}: {exc}",
+                                      severity=Severity.ERROR, workload=name, error=str(exc))
         finally:
             self._stopping.discard(name)
 
@@ -128,7 +139,12 @@ class ModeGuard:
             if now - self._lease_checked.get(gpu, 0.0) < _LEASE_RECHECK_S:
                 continue
             self._lease_checked[gpu] = now
-            jobs = await self._queued_jobs(modes[mode].workloads)
+            try:
+                jobs = await self._queued_jobs(modes[mode].workloads)
+            except QueueUnreadable as exc:
+                log.info("lease of %s on GPU %d ran out but the queue is unreadable (%s)",
+                         mode, gpu, exc)
+                continue
             if jobs:
                 log.info("lease of %s on GPU %d ran out but %d job(s) are queued", mode, gpu,
                          jobs)
@@ -145,17 +161,14 @@ class ModeGuard:
             try:
                 await self._switcher.switch(target, gpu=gpu, requested_by="lease",
                                             wait=False)
-            except Exception as exc:
-                self._bus.publish("mode.switch.failed",
-                                  f"GPU {gpu}: lease return to {target} refused: {exc}",
-                                  severity=Severity.ERROR, gpu=gpu, to=target,
-                                  requested_by="lease", error=str(exc))
+            except RefusedError as exc:  # audited by the switcher (mode.switch.refused)
+                log.info("lease return of GPU %d to %s refused: %s", gpu, target, exc)
 
     async def _queued_jobs(self, names: list[str]) -> int:
         total = 0
         for name in names:
             wl = self._workloads[name].config
             if wl.release == "comfyui" and wl.url:
-                jobs = await comfyui_queue_size(self._http, wl.url.rstrip("/"))
-                total += jobs or 0
+                total += await comfyui_queue_size(self._http, wl.url.rstrip("/"),
+                                                  self._config.release.queue_timeout)
         return total

@@ -1,9 +1,11 @@
 """The mode switcher: plan, release, stop, verify the VRAM came back, start.
 
 A GPU mode is a named set of workloads that may hold a GPU; modes on one GPU exclude
-each other. A switch records itself in the state file before acting, asks the
-workloads to release VRAM gracefully, stops them, and *proves* through the GPU
-backend that their memory is free before it starts anything. When it cannot prove
+each other. A switch first makes every refusal it can (blocked workloads, queued
+ComfyUI jobs, a target that will not fit in VRAM) while nothing has changed; then it
+records itself in the state file before acting, asks the workloads to release VRAM
+gracefully, stops them, and *proves* through the GPU backend that their memory is
+free before it starts anything. When it cannot prove
 that within `release.timeout` it fails closed: nothing is started and the GPU is
 left in `idle` with the failure in status.
 """
@@ -11,9 +13,11 @@ left in `idle` with the failure in status.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,12 +28,16 @@ from .errors import ConflictError, NotFoundError, RefusedError, WorkloadError
 from .events import EventBus, Severity
 from .gpu.attribution import AttributedSample
 from .state import State, StateStore, Transition
+from .watchdog import top_holders
 from .workloads.base import Workload, WorkloadStatus
 from .workloads.release import check_release_allowed, graceful_release, probe_ready
+from .workloads.supervisor import WorkloadSupervisor
 
 __all__ = ["ModeSwitcher", "ReleaseVerifier", "SwitchResult", "Verdict"]
 
 Sampler = Callable[[], AttributedSample]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,13 +50,19 @@ class SwitchResult:
     timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+    started: list[str] = field(default_factory=list)  # workloads this switch started
+    stopped: list[str] = field(default_factory=list)  # running workloads it stopped
+    pending: bool = False  # under way: the outcome comes later (wait=False)
 
     def to_dict(self) -> dict[str, Any]:
+        head = {"gpu": self.gpu, "from": self.from_mode, "to": self.to_mode,
+                "id": self.transition_id}
         if not self.ok:
-            return {"ok": False, "gpu": self.gpu, "from": self.from_mode, "to": self.to_mode,
-                    "id": self.transition_id, "error": self.error, "detail": self.detail}
-        return {"ok": True, "gpu": self.gpu, "from": self.from_mode, "to": self.to_mode,
-                "id": self.transition_id, "timings": self.timings}
+            return {"ok": False, **head, "error": self.error, "detail": self.detail}
+        if self.pending:
+            return {"ok": True, **head, "pending": True}
+        return {"ok": True, **head, "timings": self.timings, "started": self.started,
+                "stopped": self.stopped}
 
 
 @dataclass
@@ -115,9 +129,37 @@ class ReleaseVerifier:
 
 @dataclass
 class _Running:
+    """The transition that owns a GPU, and which workloads it lets run at this moment."""
+
     transition: Transition
     gpu: int
     future: asyncio.Future[SwitchResult]
+    outgoing: frozenset[str]  # the workloads of the mode being left
+    incoming: frozenset[str]  # the workloads of the mode being entered
+    released: bool = False  # the outgoing workloads' VRAM is proven back
+
+    def begin(self, transition: Transition, outgoing: frozenset[str],
+              incoming: frozenset[str]) -> None:
+        """Hand the GPU to a follow-on transition (a roll back) without letting go of it."""
+        self.transition, self.outgoing, self.incoming = transition, outgoing, incoming
+        self.released = False
+
+    def allowed(self) -> set[str]:
+        # Until the release is proven, the switcher is still stopping the outgoing
+        # workloads: they are its to stop, not the mode guard's. The incoming ones are
+        # its to start. Anything else on the GPU is a third mode's and is stopped.
+        return set(self.incoming) if self.released else set(self.incoming | self.outgoing)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a switch will do, decided (and every refusal made) before it acts."""
+
+    keep: list[str]  # the target mode's workloads
+    to_stop: list[str]  # every other workload on the GPU
+    running_stop: list[str]  # those of to_stop that were running
+    to_start: list[str]  # target workloads that were not running
+    heal: bool  # a switch to the mode already active: start what is down
 
 
 def _from_to(tr: Transition) -> dict[str, Any]:
@@ -125,28 +167,44 @@ def _from_to(tr: Transition) -> dict[str, Any]:
     return {"from": tr.from_mode, "to": tr.to_mode}
 
 
+# Finished switches kept for GET /v1/switches/{id}.
+_KEPT_RESULTS = 64
+
+
 class ModeSwitcher:
-    """Switches each GPU between its modes, one switch at a time per GPU."""
+    """Switches each GPU between its modes, one switch at a time per GPU.
+
+    While a switch (or its roll back) runs on a GPU, it alone starts and stops that
+    GPU's workloads: the mode guard asks `allowed_on()` and stops only what the running
+    transition does not own.
+    """
 
     def __init__(
         self,
         config: Config,
         workloads: dict[str, Workload],
+        supervisor: WorkloadSupervisor,
         store: StateStore,
         state: State,
         bus: EventBus,
         sampler: Sampler,
         http: httpx.AsyncClient,
+        on_settled: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """`on_settled` runs after each switch ends and before its result is given
+        out, so a status read right after shows the new mode's figures."""
         self._config = config
         self._workloads = workloads
+        self._supervisor = supervisor
         self._store = store
         self._state = state
         self._bus = bus
         self._sampler = sampler
         self._http = http
+        self._on_settled = on_settled
         self._verifier = ReleaseVerifier(config.release.tolerance_mib)
         self._running: dict[int, _Running] = {}
+        self._results: OrderedDict[str, SwitchResult] = OrderedDict()
         self._tasks: set[asyncio.Task[SwitchResult]] = set()
 
     # -- queries ---------------------------------------------------------------
@@ -166,24 +224,36 @@ class ModeSwitcher:
     def allowed_on(self, gpu: int) -> set[str]:
         """Workloads that may run on a GPU right now.
 
-        Between switches: the active mode's. During a switch: none until it starts
-        the target's (a workload of the old mode started by hand mid-switch is not
-        allowed either).
+        Between switches: the active mode's. During a switch: the outgoing and the
+        incoming mode's until the outgoing one's release is proven, then the incoming
+        mode's only.
         """
         running = self._running.get(gpu)
         if running is not None:
-            tr = running.transition
-            return set(self._config.all_modes()[tr.to_mode].workloads) \
-                if tr.step == "starting" else set()
-        mode = self.mode_of(gpu)
-        modes = self._config.all_modes()
-        return set(modes[mode].workloads) if mode in modes else set()
+            return running.allowed()
+        return self._workloads_of(self.mode_of(gpu))
 
     def switching(self, gpu: int) -> bool:
         return gpu in self._running
 
     def workloads_on(self, gpu: int) -> list[str]:
         return [name for name in self._workloads if self._config.gpu_of_workload(name) == gpu]
+
+    def _workloads_of(self, mode: str | None) -> set[str]:
+        modes = self._config.all_modes()
+        return set(modes[mode].workloads) if mode in modes else set()
+
+    def switch_state(self, transition_id: str) -> dict[str, Any] | None:
+        """A switch by id: under way (with its step), or its result; None if unknown."""
+        for entry in self._running.values():
+            tr = entry.transition
+            if tr.id == transition_id and not entry.future.done():
+                return {"id": tr.id, "done": False, "gpu": entry.gpu, "from": tr.from_mode,
+                        "to": tr.to_mode, "step": tr.step, "started_at": tr.started_at}
+        result = self._results.get(transition_id)
+        if result is None:
+            return None
+        return {"done": True, **result.to_dict(), "detail": result.detail}
 
     def resolve(self, mode: str, gpu: int | None) -> int:
         """The GPU a switch to `mode` acts on. Raises NotFoundError or RefusedError."""
@@ -217,69 +287,141 @@ class ModeSwitcher:
         wait: bool = True,
         reconcile: bool = False,
     ) -> SwitchResult:
-        """Switch a GPU to `mode`.
+        """Switch a GPU to `mode`, or, when `mode` is already active, start those of its
+        workloads that are down (a heal: `mode.reconcile`).
 
-        With `wait=False` returns as soon as the switch is under way (its result then
-        has `ok=True` and no timings; the outcome is in the events and status).
+        Every refusal comes before anything is stopped, changes nothing and is audited
+        as `mode.switch.refused`. With `wait=False` returns as soon as the switch is
+        under way (`pending`; the outcome is in the events, status and
+        `switch_state(id)`). `reconcile` makes a pass over an active mode even when
+        nothing looks down (the daemon's start).
 
         Raises:
             NotFoundError: unknown mode.
-            ConflictError: another switch runs on that GPU toward another mode, a
-                ComfyUI has jobs queued (without force), or a target workload is blocked.
+            RefusedError: the mode runs on another GPU than `gpu`.
+            ConflictError: another switch runs on that GPU toward another mode, a target
+                workload is blocked, a ComfyUI to stop has jobs queued or an unreadable
+                queue (without force), or the target will not fit in VRAM.
         """
         index = self.resolve(mode, gpu)
+        current = self.mode_of(index) or IDLE_MODE
+        transition = Transition(
+            id=uuid.uuid4().hex[:12], from_mode=current, to_mode=mode, step="planned",
+            requested_by=requested_by, started_at=time.time(),
+        )
         running = self._running.get(index)
         if running is not None:
             if running.transition.to_mode == mode:
-                return await running.future if wait else self._pending(running)
-            raise ConflictError(
-                f"a switch to {running.transition.to_mode!r} is already running on GPU {index} "
-                f"(id {running.transition.id})",
-                {"id": running.transition.id, "to": running.transition.to_mode, "gpu": index},
-            )
-        current = self.mode_of(index)
-        keep = set(self._config.all_modes()[mode].workloads)
-        to_stop = [w for w in self.workloads_on(index) if w not in keep]
-        blocked = sorted(w for w in keep if w in self._state.blocks)
-        if blocked:
-            raise ConflictError(
-                f"workload(s) {', '.join(blocked)} of mode {mode!r} are blocked after a crash "
-                "loop; unblock them first (gpuwarden unblock WORKLOAD)",
-                {"blocked": blocked, "mode": mode},
-            )
-        if not reconcile and current == mode and self._state.gpu(index).failure is None:
-            return SwitchResult(True, index, current, mode, "", {"total_s": 0.0})
-        transition = Transition(
-            id=uuid.uuid4().hex[:12],
-            from_mode=current or IDLE_MODE,
-            to_mode=mode,
-            step="planned",
-            requested_by=requested_by,
-            started_at=time.time(),
-        )
+                return await asyncio.shield(running.future) if wait \
+                    else self._pending(running)
+            other = running.transition
+            raise self._refused(transition, index, force, ConflictError(
+                f"a switch to {other.to_mode!r} is already running on GPU {index} "
+                f"(id {other.id})", {"id": other.id, "to": other.to_mode, "gpu": index}))
         loop = asyncio.get_running_loop()
-        entry = _Running(transition, index, loop.create_future())
+        entry = _Running(transition, index, loop.create_future(),
+                         frozenset(self._workloads_of(current)),
+                         frozenset(self._workloads_of(mode)))
         # Claim the GPU before the first await, so a concurrent request sees this one.
         self._running[index] = entry
         try:
-            for name in to_stop:
-                await check_release_allowed(self._http, name, self._workloads[name].config,
-                                            force=force)
-        except RefusedError as exc:
+            plan = await self._plan(entry, force=force, reconcile=reconcile)
+        except BaseException as exc:
             self._running.pop(index, None)
-            entry.future.set_exception(exc)  # a request that joined meanwhile gets it too
-            entry.future.exception()  # retrieved: no "never retrieved" warning
+            if isinstance(exc, RefusedError):
+                entry.future.set_exception(exc)  # a request that joined meanwhile gets it too
+                entry.future.exception()  # retrieved: no "never retrieved" warning
+                raise self._refused(transition, index, force, exc) from None
+            entry.future.cancel()
             raise
-        await self._record(index, transition, "planned")
-        task = loop.create_task(self._run(entry, keep, to_stop, force))
+        if plan is None:  # the mode is active and whole: nothing to do
+            self._running.pop(index, None)
+            result = SwitchResult(True, index, current, mode, "", {"total_s": 0.0})
+            entry.future.set_result(result)
+            return result
+        task = loop.create_task(self._run(entry, plan, force))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return await entry.future if wait else self._pending(entry)
+        return await asyncio.shield(entry.future) if wait else self._pending(entry)
+
+    def _refused(self, tr: Transition, gpu: int, force: bool,
+                 exc: RefusedError) -> RefusedError:
+        """Audit a refusal (nothing was changed) and hand it back to be raised."""
+        self._bus.publish(
+            "mode.switch.refused", f"GPU {gpu}: switch to {tr.to_mode} refused: {exc}",
+            severity=Severity.WARNING, requested_by=tr.requested_by, gpu=gpu,
+            mode=tr.from_mode, **_from_to(tr), reason=str(exc), figures=exc.detail,
+            force=force,
+        )
+        return exc
+
+    async def _plan(self, entry: _Running, *, force: bool, reconcile: bool) -> _Plan | None:
+        """Decide what the switch does and make every refusal, before anything changes.
+        None: a heal with nothing to heal."""
+        tr, gpu = entry.transition, entry.gpu
+        keep = sorted(entry.incoming)
+        blocked = [w for w in keep if w in self._state.blocks]
+        if blocked:
+            raise ConflictError(
+                f"workload(s) {', '.join(blocked)} of mode {tr.to_mode!r} are blocked after a "
+                "crash loop; unblock them first (gpuwarden unblock WORKLOAD)",
+                {"blocked": blocked, "mode": tr.to_mode},
+            )
+        on_gpu = self.workloads_on(gpu)
+        statuses = await self._supervisor.statuses(sorted(set(on_gpu) | set(keep)))
+        to_stop = [w for w in on_gpu if w not in entry.incoming]
+        running_stop = [w for w in to_stop if statuses[w].running]
+        to_start = [w for w in keep if not statuses[w].running]
+        heal = tr.from_mode == tr.to_mode
+        if heal and not (reconcile or to_start or running_stop
+                         or self._state.gpu(gpu).failure is not None):
+            return None
+        if not force:
+            for name in running_stop:
+                await check_release_allowed(self._http, name, self._workloads[name].config,
+                                            timeout=self._config.release.queue_timeout)
+        await self._predict_fit(gpu, tr.to_mode, to_start, running_stop)
+        return _Plan(keep, to_stop, running_stop, to_start, heal)
+
+    async def _predict_fit(self, gpu: int, mode: str, to_start: list[str],
+                           running_stop: list[str]) -> None:
+        """Refuse a switch whose workloads cannot fit once the others have stopped: free
+        VRAM now plus what the workloads to stop hold must cover their `expected_mib`
+        plus the release tolerance."""
+        need = sum(self._workloads[n].config.expected_mib or 0 for n in to_start)
+        if not need:
+            return
+        tolerance = self._config.release.tolerance_mib
+        sample = await asyncio.to_thread(self._sampler)
+        reading = sample.node.gpu(gpu)
+        if reading is None or not reading.ok:
+            raise ConflictError(
+                f"GPU {gpu} is unreadable: cannot tell whether mode {mode!r} fits "
+                f"({need} MiB needed)", {"gpu": gpu, "need_mib": need})
+        freed = 0
+        for proc in reading.processes:
+            owner = sample.owners.get(proc.pid)
+            if owner is not None and owner.workload in running_stop:
+                freed += proc.used_mib or 0
+        available = reading.free_mib + freed
+        if available >= need + tolerance:
+            return
+        stopping = f" after stopping {', '.join(running_stop)}" if running_stop else ""
+        raise ConflictError(
+            f"mode {mode!r} needs {need} MiB (+{tolerance} MiB tolerance) but GPU {gpu} would "
+            f"have {available} MiB free{stopping} ({reading.free_mib} MiB free now, "
+            f"{freed} MiB held by the workloads to stop; {reading.used_mib}/"
+            f"{reading.total_mib} MiB used)",
+            {"gpu": gpu, "need_mib": need, "tolerance_mib": tolerance,
+             "free_mib": reading.free_mib, "freed_mib": freed, "available_mib": available,
+             "used_mib": reading.used_mib, "total_mib": reading.total_mib,
+             "holders": top_holders(sample, reading)},
+        )
 
     @staticmethod
     def _pending(entry: _Running) -> SwitchResult:
         tr = entry.transition
-        return SwitchResult(True, entry.gpu, tr.from_mode, tr.to_mode, tr.id)
+        return SwitchResult(True, entry.gpu, tr.from_mode, tr.to_mode, tr.id, pending=True)
 
     async def _record(self, gpu: int, transition: Transition | None, step: str = "") -> None:
         """Persist the transition's step (or its end) before acting on it: write-ahead."""
@@ -289,91 +431,130 @@ class ModeSwitcher:
         st.transition = transition
         await self._store.save_async(self._state)
 
-    async def _run(
-        self, entry: _Running, keep: set[str], to_stop: list[str], force: bool
-    ) -> SwitchResult:
+    async def _run(self, entry: _Running, plan: _Plan, force: bool) -> SwitchResult:
         tr, gpu = entry.transition, entry.gpu
         timings: dict[str, float] = {}
         t0 = time.monotonic()
-        self._bus.publish(
-            "mode.switch.started", f"GPU {gpu}: {tr.from_mode} -> {tr.to_mode}",
-            requested_by=tr.requested_by, gpu=gpu, transition_id=tr.id, mode=tr.to_mode,
-            **_from_to(tr),
-        )
+        if not plan.heal:
+            self._bus.publish(
+                "mode.switch.started", f"GPU {gpu}: {tr.from_mode} -> {tr.to_mode}",
+                requested_by=tr.requested_by, gpu=gpu, transition_id=tr.id, mode=tr.to_mode,
+                **_from_to(tr),
+            )
+        result: SwitchResult | None = None
         try:
-            result = await self._steps(entry, keep, to_stop, force, timings, t0)
-        except Exception as exc:  # an unexpected bug must still fail closed and be seen
-            result = await self._fail(entry, timings, t0, f"internal error: {exc!r}", {})
-        self._running.pop(gpu, None)
-        entry.future.set_result(result)
+            try:
+                result = await self._steps(entry, plan, force, timings, t0)
+            except Exception as exc:  # an unexpected bug must still fail closed and be seen
+                result = await self._fail(entry, timings, t0, f"internal error: {exc!r}", {})
+            self._results[tr.id] = result
+            while len(self._results) > _KEPT_RESULTS:
+                self._results.popitem(last=False)
+            if self._on_settled is not None:
+                # Still the GPU's owner meanwhile: whoever asks sees the switch under way
+                # until its figures are fresh.
+                try:
+                    await self._on_settled()
+                except Exception:
+                    log.exception("refreshing status after switch %s failed", tr.id)
+        finally:
+            self._running.pop(gpu, None)
+            if entry.future.done():
+                pass
+            elif result is None:  # cancelled (daemon stopping): waiters must not hang
+                entry.future.cancel()
+            else:
+                entry.future.set_result(result)
         return result
 
+    async def _stop(self, names: list[str] | set[str], tr: Transition,
+                    why: str) -> list[BaseException | WorkloadStatus]:
+        return await asyncio.gather(*(
+            self._supervisor.stop(n, by="switch", reason=f"{why} (id {tr.id})",
+                                  requested_by=tr.requested_by)
+            for n in sorted(names)), return_exceptions=True)
+
     async def _steps(
-        self, entry: _Running, keep: set[str], to_stop: list[str], force: bool,
-        timings: dict[str, float], t0: float,
+        self, entry: _Running, plan: _Plan, force: bool, timings: dict[str, float],
+        t0: float,
     ) -> SwitchResult:
         tr, gpu = entry.transition, entry.gpu
-        statuses = await self._statuses(to_stop)
-        running_stop = [n for n in to_stop if statuses[n].running]
-
         await self._record(gpu, tr, "releasing")
         t = time.monotonic()
         reports = await asyncio.gather(*(
             graceful_release(self._http, n, self._workloads[n].config, force=force)
-            for n in running_stop
+            for n in plan.running_stop
         ))
         timings["graceful_s"] = time.monotonic() - t
 
         await self._record(gpu, tr, "stopping")
         t = time.monotonic()
-        results = await asyncio.gather(
-            *(asyncio.to_thread(self._workloads[n].stop) for n in to_stop), return_exceptions=True
-        )
+        why = f"not part of mode {tr.to_mode}" if plan.heal else f"switch to {tr.to_mode}"
+        results = await self._stop(plan.to_stop, tr, why)
         timings["stop_s"] = time.monotonic() - t
-        for name, res in zip(to_stop, results, strict=True):
+        for name, res in zip(sorted(plan.to_stop), results, strict=True):
             if isinstance(res, BaseException):
                 return await self._fail(entry, timings, t0, f"could not stop {name}: {res}",
-                                  {"workload": name})
-            if name in running_stop:
+                                        {"workload": name},
+                                        settle_in=tr.to_mode if plan.heal else None)
+            if name in plan.running_stop:
                 self._bus.publish("workload.stopped", f"{name} stopped for a switch",
                                   requested_by=tr.requested_by, workload=name, gpu=gpu,
                                   transition_id=tr.id)
 
         await self._record(gpu, tr, "verifying")
         verdict = await self._verify_release(
-            tr, gpu, set(to_stop), timings, "release_s", starting=tr.to_mode,
+            tr, gpu, set(plan.to_stop), timings, "release_s", starting=tr.to_mode,
+            also_free=set(plan.to_start),
             stop_s=round(timings["stop_s"], 4), graceful=[r.actions + r.errors for r in reports])
         if not verdict.clear:
             figures = {"used_mib": verdict.used_mib, "allowed_mib": verdict.allowed_mib,
                        "holders": verdict.holders}
             return await self._fail(entry, timings, t0,
-                                    f"VRAM release not verified: {verdict.reason}", figures)
+                                    f"VRAM release not verified: {verdict.reason}", figures,
+                                    settle_in=tr.to_mode if plan.heal else None)
+        entry.released = True
 
         await self._record(gpu, tr, "starting")
         t = time.monotonic()
-        error = await self.start_workloads(sorted(keep), tr.requested_by, gpu, tr.id)
+        started, error = await self.start_workloads(plan.keep, tr.requested_by, gpu, tr.id)
         timings["start_s"] = time.monotonic() - t
         if error is not None:
-            await asyncio.gather(*(asyncio.to_thread(self._workloads[n].stop) for n in keep),
-                                 return_exceptions=True)
+            if plan.heal:
+                # What ran before the heal keeps running; what it tried to start stays down.
+                await self._stop(plan.to_start, tr, f"failed start in mode {tr.to_mode}")
+                return await self._fail(entry, timings, t0, error, {}, settle_in=tr.to_mode)
+            await self._stop(plan.keep, tr, f"failed start of mode {tr.to_mode}")
             if self._config.daemon.roll_back_failed_start:
-                return await self._roll_back(entry, keep, error, timings, t0)
+                return await self._roll_back(entry, set(plan.keep), error, timings, t0)
             return await self._fail(entry, timings, t0, error, {})
 
         timings["total_s"] = time.monotonic() - t0
         st = self._state.gpu(gpu)
         if st.mode != tr.to_mode or st.mode_since is None:
-            st.mode_since = time.time()  # a reconcile to the same mode keeps its lease running
+            st.mode_since = time.time()  # a heal keeps the mode's lease running
         st.mode, st.failure = tr.to_mode, None
         await self._record(gpu, None)
         rounded = {k: round(v, 4) for k, v in timings.items()}
-        self._bus.publish(
-            "mode.switch.completed",
-            f"GPU {gpu}: {tr.from_mode} -> {tr.to_mode} in {timings['total_s']:.2f} s",
-            requested_by=tr.requested_by, gpu=gpu, transition_id=tr.id, mode=tr.to_mode,
-            **_from_to(tr), timings=rounded,
-        )
-        return SwitchResult(True, gpu, tr.from_mode, tr.to_mode, tr.id, rounded)
+        if plan.heal:
+            done = [f"started {', '.join(started)}" if started else "",
+                    f"stopped {', '.join(plan.running_stop)}" if plan.running_stop else ""]
+            self._bus.publish(
+                "mode.reconcile",
+                f"GPU {gpu}: mode {tr.to_mode}: "
+                + ("; ".join(d for d in done if d) or "nothing to start or stop"),
+                requested_by=tr.requested_by, gpu=gpu, transition_id=tr.id, mode=tr.to_mode,
+                started=started, stopped=plan.running_stop, timings=rounded,
+            )
+        else:
+            self._bus.publish(
+                "mode.switch.completed",
+                f"GPU {gpu}: {tr.from_mode} -> {tr.to_mode} in {timings['total_s']:.2f} s",
+                requested_by=tr.requested_by, gpu=gpu, transition_id=tr.id, mode=tr.to_mode,
+                **_from_to(tr), timings=rounded, started=started,
+            )
+        return SwitchResult(True, gpu, tr.from_mode, tr.to_mode, tr.id, rounded,
+                            started=started, stopped=plan.running_stop)
 
     async def _roll_back(
         self, entry: _Running, failed: set[str], error: str, timings: dict[str, float],
@@ -384,8 +565,7 @@ class ModeSwitcher:
         ran before. Anything short of that fails closed to idle."""
         tr, gpu = entry.transition, entry.gpu
         back = tr.from_mode
-        back_workloads = sorted(self._config.all_modes()[back].workloads) \
-            if back in self._config.all_modes() else []
+        back_workloads = sorted(self._workloads_of(back))
         if back in (IDLE_MODE, tr.to_mode) or any(w in self._state.blocks
                                                     for w in back_workloads):
             return await self._fail(entry, timings, t0, error, {})
@@ -393,23 +573,24 @@ class ModeSwitcher:
         # roll back at its next start (restore() switches to the recorded target).
         rollback = Transition(id=tr.id, from_mode=tr.to_mode, to_mode=back, step="verifying",
                               requested_by=tr.requested_by, started_at=time.time())
-        # It stays the running transition to the end: what it allows (nothing while
-        # verifying, `back`'s workloads once starting) is what the mode guard enforces.
-        entry.transition = rollback
+        # It owns the GPU to the end, like any transition: the mode guard leaves both
+        # modes' workloads to it until the failed ones' release is proven.
+        entry.begin(rollback, frozenset(failed), frozenset(back_workloads))
         await self._record(gpu, rollback, "verifying")
         verdict = await self._verify_release(tr, gpu, failed, timings, "rollback_release_s",
-                                             starting=back)
+                                             starting=back, also_free=set(back_workloads))
         if not verdict.clear:
             return await self._fail(entry, timings, t0, f"{error}; no roll back to {back}: "
                                     f"VRAM release not verified: {verdict.reason}", {},
                                     switch=tr)
+        entry.released = True
         await self._record(gpu, rollback, "starting")
         t = time.monotonic()
-        back_error = await self.start_workloads(back_workloads, tr.requested_by, gpu, tr.id)
+        _, back_error = await self.start_workloads(back_workloads, tr.requested_by, gpu,
+                                                   tr.id)
         timings["rollback_start_s"] = time.monotonic() - t
         if back_error is not None:
-            await asyncio.gather(*(asyncio.to_thread(self._workloads[n].stop)
-                                   for n in back_workloads), return_exceptions=True)
+            await self._stop(back_workloads, tr, f"failed roll back to {back}")
             return await self._fail(entry, timings, t0,
                                     f"{error}; roll back to {back} failed too: {back_error}", {},
                                     switch=tr)
@@ -418,17 +599,20 @@ class ModeSwitcher:
     async def _fail(
         self, entry: _Running, timings: dict[str, float], t0: float, error: str,
         detail: dict[str, Any], *, switch: Transition | None = None,
-        rolled_back_to: str | None = None,
+        rolled_back_to: str | None = None, settle_in: str | None = None,
     ) -> SwitchResult:
         """End a switch that did not reach its target. The GPU is left idle (fail closed:
         whatever ran was stopped, nothing new runs), or in `rolled_back_to`, the previous
-        mode, brought back after its VRAM was proven free. `switch`: the switch that
-        failed, when a roll back has taken its place as the running transition."""
+        mode, brought back after its VRAM was proven free, or (a failed heal) in
+        `settle_in`, the mode that stayed active. `switch`: the switch that failed, when
+        a roll back has taken its place as the running transition."""
         tr, gpu = switch or entry.transition, entry.gpu
         timings["total_s"] = time.monotonic() - t0
-        mode = rolled_back_to or IDLE_MODE
+        mode = rolled_back_to or settle_in or IDLE_MODE
         st = self._state.gpu(gpu)
-        st.mode, st.mode_since = mode, time.time()
+        if st.mode != mode or st.mode_since is None:
+            st.mode_since = time.time()
+        st.mode = mode
         st.failure = {"id": tr.id, "to": tr.to_mode, "error": error, "at": time.time(),
                       "requested_by": tr.requested_by, "rolled_back_to": rolled_back_to}
         await self._record(gpu, None)
@@ -446,19 +630,16 @@ class ModeSwitcher:
         return SwitchResult(False, gpu, tr.from_mode, tr.to_mode, tr.id, rounded,
                             error + back, detail)
 
-    async def _statuses(self, names: list[str]) -> dict[str, WorkloadStatus]:
-        found = await asyncio.gather(*(asyncio.to_thread(self._workloads[n].status)
-                                       for n in names))
-        return dict(zip(names, found, strict=True))
-
     async def _verify_release(
         self, tr: Transition, gpu: int, released: set[str], timings: dict[str, float],
-        timing: str, *, starting: str, **fields: Any,
+        timing: str, *, starting: str, also_free: set[str], **fields: Any,
     ) -> Verdict:
         """Wait for the released workloads' VRAM (timed as `timings[timing]`) and say how
-        it went: `release.verified`, or `release.timeout` and `starting` is not started."""
+        it went: `release.verified`, or `release.timeout` and `starting` is not started.
+        `also_free`: workloads about to start, which must hold nothing either (what a
+        crashed one left behind)."""
         t = time.monotonic()
-        verdict = await self._verify(gpu, released)
+        verdict = await self._verify(gpu, released | also_free)
         seconds = timings[timing] = time.monotonic() - t
         common: dict[str, Any] = {
             "requested_by": tr.requested_by, "gpu": gpu, "transition_id": tr.id,
@@ -488,40 +669,45 @@ class ModeSwitcher:
             await asyncio.sleep(rel.poll_interval)
 
     async def start_workloads(self, names: list[str], requested_by: str, gpu: int,
-                              tid: str) -> str | None:
+                              tid: str) -> tuple[list[str], str | None]:
         """Start workloads one by one, each through the VRAM gate and its readiness check.
 
-        Returns None on success, or why the first one could not start.
+        Returns the ones it started (those already running are left as they are), and
+        None, or why the first one could not start.
         """
+        started: list[str] = []
         for name in names:
             workload = self._workloads[name]
             if name in self._state.blocks:
-                return f"{name} is blocked after a crash loop"
-            refusal = await self._vram_gate(workload, gpu)
-            if refusal is not None:
-                self._bus.publish("workload.refused", refusal, severity=Severity.ERROR,
-                                  requested_by=requested_by, workload=name, gpu=gpu,
-                                  transition_id=tid)
-                return refusal
-            try:
-                await asyncio.to_thread(workload.start)
-            except WorkloadError as exc:
-                return str(exc)
+                return started, f"{name} is blocked after a crash loop"
+            async with self._supervisor.lock(name):
+                was_running = (await self._supervisor.status(name)).running
+                if not was_running:
+                    refusal = await self._vram_gate(workload, gpu)
+                    if refusal is not None:
+                        self._bus.publish("workload.refused", refusal, severity=Severity.ERROR,
+                                          requested_by=requested_by, workload=name, gpu=gpu,
+                                          transition_id=tid)
+                        return started, refusal
+                try:
+                    await self._supervisor.start_locked(name)
+                except WorkloadError as exc:
+                    return started, str(exc)
             error = await self._wait_ready(workload)
             if error is not None:
-                return error
-            self._bus.publish("workload.started", f"{name} started", requested_by=requested_by,
-                              workload=name, gpu=gpu, transition_id=tid)
-        return None
+                return started, error
+            if not was_running:
+                started.append(name)
+                self._bus.publish("workload.started", f"{name} started",
+                                  requested_by=requested_by, workload=name, gpu=gpu,
+                                  transition_id=tid)
+        return started, None
 
     async def _vram_gate(self, workload: Workload, gpu: int) -> str | None:
         """Refuse a start into a card without the workload's `expected_mib` free."""
         need = workload.config.expected_mib
         if not need:
             return None
-        status = await asyncio.to_thread(workload.status)
-        if status.running:
-            return None  # already holds its share
         sample = await asyncio.to_thread(self._sampler)
         reading = sample.node.gpu(gpu)
         if reading is None or not reading.ok:
@@ -534,7 +720,7 @@ class ModeSwitcher:
     async def _wait_ready(self, workload: Workload) -> str | None:
         deadline = time.monotonic() + workload.config.ready_timeout
         while True:
-            status = await asyncio.to_thread(workload.status)
+            status = await self._supervisor.status(workload.name)
             if not status.running:
                 return f"{workload.name} exited while starting ({status.detail})"
             # A slow answer still counts while the deadline allows (a busy ComfyUI can
@@ -587,9 +773,9 @@ class ModeSwitcher:
                                   requested_by=requested_by, error=str(exc))
 
     async def _report_drift(self, gpu: int, target: str) -> None:
-        keep = set(self._config.all_modes()[target].workloads)
+        keep = self._workloads_of(target)
         names = self.workloads_on(gpu)
-        statuses = await self._statuses(names)
+        statuses = await self._supervisor.statuses(names)
         strays = sorted(n for n in names if statuses[n].running and n not in keep)
         missing = sorted(n for n in keep if not statuses[n].running)
         if strays:

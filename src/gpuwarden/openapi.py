@@ -17,7 +17,7 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 def _errors(*codes: int) -> dict[str, Any]:
     text = {400: "malformed JSON", 401: "missing or bad authentication",
-            404: "unknown mode, workload or path", 409: "conflicts with the current state",
+            404: "unknown mode, workload, switch or path", 409: "conflicts with the current state",
             413: "body too large", 422: "the body or parameters do not fit the schema"}
     return {str(c): _json(_ERROR, text[c]) for c in codes}
 
@@ -57,7 +57,16 @@ def openapi_document(config: Config) -> dict[str, Any]:
                                    "from": {"type": ["string", "null"]},
                                    "to": {"type": "string"}, "id": {"type": "string"},
                                    "timings": {"type": "object"},
+                                   "started": {"type": "array", "items": {"type": "string"}},
+                                   "stopped": {"type": "array", "items": {"type": "string"}},
                                    "error": {"type": "string"}, "pending": {"type": "boolean"}},
+                },
+                "SwitchState": {
+                    "type": "object", "required": ["done", "id"],
+                    "description": "done=false: under way, with its step; done=true: the "
+                                   "SwitchResult fields",
+                    "properties": {"done": {"type": "boolean"}, "id": {"type": "string"},
+                                   "step": {"type": "string"}, "ok": {"type": "boolean"}},
                 },
                 "Status": {"type": "object", "required": ["gpus", "workloads", "modes"],
                            "properties": {"gpus": {"type": "array"},
@@ -94,6 +103,14 @@ def openapi_document(config: Config) -> dict[str, Any]:
                         **_errors(400, 401, 404, 409, 413, 422)},
                 },
             },
+            "/v1/switches/{id}": {"get": {
+                "summary": "a switch by the id POST /v1/mode gave: under way, or its result",
+                "security": secured,
+                "parameters": [{"name": "id", "in": "path", "required": True,
+                                "schema": {"type": "string"}}],
+                "responses": {"200": _json({"$ref": "#/components/schemas/SwitchState"},
+                                           "the switch"),
+                              **_errors(401, 404)}}},
             "/v1/workloads/{name}/unblock": {"post": {
                 "summary": "lift a crash-loop block (409 unless VRAM is clear)",
                 "security": secured,

@@ -19,16 +19,18 @@ from .events import EventBus, Severity
 from .modes import Sampler
 from .workloads.base import Workload, WorkloadStatus
 from .workloads.release import graceful_release
+from .workloads.supervisor import WorkloadSupervisor
 
 __all__ = ["ProtectiveActions"]
 
 
 class ProtectiveActions:
-    def __init__(self, config: Config, workloads: dict[str, Workload], bus: EventBus,
-                 http: httpx.AsyncClient, sampler: Sampler,
-                 statuses: Callable[[], dict[str, WorkloadStatus]]) -> None:
+    def __init__(self, config: Config, workloads: dict[str, Workload],
+                 supervisor: WorkloadSupervisor, bus: EventBus, http: httpx.AsyncClient,
+                 sampler: Sampler, statuses: Callable[[], dict[str, WorkloadStatus]]) -> None:
         self._config = config
         self._workloads = workloads
+        self._supervisor = supervisor
         self._bus = bus
         self._http = http
         self._sampler = sampler
@@ -82,7 +84,9 @@ class ProtectiveActions:
             victim = min(running, key=lambda n: self._workloads[n].config.priority)
             targets = [victim]
             try:
-                await asyncio.to_thread(self._workloads[victim].stop)
+                await self._supervisor.stop(victim, by="protective action",
+                                            reason=f"GPU {gpu} critical",
+                                            requested_by="watchdog")
                 did.append(f"stopped {victim} (priority "
                            f"{self._workloads[victim].config.priority})")
             except Exception as exc:

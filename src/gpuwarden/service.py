@@ -22,6 +22,7 @@ from .modes import ModeSwitcher, SwitchResult
 from .state import State
 from .watchdog import Watchdog
 from .workloads.base import Workload, WorkloadState, WorkloadStatus
+from .workloads.supervisor import WorkloadSupervisor, describe_stop
 
 __all__ = ["Service"]
 
@@ -47,6 +48,7 @@ class Service:
         self._state = state
         self._watchdog = watchdog
         self.switcher: ModeSwitcher | None = None
+        self.supervisor: WorkloadSupervisor | None = None
         self.crashloop: CrashLoopGuard | None = None
         self.metrics: Metrics | None = None
         # Extra status sections from other parts (e.g. "discord": the bot's state).
@@ -127,12 +129,18 @@ class Service:
         for name, workload in self._workloads.items():
             st = self._statuses.get(name, WorkloadStatus(WorkloadState.UNKNOWN, "not sampled"))
             block = self._state.blocks.get(name)
+            record = self.supervisor.last_stop(name) if self.supervisor else None
+            stopped = None if st.state is WorkloadState.UNKNOWN else describe_stop(
+                st, record, None if block is None else block.reason,
+                None if block is None else block.blocked_at)
             workloads.append({
                 "name": name,
                 "kind": workload.kind,
                 "state": st.state.value,
                 "detail": st.detail,
                 "pid": st.pid,
+                "exit_code": st.exit_code,
+                "stopped": stopped,
                 "blocked": block is not None,
                 "block": None if block is None else {"since": block.blocked_at,
                                                      "reason": block.reason},
@@ -216,6 +224,18 @@ class Service:
             })
         return {"gpus": gpus, "idle": IDLE_MODE}
 
+    def switch_state(self, transition_id: str) -> dict[str, Any]:
+        """A switch by id: under way (`done: false`, its step) or its result.
+
+        Raises:
+            NotFoundError: no such switch (unknown, or too old to be kept).
+        """
+        found = self.switcher.switch_state(transition_id) if self.switcher else None
+        if found is None:
+            raise NotFoundError(f"no switch with id {transition_id!r} (unknown, or finished "
+                                "too long ago)", {"id": transition_id})
+        return found
+
     def events_since(self, event_id: int, limit: int = 500) -> list[Event]:
         return self.bus.since(event_id, limit)
 
@@ -236,9 +256,8 @@ class Service:
     ) -> SwitchResult:
         """Switch a GPU's mode (see ModeSwitcher.switch for what it refuses and why)."""
         assert self.switcher is not None, "the daemon wires the switcher before serving"
-        result = await self.switcher.switch(
+        # The switcher refreshes the figures before it gives out a result, so a status
+        # read right after shows the new mode's.
+        return await self.switcher.switch(
             mode, gpu=gpu, requested_by=requested_by, force=force, wait=wait
         )
-        if wait:
-            await self.refresh()  # a status read right after shows the new mode's figures
-        return result

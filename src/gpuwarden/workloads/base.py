@@ -29,6 +29,9 @@ class WorkloadStatus:
     restart_count: int | None = None
     # Stopped without gpuwarden asking (process workloads; Docker crashes come as events).
     crashed: bool = False
+    oom_killed: bool = False  # docker: the kernel's OOM killer ended it
+    started_at: float | None = None  # unix seconds of the last start, where known
+    finished_at: float | None = None  # unix seconds it last stopped, where known
 
     @property
     def running(self) -> bool:

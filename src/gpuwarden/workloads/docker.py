@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import datetime
 from typing import Any
 
 import docker
@@ -39,6 +40,17 @@ def policy_text(policy: dict[str, Any] | None) -> str:
     name = str(policy["Name"])
     count = policy.get("MaximumRetryCount") or 0
     return f"{name}:{count}" if name == "on-failure" and count else name
+
+
+def _docker_time(text: object) -> float | None:
+    """Unix seconds of an inspect timestamp ("2026-11-27T17:40:01.123456789Z"); None for
+    Docker's "never" (year 1) and anything unreadable."""
+    if not isinstance(text, str) or text.startswith("0001-"):
+        return None
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
 
 
 class DockerClientFactory:
@@ -115,6 +127,9 @@ class DockerWorkload:
             exit_code=None if running else state.get("ExitCode"),
             restart_policy=policy_text(attrs.get("HostConfig", {}).get("RestartPolicy")),
             restart_count=attrs.get("RestartCount"),
+            oom_killed=bool(state.get("OOMKilled")) and not running,
+            started_at=_docker_time(state.get("StartedAt")),
+            finished_at=None if running else _docker_time(state.get("FinishedAt")),
         )
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:

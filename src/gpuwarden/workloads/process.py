@@ -37,6 +37,8 @@ class ProcessWorkload:
         self._owners = owners
         self._proc: subprocess.Popen[bytes] | None = None
         self._stop_requested = False
+        self._started_at: float | None = None
+        self._exited_at: float | None = None  # when an exit was first seen
         self._lock = threading.Lock()
 
     def status(self) -> WorkloadStatus:
@@ -45,10 +47,14 @@ class ProcessWorkload:
             return WorkloadStatus(WorkloadState.STOPPED, "never started")
         code = proc.poll()
         if code is None:
-            return WorkloadStatus(WorkloadState.RUNNING, pid=proc.pid)
+            return WorkloadStatus(WorkloadState.RUNNING, pid=proc.pid,
+                                  started_at=self._started_at)
+        if self._exited_at is None:
+            self._exited_at = time.time()  # within one sample of the exit
         return WorkloadStatus(
             WorkloadState.STOPPED, f"exited with status {code}", exit_code=code,
-            crashed=not self._stop_requested,
+            crashed=not self._stop_requested, started_at=self._started_at,
+            finished_at=self._exited_at,
         )
 
     def start(self) -> WorkloadStatus:
@@ -57,6 +63,7 @@ class ProcessWorkload:
                 return self.status()
             self._log_dir.mkdir(parents=True, exist_ok=True)
             self._stop_requested = False
+            self._exited_at = None
             env = {**os.environ, **self.config.env}
             argv = list(self.config.command or ())
             with open(self._log_dir / f"{self.name}.log", "ab") as log:
@@ -74,6 +81,7 @@ class ProcessWorkload:
                     raise WorkloadError(
                         f"workload {self.name!r}: cannot run {argv[0]!r}: {exc.strerror or exc}"
                     ) from exc
+            self._started_at = time.time()
             self._owners.set_root(self.name, self._proc.pid)
             return self.status()
 
@@ -95,6 +103,8 @@ class ProcessWorkload:
                     f"workload {self.name!r} (pid {proc.pid}) survived SIGKILL for 10 s"
                 ) from exc
             self._wait_group_gone(proc.pid)
+            if self._exited_at is None:
+                self._exited_at = time.time()
             return self.status()
 
     @staticmethod

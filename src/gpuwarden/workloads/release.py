@@ -1,11 +1,13 @@
 """Graceful release before a stop: ask Ollama and ComfyUI to give their VRAM back.
 
-An unreachable API never blocks a switch (the stop that follows frees the memory
-anyway); a ComfyUI with queued or running jobs does, unless the switch is forced.
+An unreachable API never blocks the release itself (the stop that follows frees the
+memory anyway). Before a switch, a running ComfyUI with queued or running jobs, or
+whose queue cannot be read, refuses it unless the switch is forced.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 
@@ -14,7 +16,14 @@ import httpx
 from ..config import WorkloadConfig
 from ..errors import ConflictError
 
-__all__ = ["ReleaseReport", "comfyui_queue_size", "graceful_release", "probe_ready"]
+__all__ = [
+    "QueueUnreadable",
+    "ReleaseReport",
+    "check_release_allowed",
+    "comfyui_queue_size",
+    "graceful_release",
+    "probe_ready",
+]
 
 log = logging.getLogger(__name__)
 
@@ -28,25 +37,50 @@ class ReleaseReport:
     errors: list[str] = field(default_factory=list)
 
 
-async def comfyui_queue_size(client: httpx.AsyncClient, url: str) -> int | None:
-    """Running plus pending jobs (`GET /queue`), or None when ComfyUI does not answer."""
+class QueueUnreadable(Exception):
+    """ComfyUI's queue could not be read: why, for the refusal or the log."""
+
+
+async def comfyui_queue_size(client: httpx.AsyncClient, url: str, timeout: float) -> int:
+    """Running plus pending jobs (`GET /queue`), answered within `timeout` seconds.
+
+    Raises:
+        QueueUnreadable: no answer in time, an error status, or a body that is not a
+            queue.
+    """
     try:
-        resp = await client.get(f"{url}/queue", timeout=_TIMEOUT)
+        async with asyncio.timeout(timeout):  # the whole exchange, not each read
+            resp = await client.get(f"{url}/queue", timeout=_TIMEOUT)
         resp.raise_for_status()
         doc = resp.json()
-        return len(doc.get("queue_running", [])) + len(doc.get("queue_pending", []))
-    except (httpx.HTTPError, ValueError, AttributeError) as exc:
-        log.warning("ComfyUI at %s: queue unreadable (%s)", url, exc)
-        return None
+        return len(doc["queue_running"]) + len(doc["queue_pending"])
+    except TimeoutError as exc:
+        raise QueueUnreadable(f"GET {url}/queue did not answer within {timeout:g} s") from exc
+    except httpx.HTTPStatusError as exc:
+        raise QueueUnreadable(f"GET {url}/queue answered {exc.response.status_code}") from exc
+    except httpx.HTTPError as exc:
+        raise QueueUnreadable(f"GET {url}/queue failed: {exc!r}") from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise QueueUnreadable(f"GET {url}/queue answered something that is not a queue "
+                              f"({exc!r})") from exc
 
 
 async def check_release_allowed(
-    client: httpx.AsyncClient, name: str, config: WorkloadConfig, *, force: bool
+    client: httpx.AsyncClient, name: str, config: WorkloadConfig, *, timeout: float
 ) -> None:
-    """Refuse (ConflictError) to switch away from a ComfyUI that has work queued."""
-    if config.release != "comfyui" or force or not config.url:
+    """Refuse (ConflictError) to stop a running ComfyUI that has work queued, or whose
+    queue cannot be read within `timeout` (busy or hung: its jobs may be lost). The
+    caller skips this for a forced switch."""
+    if config.release != "comfyui" or not config.url:
         return
-    jobs = await comfyui_queue_size(client, config.url.rstrip("/"))
+    try:
+        jobs = await comfyui_queue_size(client, config.url.rstrip("/"), timeout)
+    except QueueUnreadable as exc:
+        raise ConflictError(
+            f"workload {name!r} (ComfyUI): cannot tell whether jobs are queued ({exc}); "
+            "switch with force to stop it anyway",
+            {"workload": name, "jobs": None, "queue_error": str(exc)},
+        ) from exc
     if jobs:
         raise ConflictError(
             f"workload {name!r} (ComfyUI) has {jobs} job(s) running or queued; "
