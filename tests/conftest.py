@@ -185,6 +185,16 @@ class DaemonProcess:
         result: dict[str, Any] = resp.json()
         return result
 
+    def wait_samples(self, count: int, timeout: float = 30) -> None:
+        """Wait until the daemon has read the GPUs `count` more times: for "still only one
+        event after more samples", counted in samples, not guessed in seconds."""
+        seen = {self.status()["sampled_at"]}
+        deadline = time.monotonic() + timeout
+        while len(seen) <= count:
+            assert time.monotonic() < deadline, f"fewer than {count} samples in {timeout}s"
+            time.sleep(0.02)
+            seen.add(self.status()["sampled_at"])
+
     def wait_mode(self, mode: str, gpu: int = 0, timeout: float = 20) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:

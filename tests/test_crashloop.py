@@ -182,7 +182,10 @@ def test_event_stream_resumes_after_an_engine_restart_without_double_counting(
                                  lambda up, detail: states.append(up), max_backoff=0.5)
     watcher.start(loop)
     try:
-        time.sleep(0.5)
+        deadline = time.monotonic() + 20
+        while not watcher.connected:
+            assert time.monotonic() < deadline, "the event stream never connected"
+            time.sleep(0.05)
         containers.get(name).start()
         containers.get(name).stop(timeout=2)
         dockerd.restart()
@@ -191,10 +194,10 @@ def test_event_stream_resumes_after_an_engine_restart_without_double_counting(
         client.containers.get(name).stop(timeout=2)
         client.close()
         deadline = time.monotonic() + 20
-        while sum(e.action == "start" for e in seen) < 2:
+        while sum(e.action == "start" for e in seen) < 2 or \
+                sum(e.action == "die" for e in seen) < 2:
             assert time.monotonic() < deadline, [(e.action, e.time_ns) for e in seen]
             time.sleep(0.1)
-        time.sleep(1)
     finally:
         watcher.stop()
         loop.call_soon_threadsafe(loop.stop)
@@ -245,7 +248,7 @@ def test_allowed_processes_are_not_leaks(node: SimNode, start_daemon, tmp_path: 
     daemon = start_daemon(config, node.socket)
     stray = node.hold("xorg", 700)
     try:
-        time.sleep(1.5)  # several samples
+        daemon.wait_samples(5)
         assert [e for e in daemon.events("vram.leak") if e["kind"] == "process"] == []
     finally:
         stray.kill()
@@ -285,7 +288,7 @@ def test_protective_actions_in_order_at_critical(
         assert ol.loaded == [] and "/free" in cf.paths("POST")
         assert not containers.running(comfy) and containers.running(ollama)
         daemon.wait_event("vram.tier", to="ok")
-        time.sleep(1)
+        daemon.wait_samples(5)
         assert len(daemon.events("vram.protect")) == 3  # once per escalation
         tiers = [(e["from"], e["to"]) for e in daemon.events("vram.tier")]
         assert tiers[0] == ("ok", "critical")

@@ -71,7 +71,7 @@ def test_tier_event_reaches_the_audit_log_once(node: SimNode, start_daemon) -> N
     holder = node.hold("big", 17000)  # 83 %
     try:
         events = daemon.wait_event("vram.tier", to="warn")
-        time.sleep(1.0)  # more samples above warn: still one event
+        daemon.wait_samples(5)  # more samples above warn: still one event
         assert len(daemon.events("vram.tier")) == 1
         assert events[0]["from"] == "ok" and events[0]["used_mib"] == 17000
         assert events[0]["holders"][0]["pid"] == holder.pid
@@ -311,7 +311,7 @@ def test_a_process_workload_exiting_on_its_own_is_a_crash_event(node: SimNode,
     # A workload stopped by a switch did not crash.
     assert run_cli("--config", str(config), "mode", "image").returncode == 0
     assert run_cli("--config", str(config), "mode", "idle").returncode == 0
-    time.sleep(0.5)
+    daemon.wait_samples(3)
     assert [e["workload"] for e in daemon.events("workload.crashed")] == ["ollama"]
 
 

@@ -150,8 +150,8 @@ def test_mode_heals_a_container_killed_by_hand(
     assert again.returncode == 0 and "already in llm" in again.stdout
 
     # A workload a switch stopped says so, with who asked.
-    code, _ = switch(config, "image")
-    assert code == 0
+    code, result = switch(config, "image")
+    assert code == 0, result
     stopped = workload(daemon, "ollama")["stopped"]
     assert stopped["by"] == "switch" and "switch to image" in stopped["reason"], stopped
     assert stopped["requested_by"].startswith("cli:")

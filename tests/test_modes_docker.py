@@ -380,8 +380,8 @@ def test_lease_returns_to_default_mode_when_queue_is_idle(
         daemon = start_daemon(config, node.socket)
         daemon.wait_mode("llm")
         cf.pending.append([1, "p1", {}, {}, []])  # busy: the lease must wait
-        code, _ = switch(config, "image", "--force")
-        assert code == 0
+        code, result = switch(config, "image", "--force")
+        assert code == 0, result
         time.sleep(3.5)
         assert daemon.status()["gpus"][0]["mode"] == "image"
         cf.pending.clear()

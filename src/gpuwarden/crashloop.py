@@ -237,7 +237,8 @@ class CrashLoopGuard:
         block = self._state.blocks.pop(name)
         await self._store.save_async(self._state)
         self._history.pop(name, None)
-        started = name in self._switcher.allowed_on(gpu)
+        # Started only into a settled mode: a running switch owns its GPU's workloads.
+        started = not self._switcher.switching(gpu) and name in self._switcher.allowed_on(gpu)
         self._bus.publish(
             "crashloop.unblocked",
             f"{name} unblocked by {requested_by}"
