@@ -160,6 +160,7 @@ def test_process_workloads_switch_and_roll_back_after_a_bad_start(node: SimNode,
     stubborn = ["sh", "-c", f'trap "" TERM; echo 6000 > {claim}; exec sleep 100000 3<{claim}']
     config = node.write(**{
         "daemon": {"default_mode": "llm"},
+        "gpu.sim": {"release_delay": 1.0},  # waited out however busy the machine is
         "workloads.ollama": {"kind": "process", "command": stubborn, "stop_timeout": 0.5},
         "workloads.comfyui": {"kind": "process",
                               "command": hold_argv(node.ledger, "comfyui", 8000)},
@@ -179,7 +180,7 @@ def test_process_workloads_switch_and_roll_back_after_a_bad_start(node: SimNode,
     assert result.returncode == 0, result.stdout + result.stderr
     timings = json.loads(result.stdout)["timings"]
     assert timings["stop_s"] >= 0.45  # SIGKILL only after stop_timeout (0.5 s)
-    assert timings["release_s"] >= 0.1  # the sim's 150 ms release delay was waited out
+    assert timings["release_s"] >= 0.1  # the sim's 1 s release delay was waited out
     doc = daemon.status()
     assert [w["state"] for w in doc["workloads"] if w["name"] == "ollama"] == ["stopped"]
 
@@ -202,7 +203,7 @@ def test_process_workloads_switch_and_roll_back_after_a_bad_start(node: SimNode,
     assert events[-1]["rolled_back_to"] == "image" and events[-1]["mode"] == "image"
 
     unknown = run_cli("--config", str(config), "mode", "nope")
-    assert unknown.returncode == 1 and "unknown mode 'nope'" in unknown.stderr
+    assert unknown.returncode == 2 and "unknown mode 'nope'" in unknown.stderr
     assert daemon.status()["gpus"][0]["mode"] == "image"
 
 
@@ -234,8 +235,10 @@ def test_a_failed_start_that_leaves_vram_behind_fails_closed_to_idle(
     doc = daemon.wait_mode("idle")
     assert all(w["state"] == "stopped" for w in doc["workloads"])
     assert doc["gpus"][0]["last_failure"]["rolled_back_to"] is None
+    # The switch's own events (the watchdog may meanwhile report the leak: vram.leak).
     events = [e["event"] for e in
-              daemon.client.get("/v1/events", params={"since": 0}).json()["events"]]
+              daemon.client.get("/v1/events", params={"since": 0}).json()["events"]
+              if e["event"].startswith(("mode.", "release."))]
     if roll_back:
         assert "no roll back to image: VRAM release not verified" in error
         assert events[-2:] == ["release.timeout", "mode.switch.failed"]
@@ -284,7 +287,7 @@ def test_two_gpus_run_one_mode_each_and_switch_independently(node: SimNode,
     result = run_cli("--config", str(config), "mode", "idle", "--gpu", "1", "--json")
     assert result.returncode == 0 and json.loads(result.stdout)["gpu"] == 1
     wrong = run_cli("--config", str(config), "mode", "llm", "--gpu", "1")
-    assert wrong.returncode == 1 and "runs on GPU 0" in wrong.stderr
+    assert wrong.returncode == 2 and "runs on GPU 0" in wrong.stderr
     assert daemon.status()["gpus"][0]["mode"] == "llm"
 
 

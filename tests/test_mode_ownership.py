@@ -13,9 +13,8 @@ from typing import Any
 import pytest
 
 from .conftest import PYTHON, Containers, DaemonProcess, SimNode, run_cli, two_process_modes
-from .dockerd import holder_script
 from .standins import ComfyStandIn
-from .test_modes_docker import ExclusivityProbe, docker_config, names, switch
+from .test_modes_docker import ExclusivityProbe, docker_config, holder_containers, switch
 
 
 def gpu_state(node: SimNode) -> dict[str, Any]:
@@ -37,9 +36,7 @@ def workload(daemon: DaemonProcess, name: str) -> dict[str, Any]:
 
 def test_a_slow_hanging_or_failing_queue_refuses_before_anything_stops(
         node: SimNode, dockerd: Any, containers: Containers, start_daemon) -> None:
-    ollama, comfy = names()
-    containers.create(ollama, holder_script("ollama", 6000))
-    containers.create(comfy, holder_script("comfyui", 8000))
+    ollama, comfy = holder_containers(containers)
     cf = ComfyStandIn().start()
     try:
         config = docker_config(node, dockerd.host, ollama, comfy, default_mode="image",
@@ -89,9 +86,7 @@ def test_a_slow_hanging_or_failing_queue_refuses_before_anything_stops(
 
 def test_a_target_that_cannot_fit_is_refused_before_anything_stops(
         node: SimNode, dockerd: Any, containers: Containers, start_daemon) -> None:
-    ollama, comfy = names()
-    containers.create(ollama, holder_script("ollama", 6000))
-    containers.create(comfy, holder_script("comfyui", 8000))
+    ollama, comfy = holder_containers(containers)
     config = docker_config(node, dockerd.host, ollama, comfy,
                            comfy_extra={"expected_mib": 8000})
     daemon = start_daemon(config, node.socket)
@@ -122,9 +117,7 @@ def test_a_target_that_cannot_fit_is_refused_before_anything_stops(
 
 def test_mode_heals_a_container_killed_by_hand(
         node: SimNode, dockerd: Any, containers: Containers, start_daemon) -> None:
-    ollama, comfy = names()
-    containers.create(ollama, holder_script("ollama", 6000))
-    containers.create(comfy, holder_script("comfyui", 8000))
+    ollama, comfy = holder_containers(containers)
     config = docker_config(node, dockerd.host, ollama, comfy)
     daemon = start_daemon(config, node.socket)
     daemon.wait_mode("llm")
@@ -160,9 +153,7 @@ def test_mode_heals_a_container_killed_by_hand(
 @pytest.mark.timeout(900)
 def test_200_switches_never_meet_the_mode_guard(
         node: SimNode, dockerd: Any, containers: Containers, start_daemon) -> None:
-    ollama, comfy = names()
-    containers.create(ollama, holder_script("ollama", 6000))
-    containers.create(comfy, holder_script("comfyui", 8000))
+    ollama, comfy = holder_containers(containers)
     config = docker_config(node, dockerd.host, ollama, comfy)
     daemon = start_daemon(config, node.socket)
     daemon.wait_mode("llm")
@@ -226,16 +217,37 @@ def test_a_killed_process_workload_says_why_and_mode_heals_it(
     config = node.write(**two_process_modes(node))
     daemon = start_daemon(config, node.socket)
     daemon.wait_mode("llm")
+    never = workload(daemon, "comfyui")["stopped"]
+    assert never["by"] == "exit" and never["reason"] == "never started", never
+    for mode in ("image", "llm"):
+        assert run_cli("--config", str(config), "mode", mode).returncode == 0
+    by_switch = workload(daemon, "comfyui")["stopped"]
+    assert by_switch["by"] == "switch" and "switch to llm" in by_switch["reason"]
+
     pid = wait_for(lambda: workload(daemon, "ollama")["pid"], "ollama's pid")
     os.kill(pid, signal.SIGKILL)
     stopped = wait_for(lambda: workload(daemon, "ollama")["stopped"], "ollama stopped")
     assert stopped["reason"] == "killed by SIGKILL" and stopped["signal"] == "SIGKILL"
-    assert "killed by SIGKILL, at " in run_cli("--config", str(config), "status").stdout
+    plain = run_cli("--config", str(config), "status").stdout
+    assert "killed by SIGKILL, at " in plain, plain
+    assert "DEGRADED: ollama of mode llm not running" in plain, plain
     result = run_cli("--config", str(config), "mode", "llm")
     assert result.returncode == 0, result
     assert "llm healed" in result.stdout and "started ollama" in result.stdout
     assert workload(daemon, "ollama")["state"] == "running"
     assert daemon.wait_event("mode.reconcile")[-1]["started"] == ["ollama"]
+    # The heal stopped nothing that ran: comfyui still says which switch stopped it.
+    assert workload(daemon, "comfyui")["stopped"] == by_switch
+    assert "DEGRADED" not in run_cli("--config", str(config), "status").stdout
+
+    # Bad input: exit 2, nothing changes.
+    for argv, message in ((["mode", "image", "--timeout", "-1"], "more than 0 seconds"),
+                          (["mode", "gaming"], "unknown mode 'gaming'"),
+                          (["unblock", "nosuch"], "unknown workload 'nosuch'")):
+        bad = run_cli("--config", str(config), *argv)
+        assert bad.returncode in (1, 2) and message in bad.stderr, (argv, bad)
+        assert bad.returncode == (1 if argv[0] == "unblock" else 2), (argv, bad)
+    assert daemon.status()["gpus"][0]["mode"] == "llm"
 
 
 def test_refusal_for_a_switch_already_running_is_audited(node: SimNode,

@@ -22,6 +22,15 @@ def names() -> tuple[str, str]:
     return f"gw-ollama-{tag}", f"gw-comfy-{tag}"
 
 
+def holder_containers(containers: Containers) -> tuple[str, str]:
+    """Two stopped containers holding simulated VRAM once started: an Ollama (6000 MiB)
+    and a ComfyUI (8000 MiB); their names."""
+    ollama, comfy = names()
+    containers.create(ollama, holder_script("ollama", 6000))
+    containers.create(comfy, holder_script("comfyui", 8000))
+    return ollama, comfy
+
+
 def docker_config(node: SimNode, host: str, ollama: str, comfy: str, *,
                   default_mode: str = "llm", release: dict[str, Any] | None = None,
                   ollama_extra: dict[str, Any] | None = None,
@@ -75,10 +84,10 @@ def switch(config: Path, mode: str, *extra: str) -> tuple[int, dict[str, Any]]:
 
 def test_llm_image_idle_llm_cycle_is_exclusive(node: SimNode, dockerd: Any,
                                                containers: Containers, start_daemon) -> None:
-    ollama, comfy = names()
-    containers.create(ollama, holder_script("ollama", 6000))
-    containers.create(comfy, holder_script("comfyui", 8000))
-    config = docker_config(node, dockerd.host, ollama, comfy)
+    ollama, comfy = holder_containers(containers)
+    # A 1 s release delay: long enough that "the switch waited for it" shows in
+    # release_s however late a busy machine runs the first check.
+    config = docker_config(node, dockerd.host, ollama, comfy, sim={"release_delay": 1.0})
     daemon = start_daemon(config, node.socket)
     daemon.wait_mode("llm")
     assert containers.running(ollama) and not containers.running(comfy)
@@ -90,8 +99,8 @@ def test_llm_image_idle_llm_cycle_is_exclusive(node: SimNode, dockerd: Any,
             code, result = switch(config, target)
             assert code == 0, result
             assert result["ok"] and result["to"] == target
-            # The stopped container's claim is freed release_delay (0.15 s) after it died,
-            # and the switch waited for that proof.
+            # The stopped container's claim is freed release_delay (1 s) after it was last
+            # seen alive, and the switch waited for that proof.
             if target != "llm":
                 assert result["timings"]["release_s"] >= 0.1, result
             for name in (ollama, comfy):
@@ -150,9 +159,7 @@ def test_a_leak_fails_the_switch_closed(node: SimNode, dockerd: Any, containers:
 
 def test_hand_started_container_of_inactive_mode_is_stopped(
         node: SimNode, dockerd: Any, containers: Containers, start_daemon) -> None:
-    ollama, comfy = names()
-    containers.create(ollama, holder_script("ollama", 6000))
-    containers.create(comfy, holder_script("comfyui", 8000))
+    ollama, comfy = holder_containers(containers)
     config = docker_config(node, dockerd.host, ollama, comfy)
     daemon = start_daemon(config, node.socket)
     daemon.wait_mode("llm")
@@ -182,9 +189,7 @@ def test_drift_at_start_is_resolved_toward_the_recorded_mode(
 
 def test_concurrent_requests_conflict_or_join(node: SimNode, dockerd: Any,
                                               containers: Containers, start_daemon) -> None:
-    ollama, comfy = names()
-    containers.create(ollama, holder_script("ollama", 6000))
-    containers.create(comfy, holder_script("comfyui", 8000))
+    ollama, comfy = holder_containers(containers)
     stand_in = ComfyStandIn().start()
     stand_in.delay["/system_stats"] = 1.5  # a slow start keeps the switch running
     try:
@@ -212,9 +217,7 @@ def test_concurrent_requests_conflict_or_join(node: SimNode, dockerd: Any,
 
 def test_ollama_and_comfyui_release_calls(node: SimNode, dockerd: Any,
                                           containers: Containers, start_daemon) -> None:
-    ollama, comfy = names()
-    containers.create(ollama, holder_script("ollama", 6000))
-    containers.create(comfy, holder_script("comfyui", 8000))
+    ollama, comfy = holder_containers(containers)
     ol = OllamaStandIn(["llama3.2:latest", "qwen2.5:7b"]).start()
     cf = ComfyStandIn().start()
     try:
@@ -255,7 +258,7 @@ def test_ollama_and_comfyui_release_calls(node: SimNode, dockerd: Any,
         assert code == 0, result
         verified = daemon.events("release.verified")[-1]
         assert any("503" in " ".join(g) or "ollama API" in " ".join(g)
-                   for g in verified["graceful"])
+                   for g in verified["graceful"].values())
     finally:
         ol.stop()
         cf.stop()
@@ -318,12 +321,10 @@ def test_kill_9_mid_switch_recovers_without_two_modes(
 
 def test_failed_start_rolls_back_and_a_kill_9_mid_roll_back_recovers(
         node: SimNode, dockerd: Any, containers: Containers, start_daemon) -> None:
-    ollama, comfy = names()
-    containers.create(ollama, holder_script("ollama", 6000))
-    containers.create(comfy, holder_script("comfyui", 8000))
+    ollama, comfy = holder_containers(containers)
     # ComfyUI's API never answers: the start fails after ready_timeout and the switch
-    # rolls back to llm once comfyui's VRAM is proven back (1 s release delay).
-    config = docker_config(node, dockerd.host, ollama, comfy, sim={"release_delay": 1.0},
+    # rolls back to llm once comfyui's VRAM is proven back (2 s release delay).
+    config = docker_config(node, dockerd.host, ollama, comfy, sim={"release_delay": 2.0},
                            comfy_extra={"release": "comfyui", "url": "http://127.0.0.1:9",
                                         "ready_timeout": 0.5})
     daemon = start_daemon(config, node.socket)
@@ -358,8 +359,9 @@ def test_failed_start_rolls_back_and_a_kill_9_mid_roll_back_recovers(
         assert containers.running(ollama) and not containers.running(comfy)
         failed = again.events("mode.switch.failed")[-1]
         assert failed["mode"] == "llm" and failed["rolled_back_to"] == "llm"
-        # comfyui's claim outlived it by 1 s (counted from when it was last seen alive)
-        assert failed["timings"]["rollback_release_s"] >= 0.5
+        # comfyui's claim outlived it by 2 s (counted from when it was last seen alive):
+        # the roll back waited for it
+        assert failed["timings"]["rollback_release_s"] >= 0.1
         # The mode guard knew all along that llm's workloads were coming back.
         assert again.events("mode.violation") == []
     finally:
@@ -369,9 +371,7 @@ def test_failed_start_rolls_back_and_a_kill_9_mid_roll_back_recovers(
 
 def test_lease_returns_to_default_mode_when_queue_is_idle(
         node: SimNode, dockerd: Any, containers: Containers, start_daemon) -> None:
-    ollama, comfy = names()
-    containers.create(ollama, holder_script("ollama", 6000))
-    containers.create(comfy, holder_script("comfyui", 8000))
+    ollama, comfy = holder_containers(containers)
     cf = ComfyStandIn().start()
     try:
         config = docker_config(node, dockerd.host, ollama, comfy,

@@ -117,6 +117,11 @@ def format_status(doc: dict[str, Any]) -> str:
         if gpu.get("transition"):
             tr = gpu["transition"]
             lines.append(f"  switching {tr['from']} -> {tr['to']} ({tr['step']}, id {tr['id']})")
+        else:
+            down = _down_in_mode(doc, gpu.get("mode"))
+            if down:
+                lines.append(f"  DEGRADED: {', '.join(down)} of mode {gpu['mode']} not running"
+                             f" (`gpuwarden mode {gpu['mode']}` starts what is down)")
         if gpu.get("last_failure"):
             failure = gpu["last_failure"]
             back = f" (rolled back to {failure['rolled_back_to']})" \
@@ -140,6 +145,13 @@ def format_status(doc: dict[str, Any]) -> str:
         lines.append(f"  {wl['name']:<16} {wl['kind']:<8} {wl['state']:<9} gpu {gpu}"
                      f"{blocked}{why}")
     return "\n".join(lines)
+
+
+def _down_in_mode(doc: dict[str, Any], mode: str | None) -> list[str]:
+    """The active mode's workloads that are not running."""
+    wanted = doc.get("modes", {}).get(mode or "", {}).get("workloads", [])
+    states = {w["name"]: w["state"] for w in doc["workloads"]}
+    return [name for name in wanted if states.get(name) != "running"]
 
 
 def _when(unix: float, now: float | None = None) -> str:
@@ -210,8 +222,12 @@ def cmd_mode(args: argparse.Namespace) -> int:
         body = {"ok": False, **body}
     body.pop("done", None)
     ok = bool(body.get("ok"))
+    # An unknown mode, a GPU the mode is not on, a malformed request: bad usage.
+    bad_input = resp.status_code in (400, 404, 422)
     if args.json:
         print(json.dumps(body, indent=2, sort_keys=True))
+    elif bad_input:
+        print(f"gpuwarden: {body.get('error')}", file=sys.stderr)
     elif not ok:
         print(f"gpuwarden: switch to {args.mode} refused or failed: {body.get('error')}",
               file=sys.stderr)
@@ -219,6 +235,8 @@ def cmd_mode(args: argparse.Namespace) -> int:
         print(f"switch to {args.mode} under way on GPU {body['gpu']} (id {body['id']})")
     else:
         print(_switch_line(body))
+    if bad_input:
+        return EXIT_USAGE
     return EXIT_OK if ok else EXIT_FAILED
 
 
@@ -336,6 +354,16 @@ def _setup_logging() -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
@@ -346,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="reach the daemon over HTTP instead of its socket")
     client.add_argument("--token", default=argparse.SUPPRESS,
                         help="API token for --url (default: $GPUWARDEN_TOKEN)")
-    client.add_argument("--timeout", type=float, default=argparse.SUPPRESS,
+    client.add_argument("--timeout", type=_seconds, default=argparse.SUPPRESS,
                         help="seconds to wait for an answer (default 30); for mode MODE, "
                              "for the whole switch (default: until it ends; past it: exit "
                              "4, the switch goes on)")

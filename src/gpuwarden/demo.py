@@ -80,14 +80,18 @@ def run_demo(folder: Path | None) -> int:
     path = folder / "config.toml"
     path.write_text(demo_config(folder), encoding="utf-8")
     config = load_config(path)
-    cli = f"gpuwarden --config {path}"
+    # Commands that work as printed, from the environment the demo runs in.
+    script = Path(sys.executable).parent / "gpuwarden"
+    cli = f"{script if script.exists() else f'{sys.executable} -m gpuwarden.cli'} " \
+          f"--config {path}"
     print(
         f"gpuwarden demo: simulated 20 GiB GPU, config in {path}\n"
         f"In another terminal:\n"
         f"  {cli} status\n"
         f"  {cli} mode image\n"
         f"  {cli} mode llm --json\n"
-        f"  python -m gpuwarden.gpu.hold --ledger {folder / 'ledger'} --name stray --mib 9000"
+        f"  {sys.executable} -m gpuwarden.gpu.hold --ledger {folder / 'ledger'} --name stray"
+        " --mib 9000"
         "   # an unowned holder\n"
         f"Audit events follow as JSON lines. Ctrl-C stops the demo.\n",
         file=sys.stderr, flush=True,

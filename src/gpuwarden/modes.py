@@ -506,7 +506,8 @@ class ModeSwitcher:
         verdict = await self._verify_release(
             tr, gpu, set(plan.to_stop), timings, "release_s", starting=tr.to_mode,
             also_free=set(plan.to_start),
-            stop_s=round(timings["stop_s"], 4), graceful=[r.actions + r.errors for r in reports])
+            stop_s=round(timings["stop_s"], 4),
+            graceful={r.workload: r.actions + r.errors for r in reports})
         if not verdict.clear:
             figures = {"used_mib": verdict.used_mib, "allowed_mib": verdict.allowed_mib,
                        "holders": verdict.holders}

@@ -243,6 +243,10 @@ class Service:
 
     async def unblock(self, workload: str, *, requested_by: str) -> dict[str, Any]:
         """Lift a crash-loop block (see CrashLoopGuard.unblock for what it refuses)."""
+        if workload not in self._workloads:
+            raise NotFoundError(f"unknown workload {workload!r} "
+                                f"(workloads: {', '.join(sorted(self._workloads))})",
+                                {"workload": workload})
         if self.crashloop is None:
             raise NotFoundError(f"workload {workload!r} is not blocked (no Docker workloads)",
                                 {"workload": workload})

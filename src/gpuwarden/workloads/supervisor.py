@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .base import Workload, WorkloadStatus
+from .base import Workload, WorkloadState, WorkloadStatus
 
 __all__ = ["StopRecord", "WorkloadSupervisor", "describe_stop"]
 
@@ -57,8 +57,14 @@ class WorkloadSupervisor:
 
     async def stop_locked(self, name: str, *, by: str, reason: str,
                           requested_by: str | None = None) -> WorkloadStatus:
-        """Stop `name`; the caller holds its lock. Raises WorkloadError."""
-        self._stops[name] = StopRecord(time.time(), by, reason, requested_by)
+        """Stop `name`; the caller holds its lock. Raises WorkloadError.
+
+        A workload that is already down is stopped all the same (a crashed leader may
+        have left children holding VRAM), but its stop record keeps saying why it went
+        down in the first place."""
+        before = await self.status(name)
+        if before.running or before.state is WorkloadState.UNKNOWN:
+            self._stops[name] = StopRecord(time.time(), by, reason, requested_by)
         return await asyncio.to_thread(self._workloads[name].stop)
 
     async def stop(self, name: str, *, by: str, reason: str,
