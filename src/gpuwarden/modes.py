@@ -324,6 +324,7 @@ class ModeSwitcher:
                          frozenset(self._workloads_of(mode)))
         # Claim the GPU before the first await, so a concurrent request sees this one.
         self._running[index] = entry
+        t0 = time.monotonic()  # the switch's time includes its planning
         try:
             plan = await self._plan(entry, force=force, reconcile=reconcile)
         except BaseException as exc:
@@ -339,7 +340,7 @@ class ModeSwitcher:
             result = SwitchResult(True, index, current, mode, "", {"total_s": 0.0})
             entry.future.set_result(result)
             return result
-        task = loop.create_task(self._run(entry, plan, force))
+        task = loop.create_task(self._run(entry, plan, force, t0))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return await asyncio.shield(entry.future) if wait else self._pending(entry)
@@ -431,10 +432,10 @@ class ModeSwitcher:
         st.transition = transition
         await self._store.save_async(self._state)
 
-    async def _run(self, entry: _Running, plan: _Plan, force: bool) -> SwitchResult:
+    async def _run(self, entry: _Running, plan: _Plan, force: bool, t0: float
+                   ) -> SwitchResult:
         tr, gpu = entry.transition, entry.gpu
-        timings: dict[str, float] = {}
-        t0 = time.monotonic()
+        timings: dict[str, float] = {"plan_s": time.monotonic() - t0}
         if not plan.heal:
             self._bus.publish(
                 "mode.switch.started", f"GPU {gpu}: {tr.from_mode} -> {tr.to_mode}",
