@@ -168,7 +168,8 @@ def test_200_switches_never_meet_the_mode_guard(
         probe.stop()
     completed = daemon.events("mode.switch.completed")
     assert len(completed) == 201  # the restore, then the 200
-    assert daemon.events("mode.violation") == []
+    violations = daemon.events("mode.violation")
+    assert violations == [], f"{len(violations)} mode.violation events: {violations[:3]}"
     assert daemon.events("mode.switch.failed") == []
     assert probe.violations == []
     assert containers.running(ollama) and not containers.running(comfy)
@@ -183,10 +184,9 @@ def test_cli_timeout_and_ctrl_c_say_the_switch_goes_on(node: SimNode, start_daem
         daemon = start_daemon(config, node.socket)
         daemon.wait_mode("llm")
 
-        t0 = time.monotonic()
+        # Exit 4 only while the switch still runs: it ends 3 s on, at the earliest.
         result = run_cli("--config", str(config), "mode", "image", "--timeout", "0.5")
         assert result.returncode == 4, result
-        assert time.monotonic() - t0 < 3.0 + 2.0  # left before the switch could end
         assert "goes on" in result.stderr and "gpuwarden mode" in result.stderr
         tid = result.stderr.split("(id ")[1].split(",")[0].split(")")[0]
         done = daemon.wait_event("mode.switch.completed", to="image")[0]
