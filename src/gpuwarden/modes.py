@@ -332,6 +332,9 @@ class ModeSwitcher:
             if isinstance(exc, RefusedError):
                 entry.future.set_exception(exc)  # a request that joined meanwhile gets it too
                 entry.future.exception()  # retrieved: no "never retrieved" warning
+                # ...and one that joined without waiting finds it by id.
+                self._keep(SwitchResult(False, index, current, mode, transition.id,
+                                        error=str(exc), detail={"refused": exc.detail}))
                 raise self._refused(transition, index, force, exc) from None
             entry.future.cancel()
             raise
@@ -344,6 +347,12 @@ class ModeSwitcher:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return await asyncio.shield(entry.future) if wait else self._pending(entry)
+
+    def _keep(self, result: SwitchResult) -> None:
+        """Remember how a switch ended, for `switch_state()`; the oldest are forgotten."""
+        self._results[result.transition_id] = result
+        while len(self._results) > _KEPT_RESULTS:
+            self._results.popitem(last=False)
 
     def _refused(self, tr: Transition, gpu: int, force: bool,
                  exc: RefusedError) -> RefusedError:
@@ -448,9 +457,7 @@ class ModeSwitcher:
                 result = await self._steps(entry, plan, force, timings, t0)
             except Exception as exc:  # an unexpected bug must still fail closed and be seen
                 result = await self._fail(entry, timings, t0, f"internal error: {exc!r}", {})
-            self._results[tr.id] = result
-            while len(self._results) > _KEPT_RESULTS:
-                self._results.popitem(last=False)
+            self._keep(result)
             if self._on_settled is not None:
                 # Still the GPU's owner meanwhile: whoever asks sees the switch under way
                 # until its figures are fresh.
