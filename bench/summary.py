@@ -61,6 +61,18 @@ def rows(folder: Path) -> list[tuple[str, str, str, str]]:
                     "PASS" if o["p99_ms"] < 10 and o["errors"] == 0 else "FAIL"))
         out.append(("  closed loop, 4 clients", f"{api['closed_loop']['rps']:.0f} req/s",
                     "", ""))
+    sinks = load(folder, "sinks.json")
+    if sinks:
+        out.append(("delivery latency, publish -> receiver (p50 / p99)",
+                    f"{sinks['latency_ms_p50']:.1f} / {sinks['latency_ms_p99']:.1f} ms",
+                    "p99 < 50 ms", "PASS" if sinks["latency_ms_p99"] < 50 else "FAIL"))
+        out.append(("  sustained into one receiver", f"{sinks['sustained_events_per_s']:.0f}"
+                    " events/s", "", ""))
+        out.append(("  1,000 queued on disk (with WAL / data)",
+                    f"{sinks['bytes_on_disk_per_1000_queued'] / 1e6:.1f} / "
+                    f"{sinks['bytes_per_1000_queued_after_checkpoint'] / 1e6:.2f} MB", "", ""))
+        out.append(("  backlog of 1,000 drained after the receiver is back",
+                    f"{sinks['backlog_1000_drain_s']:.1f} s", "", ""))
     acc = load(folder, "gpu-acceptance.json")
     if acc:
         ok = sum(c["ok"] for c in acc["checks"])

@@ -144,6 +144,11 @@ def format_status(doc: dict[str, Any]) -> str:
             why = f"  {stopped['reason']}{when}"
         lines.append(f"  {wl['name']:<16} {wl['kind']:<8} {wl['state']:<9} gpu {gpu}"
                      f"{blocked}{why}")
+    for receiver in doc.get("sinks", {}).get("receivers", []):
+        if receiver.get("state") == "failing":
+            lines.append(f"receiver {receiver['sink']} FAILING {_when(receiver['failing_since'])}"
+                         f": {receiver['last_error']}; {receiver['queued']} queued, "
+                         f"{receiver['dropped']} dropped")
     return "\n".join(lines)
 
 

@@ -307,7 +307,6 @@ class DeliveryConfig(_Section):
     """Outbound webhooks: a bounded queue per receiver, retries with backoff."""
 
     queue_size: int = Field(1000, ge=1)
-    max_attempts: int = Field(8, ge=1)
     backoff_base: PositiveSeconds = 0.5
     backoff_max: PositiveSeconds = 60.0
     timeout: PositiveSeconds = 10.0

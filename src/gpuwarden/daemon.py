@@ -112,7 +112,7 @@ class Daemon:
         watchdog = Watchdog(cfg.thresholds, self.bus, leaks, cfg.watchdog.tier_reminder)
         self.metrics = Metrics()
         self.bus.subscribe(self.metrics.on_event)
-        self._start_sinks()
+        await self._start_sinks()
         self.service = Service(cfg, self._backend, owners, self._workloads, persisted, self.bus,
                                watchdog)
         self._http = httpx.AsyncClient()
@@ -126,6 +126,7 @@ class Daemon:
         # Outbound receivers' deliveries, failures and drops, for operators.
         self.service.status_sections["sinks"] = lambda: {
             "receivers": [sink.status() for sink in self._sinks]}
+        self.metrics.receivers = lambda: [sink.status() for sink in self._sinks]
         self._guard = ModeGuard(cfg, self._switcher, self._workloads, supervisor, persisted,
                                 self.bus, self._http)
         self._protect = ProtectiveActions(cfg, self._workloads, supervisor, self.bus,
@@ -228,22 +229,26 @@ class Daemon:
         self._discord_task = asyncio.get_running_loop().create_task(
             bot.run(token.get_secret_value()))
 
-    def _start_sinks(self) -> None:
+    async def _start_sinks(self) -> None:
         cfg = self.config
         self._sink_http = httpx.AsyncClient()
         secret = cfg.n8n.signing_secret
+        outboxes = cfg.daemon.state_dir / "outbox"
         for url in cfg.n8n.event_webhook_urls:
             self._sinks.append(N8nSink(
                 url, secret.get_secret_value() if secret else None, cfg.delivery, self.bus,
-                self._sink_http, severity_named(cfg.n8n.min_severity),
+                self._sink_http, severity_named(cfg.n8n.min_severity), outboxes,
                 self.metrics.on_delivery))
         if cfg.discord.alert_webhook_url:
             self._sinks.append(DiscordWebhookSink(
                 cfg.discord.alert_webhook_url, cfg.delivery, self.bus, self._sink_http,
-                severity_named(cfg.discord.alert_min_severity), self.metrics.on_delivery))
+                severity_named(cfg.discord.alert_min_severity), outboxes,
+                self.metrics.on_delivery))
         for sink in self._sinks:
-            sink.start()
-            self.bus.subscribe(sink.offer, sink.min_severity)
+            await sink.start()
+            # Every event reaches offer(): a resolution below the receiver's threshold
+            # still goes to a receiver that was sent the alert.
+            self.bus.subscribe(sink.offer)
 
     async def _listen(self, path: Path) -> None:
         assert self.service is not None

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-__all__ = ["AuditWriter", "Event", "EventBus", "Severity"]
+__all__ = ["AuditWriter", "Event", "EventBus", "Severity", "alert_group"]
 
 
 class Severity(enum.IntEnum):
@@ -57,6 +57,36 @@ class Event:
         doc.update(self.fields)
         return doc
 
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> Event:
+        """The event `to_dict()` made (as stored in an outbox)."""
+        rest = dict(doc)
+        return cls(id=int(rest.pop("id")), name=str(rest.pop("event")),
+                   severity=Severity[str(rest.pop("severity")).upper()],
+                   message=str(rest.pop("message")), time=float(rest.pop("time")),
+                   requested_by=rest.pop("requested_by", None), fields=rest)
+
+
+def alert_group(name: str, fields: dict[str, Any]) -> tuple[str, bool] | None:
+    """The alert group an event belongs to, and whether it resolves it; None for events
+    that are not part of an alert and its resolution. Both carry the same group key
+    (as Alertmanager's `send_resolved` pairs them), so a receiver can match them."""
+    gpu = fields.get("gpu")
+    where = "node" if gpu is None else f"gpu{gpu}"
+    if name == "vram.tier":
+        return f"vram.tier:{where}", fields.get("to") == "ok"
+    if name == "vram.leak":
+        return f"vram.leak:{where}:{fields.get('kind')}", bool(fields.get("recovered"))
+    if name == "gpu.error":
+        return f"gpu.error:{where}", bool(fields.get("recovered"))
+    if name == "docker.error":
+        return "docker.error", bool(fields.get("recovered"))
+    if name in ("crashloop.blocked", "crashloop.unblocked"):
+        return f"crashloop:{fields.get('workload')}", name == "crashloop.unblocked"
+    if name in ("sink.failing", "sink.recovered"):
+        return f"sink:{fields.get('sink')}", name == "sink.recovered"
+    return None
+
 
 class AuditWriter(Protocol):
     def write(self, event: Event) -> None: ...
@@ -92,6 +122,9 @@ class EventBus:
         requested_by: str | None = None,
         **fields: Any,
     ) -> Event:
+        group = alert_group(name, fields)
+        if group is not None and "group_key" not in fields:
+            fields = {**fields, "group_key": group[0], "resolved": group[1]}
         with self._lock:
             event = Event(
                 id=next(self._ids),

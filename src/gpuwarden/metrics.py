@@ -6,6 +6,9 @@ blocks and events are counted as the events happen; outbound deliveries by sink.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .events import Event
@@ -55,8 +58,17 @@ class Metrics:
                               ("workload",), registry=r)
         self.events = Counter("gpuwarden_events", "Events by name", ("event",), registry=r)
         self.deliveries = Counter("gpuwarden_deliveries", "Outbound webhook deliveries by "
-                                  "outcome (delivered, retried, failed, dropped, disabled)",
+                                  "outcome (delivered, retried, failed, dropped, failing)",
                                   ("sink", "outcome"), registry=r)
+        # Per receiver, named without its secrets (scheme://host:port/path).
+        self.receiver_failing = Gauge("gpuwarden_receiver_failing",
+                                      "1 while an outbound receiver is failing",
+                                      ("receiver",), registry=r)
+        self.receiver_queued = Gauge("gpuwarden_receiver_queued",
+                                     "Events waiting for an outbound receiver",
+                                     ("receiver",), registry=r)
+        # The receivers' states, read when metrics are rendered.
+        self.receivers: Callable[[], list[dict[str, Any]]] = list
 
     def on_event(self, event: Event) -> None:
         self.events.labels(event.name).inc()
@@ -98,4 +110,8 @@ class Metrics:
             self.workload_blocked.labels(name).set(1 if name in blocked else 0)
 
     def render(self) -> bytes:
+        for receiver in self.receivers():
+            self.receiver_failing.labels(receiver["sink"]).set(
+                1 if receiver["state"] == "failing" else 0)
+            self.receiver_queued.labels(receiver["sink"]).set(receiver["queued"])
         return bytes(generate_latest(self.registry))

@@ -3,29 +3,46 @@
 Each receiver has a bounded queue and a worker task, so a slow or dead receiver never
 delays sampling or switching: publishing only enqueues (dropping the oldest event
 when the queue is full, counted and logged). Failed deliveries are retried with
-exponential backoff and full jitter; a 429 waits `retry_after`; a 404 disables the
-receiver with an error event (Discord: a deleted webhook stays deleted).
+exponential backoff and full jitter; a 429 waits `retry_after`. No answer disables a
+receiver for good: 404 and 410 (an n8n workflow deactivated, or n8n restarting),
+5xx, timeouts and refused connections all mean "failing", which starts an episode
+(`sink.failing` to the other receivers, once) that its next delivery ends
+(`sink.recovered`, once).
+
+A receiver is named by scheme, host, port and path only: userinfo, the query and a
+Discord webhook's token never reach status, events, logs or metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import hashlib
 import json
 import logging
 import random
-import uuid
+import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
 from standardwebhooks.webhooks import Webhook
 
 from .config import DeliveryConfig
 from .events import Event, EventBus, Severity
+from .outbox import Entry, Outbox
 
-__all__ = ["DiscordWebhookSink", "N8nSink", "WebhookSink", "discord_embed", "severity_named"]
+__all__ = [
+    "DiscordWebhookSink",
+    "N8nSink",
+    "WebhookSink",
+    "discord_embed",
+    "receiver_name",
+    "severity_named",
+]
 
 log = logging.getLogger(__name__)
 
@@ -44,138 +61,268 @@ def severity_named(name: str) -> Severity:
     return Severity[name.upper()]
 
 
+# Answers that say "this receiver is failing", not "this event is wrong": retried.
+_FAILING_STATUSES = {404, 408, 410, 425, 429}
+
+
+def receiver_name(url: str) -> str:
+    """scheme://host[:port]/path of a receiver's URL: no userinfo, no query, no fragment,
+    and a Discord webhook's path without its token (/api/webhooks/<id>)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"  # IPv6
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        port = ""
+    path = parts.path
+    segments = path.split("/")
+    if "webhooks" in segments:
+        # Discord (and Slack-compatible) webhooks: /api/webhooks/<id>/<token>[/slack]
+        at = segments.index("webhooks")
+        path = "/".join(segments[:at + 2])
+    return f"{parts.scheme}://{host}{port}{path}"
+
+
+def _secrets_of(url: str) -> list[str]:
+    """The parts of a URL that must never be shown, longest first."""
+    parts = urlsplit(url)
+    found = [url, parts.query, parts.password or "", parts.username or "",
+             parts.netloc if "@" in parts.netloc else ""]
+    segments = parts.path.split("/")
+    if "webhooks" in segments:
+        found.extend(segments[segments.index("webhooks") + 2:])
+    return sorted({f for f in found if len(f) >= 4}, key=len, reverse=True)
+
+
 DeliveryStat = Callable[[str, str], None]  # (sink, outcome)
+T = TypeVar("T")
+
+# At most one `sink.dropped` event per receiver this often (the count adds up).
+_DROP_REPORT_S = 60.0
 
 
 class WebhookSink:
-    """One receiver: a bounded queue, a worker, retries. Subclasses shape the request."""
+    """One receiver: a durable outbox, a worker, retries. Subclasses shape the request."""
 
     kind = "webhook"
 
     def __init__(self, url: str, config: DeliveryConfig, bus: EventBus,
-                 client: httpx.AsyncClient, min_severity: Severity,
+                 client: httpx.AsyncClient, min_severity: Severity, outbox_dir: Path,
                  on_stat: DeliveryStat | None = None) -> None:
         self.url = url
         self.config = config
         self.min_severity = min_severity
-        self.disabled = False
+        self.name = f"{self.kind}:{receiver_name(url)}"
+        self._secrets = _secrets_of(url)
+        self.failing_since: float | None = None  # unix seconds; None while it delivers
+        self.last_error: str | None = None  # redacted
+        self.next_try_at: float | None = None  # unix seconds of the next retry
+        self.queued = 0
         self.delivered = 0
         self.dropped = 0
         self.failed = 0
         self._bus = bus
         self._client = client
         self._on_stat = on_stat
-        self._queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=config.queue_size)
+        # The file is named by a hash of the whole URL: secrets stay out of its name,
+        # and a receiver whose URL changes starts a fresh outbox.
+        digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+        self.outbox_path = outbox_dir / f"{self.kind}-{digest}.sqlite"
+        self._outbox: Outbox | None = None
+        # One thread per outbox: SQLite connections stay in their thread, and the
+        # events stay in the order they were offered.
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"outbox-{digest[:6]}")
+        self._open_groups: set[str] = set()
+        self._wake = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
-        self._boot = uuid.uuid4().hex[:8]
+        self._dropped_unreported = 0
+        self._drop_reported_at = 0.0
 
-    @property
-    def name(self) -> str:
-        return f"{self.kind}:{self.url.split('?')[0][:60]}"
+    def redact(self, text: str) -> str:
+        """`text` with this receiver's URL and its secret parts replaced."""
+        for secret in self._secrets:
+            text = text.replace(secret, self.name if secret == self.url else "***")
+        return text
 
     def _stat(self, outcome: str) -> None:
         if self._on_stat is not None:
             self._on_stat(self.kind, outcome)
 
-    def start(self) -> None:
+    async def _io_call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+
+    async def start(self) -> None:
+        """Open the outbox (what an earlier run left undelivered is sent first)."""
+        outbox = self._outbox = await self._io_call(Outbox, self.outbox_path,
+                                                    self.config.queue_size)
+        if outbox.set_aside is not None:
+            self._bus.publish(
+                "sink.error", f"{self.name}: its outbox was unreadable and is set aside as "
+                f"{outbox.set_aside.name}; starting an empty one", severity=Severity.ERROR,
+                sink=self.name, set_aside=str(outbox.set_aside))
+        self._open_groups = await self._io_call(outbox.open_groups)
+        self.queued = await self._io_call(outbox.count)
         self._worker = asyncio.get_running_loop().create_task(self._run())
 
     def offer(self, event: Event) -> None:
-        """Enqueue without waiting (called on the loop by the bus)."""
-        if self.disabled or event.severity < self.min_severity:
+        """Queue an event on disk without waiting (called on the loop by the bus)."""
+        outbox = self._outbox
+        if outbox is None:
             return
-        if event.name == "sink.error" and event.fields.get("sink") == self.name:
+        if event.name.startswith("sink.") and event.fields.get("sink") == self.name:
             return  # never report a receiver's trouble to that receiver
-        if self._queue.full():
-            dropped = self._queue.get_nowait()
+        group = event.fields.get("group_key")
+        resolves = bool(event.fields.get("resolved"))
+        if event.severity < self.min_severity and not (
+                resolves and isinstance(group, str) and group in self._open_groups):
+            return  # below the threshold, and not the resolution of an alert it was sent
+        if isinstance(group, str) and resolves != (group not in self._open_groups):
+            if resolves:
+                self._open_groups.discard(group)
+            else:
+                self._open_groups.add(group)
+            self._io.submit(outbox.mark_group, group, not resolves)
+        queued = self._io.submit(outbox.put, event.to_dict())
+        queued.add_done_callback(self._queued_callback(event))
+        self._wake.set()
+
+    def _queued_callback(self, event: Event) -> Callable[[Future[tuple[int, int]]], None]:
+        loop = asyncio.get_running_loop()
+
+        def done(future: Future[tuple[int, int]]) -> None:
+            loop.call_soon_threadsafe(self._on_queued, event, future)
+        return done
+
+    def _on_queued(self, event: Event, future: Future[tuple[int, int]]) -> None:
+        try:
+            self.queued, dropped = future.result()
+        except Exception as exc:  # a full disk: the event is lost, and said so in the log
+            log.error("%s: cannot queue event %d (%s): %s", self.name, event.id, event.name,
+                      exc)
             self.dropped += 1
+            return
+        if not dropped:
+            return
+        self.dropped += dropped
+        self._dropped_unreported += dropped
+        for _ in range(dropped):
             self._stat("dropped")
-            log.warning("%s: queue full (%d), dropped event %d (%s)", self.name,
-                        self.config.queue_size, dropped.id, dropped.name)
-        self._queue.put_nowait(event)
+        log.warning("%s: outbox full (%d), dropped the oldest %d event(s)", self.name,
+                    self.config.queue_size, dropped)
+        now = time.monotonic()
+        if now - self._drop_reported_at >= _DROP_REPORT_S:
+            self._drop_reported_at = now
+            count, self._dropped_unreported = self._dropped_unreported, 0
+            self._bus.publish(
+                "sink.dropped", f"{self.name}: outbox full ({self.config.queue_size}), "
+                f"dropped the oldest {count} event(s)", severity=Severity.WARNING,
+                sink=self.name, dropped=count, dropped_total=self.dropped)
 
     async def _run(self) -> None:
+        outbox = self._outbox
+        assert outbox is not None
         while True:
-            event = await self._queue.get()
-            try:
-                await self._deliver(event)
-            finally:
-                self._queue.task_done()
+            self._wake.clear()
+            entry = await self._io_call(outbox.peek)
+            if entry is None:
+                self.queued = 0
+                await self._wake.wait()
+                continue
+            await self._deliver(entry)
+            self.queued = await self._io_call(outbox.remove, entry.seq)
 
-    def message_id(self, event: Event) -> str:
-        # Stable across retries: receivers can use it to drop duplicates.
-        return f"msg_{self._boot}_{event.id}"
-
-    def request(self, event: Event) -> tuple[bytes, dict[str, str]]:
+    def request(self, entry: Entry) -> tuple[bytes, dict[str, str]]:
         raise NotImplementedError
 
-    async def _deliver(self, event: Event) -> None:
+    async def _deliver(self, entry: Entry) -> None:
+        """Try until the receiver takes the event, or rejects that very event."""
         cfg = self.config
-        for attempt in range(1, cfg.max_attempts + 1):
-            if self.disabled:
-                return
-            body, headers = self.request(event)
+        attempt = 0
+        while True:
+            attempt += 1
+            body, headers = self.request(entry)
             delay: float | None = None
             try:
                 resp = await self._client.post(self.url, content=body, headers=headers,
                                                timeout=cfg.timeout)
             except httpx.HTTPError as exc:
-                outcome = f"{type(exc).__name__}: {exc}"
+                outcome = self.redact(f"{type(exc).__name__}: {exc}".rstrip(": "))
             else:
                 if resp.is_success:
                     self.delivered += 1
                     self._stat("delivered")
+                    self._recovered()
                     return
                 outcome = f"HTTP {resp.status_code}"
-                if resp.status_code == 404:
-                    self._disable(f"{self.url} answered 404 (the webhook is gone)")
-                    return
-                if resp.status_code == 429:
+                if resp.status_code == 429 or "retry-after" in resp.headers:
                     delay = _retry_after(resp)
-                elif 400 <= resp.status_code < 500 and resp.status_code != 408:
-                    self._give_up(event, outcome, attempt)
+                elif resp.status_code < 500 and resp.status_code not in _FAILING_STATUSES:
+                    # The receiver is there and rejects this event (a bad signature, a
+                    # body it refuses): retrying the same bytes cannot help.
+                    self.failed += 1
+                    self._stat("failed")
+                    log.warning("%s: event %s rejected with %s; not retried", self.name,
+                                entry.doc.get("id"), outcome)
                     return
-            if attempt == cfg.max_attempts:
-                break
+            self._failing(outcome)
             if delay is None:
-                # Exponential backoff with full jitter.
+                # Exponential backoff with full jitter, capped at backoff_max.
                 delay = random.uniform(0, min(cfg.backoff_max,
-                                              cfg.backoff_base * 2 ** (attempt - 1)))
+                                              cfg.backoff_base * 2 ** min(attempt - 1, 30)))
             self._stat("retried")
-            log.info("%s: event %d attempt %d failed (%s); retrying in %.2fs", self.name,
-                     event.id, attempt, outcome, delay)
+            self.next_try_at = time.time() + delay
+            log.info("%s: event %s attempt %d failed (%s); retrying in %.2fs", self.name,
+                     entry.doc.get("id"), attempt, outcome, delay)
             await asyncio.sleep(delay)
-        self._give_up(event, outcome, cfg.max_attempts)
 
-    def _give_up(self, event: Event, outcome: str, attempts: int) -> None:
-        self.failed += 1
-        self._stat("failed")
-        log.warning("%s: gave up on event %d after %d attempt(s): %s", self.name, event.id,
-                    attempts, outcome)
+    def _failing(self, why: str) -> None:
+        """A failed attempt: the first starts an episode, announced once."""
+        self.last_error = why
+        if self.failing_since is not None:
+            return
+        self.failing_since = time.time()
+        self._stat("failing")
+        self._bus.publish("sink.failing", f"{self.name} is failing: {why}; retrying",
+                          severity=Severity.ERROR, sink=self.name, reason=why)
 
-    def _disable(self, why: str) -> None:
-        self.disabled = True
-        self._stat("disabled")
-        self._bus.publish("sink.error", f"{self.name} disabled: {why}",
-                          severity=Severity.ERROR, sink=self.name, disabled=True, reason=why)
+    def _recovered(self) -> None:
+        self.next_try_at = None
+        if self.failing_since is None:
+            return
+        since, self.failing_since = self.failing_since, None
+        self._bus.publish("sink.recovered",
+                          f"{self.name} delivers again after {time.time() - since:.1f} s",
+                          sink=self.name, failing_since=since, last_error=self.last_error)
 
     def status(self) -> dict[str, Any]:
-        return {"sink": self.name, "disabled": self.disabled, "queued": self._queue.qsize(),
+        return {"sink": self.name, "state": "ok" if self.failing_since is None else "failing",
+                "failing_since": self.failing_since, "last_error": self.last_error,
+                "next_try_at": self.next_try_at, "queued": self.queued,
                 "delivered": self.delivered, "failed": self.failed, "dropped": self.dropped}
 
     async def close(self, drain_s: float = 2.0) -> None:
-        """Give queued events a moment to go out, then stop."""
-        if self._worker is None:
-            return
-        if not self._queue.empty():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._queue.join(), drain_s)
-        self._worker.cancel()
-        await asyncio.gather(self._worker, return_exceptions=True)
+        """Give queued events a moment to go out, then stop; the rest stay on disk."""
+        if self._worker is not None and self._outbox is not None:
+            deadline = time.monotonic() + drain_s
+            # Counted through the outbox's thread: after every event offered so far is
+            # on disk, and until the last delivered one is taken off.
+            while self.failing_since is None and time.monotonic() < deadline:
+                left: int = await self._io_call(self._outbox.count)
+                if not left:
+                    break
+                await asyncio.sleep(0.02)
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+        if self._outbox is not None:
+            await self._io_call(self._outbox.close)
+        self._io.shutdown(wait=True)
 
 
 def _retry_after(resp: httpx.Response) -> float:
-    """Discord's 429: `retry_after` (seconds, float) in the body, else Retry-After."""
+    """Discord's 429: `retry_after` (seconds, float) in the body, else the Retry-After
+    header (seconds) any receiver may send with a 429 or 503."""
     try:
         value = float(resp.json().get("retry_after"))
     except (ValueError, TypeError, AttributeError):
@@ -195,10 +342,10 @@ class N8nSink(WebhookSink):
         super().__init__(url, *args, **kwargs)
         self._signer = Webhook(secret) if secret else None
 
-    def request(self, event: Event) -> tuple[bytes, dict[str, str]]:
-        body = json.dumps(event.to_dict(), default=str, separators=(",", ":"))
+    def request(self, entry: Entry) -> tuple[bytes, dict[str, str]]:
+        body = json.dumps(entry.doc, default=str, separators=(",", ":"))
         headers = {"content-type": "application/json", "user-agent": "gpuwarden"}
-        msg_id = self.message_id(event)
+        msg_id = entry.msg_id
         now = datetime.now(tz=UTC)
         headers["webhook-id"] = msg_id
         headers["webhook-timestamp"] = str(int(now.timestamp()))
@@ -243,8 +390,8 @@ def discord_embed(event: Event) -> dict[str, Any]:
 class DiscordWebhookSink(WebhookSink):
     kind = "discord"
 
-    def request(self, event: Event) -> tuple[bytes, dict[str, str]]:
-        body = {"username": "gpuwarden", "embeds": [discord_embed(event)],
+    def request(self, entry: Entry) -> tuple[bytes, dict[str, str]]:
+        body = {"username": "gpuwarden", "embeds": [discord_embed(Event.from_dict(entry.doc))],
                 "allowed_mentions": {"parse": []}}
         return json.dumps(body).encode(), {"content-type": "application/json",
                                            "user-agent": "gpuwarden"}
