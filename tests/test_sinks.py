@@ -516,3 +516,77 @@ def test_a_daemon_killed_with_50_events_queued_delivers_them_after_its_restart(
         again.wait_event("daemon.started")
     finally:
         receiver.stop()
+
+
+def test_a_bad_receiver_url_is_a_config_error_that_never_shows_it(node: SimNode) -> None:
+    for bad in (["http//gw:s3cretpass@127.0.0.1:5678/webhook/x?token=qu3rytoken"],
+                ["http://gw:s3cretpass@127.0.0.1:99999/webhook/x?token=qu3rytoken"],
+                ["ftp://gw:s3cretpass@127.0.0.1/x?token=qu3rytoken"],
+                "http://gw:s3cretpass@127.0.0.1:5678/webhook/x?token=qu3rytoken"):
+        config = node.write(n8n={"event_webhook_urls": bad})
+        result = run_cli("check-config", str(config))
+        assert result.returncode == 2, (bad, result)
+        assert "n8n.event_webhook_urls" in result.stderr
+        assert "s3cretpass" not in result.stderr and "qu3rytoken" not in result.stderr
+
+
+def test_an_outage_across_a_restart_is_one_episode(tmp_path: Path) -> None:
+    port = free_port()
+    receiver = Receiver(port=port)
+    audit = Collect()
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient() as client:
+            for _ in range(2):  # a daemon restart in the middle of the outage
+                bus = EventBus(audit)
+                sink = await _sink_for(f"http://127.0.0.1:{port}", tmp_path, bus, client)
+                bus.publish("mode.switch.completed", "during the outage", gpu=0)
+                await _wait(lambda: sink.failing_since is not None)  # noqa: B023
+                await sink.close()
+            receiver.start()
+            bus = EventBus(audit)
+            sink = await _sink_for(f"http://127.0.0.1:{port}", tmp_path, bus, client)
+            await _wait(lambda: len(receiver.received) == 2)
+            await sink.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        receiver.stop()
+    assert [e.name for e in audit.events if e.name.startswith("sink.")] == [
+        "sink.failing", "sink.recovered"]
+
+
+def test_an_alert_open_at_a_restart_gets_its_resolution_after_it(
+        node: SimNode, start_daemon) -> None:
+    receiver = Receiver().start()
+    try:
+        config = node.write(n8n={"event_webhook_urls": [f"{receiver.url}/hook"],
+                                 "signing_secret": SECRET, "min_severity": "warning"},
+                            thresholds={"sustain": 1})
+        daemon = start_daemon(config, node.socket)
+        stray = node.hold("stray", 19000)  # 93 %: alert
+        try:
+            daemon.wait_event("vram.tier", to="alert")
+            deadline = time.monotonic() + 20
+            while not any(r["body"]["event"] == "vram.tier" for r in receiver.received):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert daemon.stop() == 0
+        finally:
+            stray.kill()
+            stray.wait()
+        # Its claim file is gone too: the restarted daemon's first sample is clear.
+        (node.ledger / "stray.mib").unlink()
+        again = start_daemon(config, node.socket)
+        resolved = again.wait_event("vram.tier", to="ok")[0]
+        assert resolved["group_key"] == "vram.tier:gpu0" and resolved["resolved"] is True
+        deadline = time.monotonic() + 20
+        while not any(r["body"].get("resolved") is True for r in receiver.received):
+            assert time.monotonic() < deadline, [r["body"]["event"] for r in receiver.received]
+            time.sleep(0.05)
+    finally:
+        receiver.stop()
+    tiers = [(r["body"]["to"], r["body"]["group_key"]) for r in receiver.received
+             if r["body"]["event"] == "vram.tier"]
+    assert tiers == [("alert", "vram.tier:gpu0"), ("ok", "vram.tier:gpu0")]

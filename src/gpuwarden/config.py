@@ -16,6 +16,7 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -24,6 +25,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_settings import (
@@ -289,12 +291,22 @@ class DiscordConfig(_Section):
         _resolve_secret(self, "token", "token_file")
         return self
 
+    @field_validator("alert_webhook_url")
+    @classmethod
+    def _webhook_url(cls, url: str) -> str:
+        return _check_webhook_url(url) if url else url
+
 
 class N8nConfig(_Section):
     event_webhook_urls: list[str] = []
     signing_secret: SecretStr | None = None
     signing_secret_file: Path | None = None
     min_severity: SeverityName = "info"
+
+    @field_validator("event_webhook_urls")
+    @classmethod
+    def _webhook_urls(cls, urls: list[str]) -> list[str]:
+        return [_check_webhook_url(url) for url in urls]
 
     @model_validator(mode="after")
     def _secret(self) -> N8nConfig:
@@ -432,6 +444,24 @@ def _check_listen(api: ApiConfig) -> list[str]:
     return []
 
 
+def _check_webhook_url(url: str) -> str:
+    """An http(s) URL with a host and a valid port. The message never repeats the URL:
+    it may carry credentials."""
+    parts = urlsplit(url)
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        port_ok = False
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        raise ValueError("must be an http:// or https:// URL with a host and a valid port "
+                         "(the value is not shown: it may hold credentials)")
+    return url
+
+
+# Keys whose values may hold credentials: never echoed in an error.
+_SECRET_KEYS = ("url", "token", "secret", "password")
+
+
 def _format_error(err: Any) -> str:
     path = ".".join(str(part) for part in err["loc"]) or "(top level)"
     msg = str(err["msg"]).removeprefix("Value error, ")
@@ -440,6 +470,8 @@ def _format_error(err: Any) -> str:
     if err["type"] == "missing":
         return f"{path}: required key is missing"
     value = err.get("input")
+    if any(word in path.lower() for word in _SECRET_KEYS):
+        return f"{path}: {msg}"
     if isinstance(value, str | int | float | bool) and err["type"] not in ("value_error",):
         return f"{path}: {msg} (got {value!r})"
     return f"{path}: {msg}"

@@ -113,6 +113,8 @@ class Daemon:
         self.metrics = Metrics()
         self.bus.subscribe(self.metrics.on_event)
         await self._start_sinks()
+        for sink in self._sinks:
+            watchdog.unresolved |= sink.open_groups
         self.service = Service(cfg, self._backend, owners, self._workloads, persisted, self.bus,
                                watchdog)
         self._http = httpx.AsyncClient()

@@ -58,7 +58,8 @@ class Metrics:
                               ("workload",), registry=r)
         self.events = Counter("gpuwarden_events", "Events by name", ("event",), registry=r)
         self.deliveries = Counter("gpuwarden_deliveries", "Outbound webhook deliveries by "
-                                  "outcome (delivered, retried, failed, dropped, failing)",
+                                  "receiver (named without secrets) and outcome (delivered, "
+                                  "retried, failed, dropped, failing)",
                                   ("sink", "outcome"), registry=r)
         # Per receiver, named without its secrets (scheme://host:port/path).
         self.receiver_failing = Gauge("gpuwarden_receiver_failing",

@@ -14,6 +14,7 @@ thread of its own, which also keeps events in order.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 import uuid
@@ -60,6 +61,8 @@ class Outbox:
         self._prefix = self._meta_prefix()
 
     def _open(self) -> sqlite3.Connection:
+        if not self.path.exists():  # as private as state.json; the WAL inherits the mode
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o640))
         db = sqlite3.connect(self.path, isolation_level=None)  # autocommit; explicit BEGIN
         try:
             db.execute("PRAGMA journal_mode=WAL")
@@ -127,6 +130,18 @@ class Outbox:
                              "VALUES (?, ?)", (group_key, time.time()))
         else:
             self._db.execute("DELETE FROM open_groups WHERE group_key = ?", (group_key,))
+
+    def failing_since(self) -> float | None:
+        """When the receiver's current outage began, kept across restarts."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'failing_since'").fetchone()
+        return None if row is None else float(row[0])
+
+    def set_failing_since(self, since: float | None) -> None:
+        if since is None:
+            self._db.execute("DELETE FROM meta WHERE key = 'failing_since'")
+        else:
+            self._db.execute("INSERT OR REPLACE INTO meta (key, value) "
+                             "VALUES ('failing_since', ?)", (repr(since),))
 
     def close(self) -> None:
         self._db.close()

@@ -126,9 +126,9 @@ class WebhookSink:
         self._bus = bus
         self._client = client
         self._on_stat = on_stat
-        # The file is named by a hash of the whole URL: secrets stay out of its name,
-        # and a receiver whose URL changes starts a fresh outbox.
-        digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+        # The file is named by a hash of the receiver's name: no secret in it, and new
+        # credentials for the same receiver keep its queued events.
+        digest = hashlib.sha256(self.name.encode()).hexdigest()[:16]
         self.outbox_path = outbox_dir / f"{self.kind}-{digest}.sqlite"
         self._outbox: Outbox | None = None
         # One thread per outbox: SQLite connections stay in their thread, and the
@@ -140,6 +140,11 @@ class WebhookSink:
         self._dropped_unreported = 0
         self._drop_reported_at = 0.0
 
+    @property
+    def open_groups(self) -> set[str]:
+        """Alert groups this receiver was sent an alert for and no resolution yet."""
+        return set(self._open_groups)
+
     def redact(self, text: str) -> str:
         """`text` with this receiver's URL and its secret parts replaced."""
         for secret in self._secrets:
@@ -148,7 +153,7 @@ class WebhookSink:
 
     def _stat(self, outcome: str) -> None:
         if self._on_stat is not None:
-            self._on_stat(self.kind, outcome)
+            self._on_stat(self.name, outcome)
 
     async def _io_call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
@@ -164,6 +169,8 @@ class WebhookSink:
                 sink=self.name, set_aside=str(outbox.set_aside))
         self._open_groups = await self._io_call(outbox.open_groups)
         self.queued = await self._io_call(outbox.count)
+        # An outage that outlived a restart stays one episode (announced once).
+        self.failing_since = await self._io_call(outbox.failing_since)
         self._worker = asyncio.get_running_loop().create_task(self._run())
 
     def offer(self, event: Event) -> None:
@@ -283,6 +290,8 @@ class WebhookSink:
         if self.failing_since is not None:
             return
         self.failing_since = time.time()
+        if self._outbox is not None:
+            self._io.submit(self._outbox.set_failing_since, self.failing_since)
         self._stat("failing")
         self._bus.publish("sink.failing", f"{self.name} is failing: {why}; retrying",
                           severity=Severity.ERROR, sink=self.name, reason=why)
@@ -292,6 +301,8 @@ class WebhookSink:
         if self.failing_since is None:
             return
         since, self.failing_since = self.failing_since, None
+        if self._outbox is not None:
+            self._io.submit(self._outbox.set_failing_since, None)
         self._bus.publish("sink.recovered",
                           f"{self.name} delivers again after {time.time() - since:.1f} s",
                           sink=self.name, failing_since=since, last_error=self.last_error)

@@ -207,6 +207,9 @@ class Watchdog:
         self._tier_reminder = tier_reminder
         self._gpus: dict[int, _GpuWatch] = {}
         self._node_fault: str | None = None
+        # Alert groups a receiver was sent an alert for before a restart and no
+        # resolution yet: resolved at the first sample that finds them clear.
+        self.unresolved: set[str] = set()
 
     def tier(self, gpu: int) -> Tier:
         watch = self._gpus.get(gpu)
@@ -229,13 +232,34 @@ class Watchdog:
                 self._bus.publish("gpu.error", "GPUs readable again", recovered=True)
             self._node_fault = node_fault
         for gpu in node.gpus:
+            first = gpu.index not in self._gpus
             watch = self._gpus.setdefault(gpu.index, _GpuWatch(TierTracker(self._thresholds)))
             if self._observe_gpu(sample, gpu, watch) is Tier.CRITICAL:
                 critical.append(gpu.index)
+            if first:
+                self._resolve_after_restart(gpu, watch)
             if self._leaks is not None and gpu.ok and running is not None:
                 self._leaks.observe(sample, gpu, running.get(gpu.index, set()),
                                     gpu.index in (quiet or set()))
         return critical
+
+    def _resolve_after_restart(self, gpu: GpuSample, watch: _GpuWatch) -> None:
+        """An alert from before a restart that this first look finds clear gets its
+        resolution now: the tracker starts at ok and would never report the change."""
+        tier_group, error_group = f"vram.tier:gpu{gpu.index}", f"gpu.error:gpu{gpu.index}"
+        if gpu.ok and error_group in self.unresolved:
+            self.unresolved.discard(error_group)
+            self._bus.publish("gpu.error", f"GPU {gpu.index} readable (after a restart)",
+                              gpu=gpu.index, uuid=gpu.uuid, recovered=True)
+        if gpu.ok and tier_group in self.unresolved and watch.tracker.tier is Tier.OK:
+            self.unresolved.discard(tier_group)
+            self._bus.publish(
+                "vram.tier", f"GPU {gpu.index} VRAM {gpu.used_fraction:.0%} "
+                f"({gpu.used_mib}/{gpu.total_mib} MiB): back to ok (after a restart)",
+                severity=Severity.INFO, gpu=gpu.index, uuid=gpu.uuid,
+                **{"from": "unknown", "to": "ok"},
+                used_mib=gpu.used_mib, total_mib=gpu.total_mib,
+                used_fraction=round(gpu.used_fraction, 4))
 
     def _observe_gpu(self, sample: AttributedSample, gpu: GpuSample,
                      watch: _GpuWatch) -> Tier | None:
