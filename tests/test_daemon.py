@@ -7,6 +7,7 @@ import os
 import signal
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -333,3 +334,36 @@ def test_a_slow_readiness_answer_still_counts(node: SimNode, start_daemon) -> No
         assert json.loads(result.stdout)["timings"]["start_s"] >= 3.0
     finally:
         comfy.stop()
+
+
+def test_a_process_behind_a_wrapper_script_gets_its_stop_grace(tmp_path: Path) -> None:
+    """`sh -c "server; true"` dies at once on SIGTERM; the server it started must still
+    get stop_timeout to shut down before the group is killed."""
+    from gpuwarden.config import WorkloadConfig
+    from gpuwarden.gpu.attribution import OwnerIndex
+    from gpuwarden.workloads.process import ProcessWorkload
+
+    ready, done = tmp_path / "ready", tmp_path / "done"
+    server = tmp_path / "server.py"
+    server.write_text(
+        "import signal, sys, time, pathlib\n"
+        "def stop(*_):\n"
+        "    time.sleep(0.5)  # a graceful shutdown takes a moment\n"
+        f"    pathlib.Path({str(done)!r}).write_text('graceful')\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        f"pathlib.Path({str(ready)!r}).write_text('up')\n"
+        "while True:\n"
+        "    signal.pause()\n")
+    workload = ProcessWorkload(
+        "wrapped", WorkloadConfig(kind="process", stop_timeout=10,
+                                  command=["sh", "-c", f"{sys.executable} {server}; true"]),
+        log_dir=tmp_path / "logs", owners=OwnerIndex())
+    workload.start()
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        assert time.monotonic() < deadline, "the server never started"
+        time.sleep(0.02)
+    workload.stop()
+    assert done.read_text() == "graceful"
+    assert not workload.status().running

@@ -92,9 +92,13 @@ class ProcessWorkload:
                 return self.status()
             self._stop_requested = True
             self._signal_group(proc.pid, signal.SIGTERM)
+            deadline = time.monotonic() + self.config.stop_timeout
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=self.config.stop_timeout)
-            # Children may outlive the leader: the group gets the SIGKILL either way.
+            # The whole group gets its grace, not only the leader: a wrapper script dies
+            # at once on SIGTERM while the process it started is still shutting down.
+            self._wait_group_gone(proc.pid, max(0.0, deadline - time.monotonic()))
+            # Whatever is left of the group gets the SIGKILL either way.
             self._signal_group(proc.pid, signal.SIGKILL)
             try:
                 proc.wait(timeout=10)
