@@ -210,6 +210,8 @@ def test_discord_webhook_embed_and_a_404_is_a_failing_episode_not_a_disable(
     finally:
         receiver.stop()
     assert sink.status()["state"] == "ok" and sink.delivered == 3 and sink.failed == 0
+    # Published after close (as the daemon does while it shuts down): ignored, not raised.
+    sink.offer(Event(1, "daemon.stopping", Severity.CRITICAL, "after close", time.time()))
     embed = receiver.received[0]["body"]["embeds"][0]
     assert embed["title"] == "ERROR: vram.tier"
     assert embed["color"] == 0xE67E22  # the alert tier's colour

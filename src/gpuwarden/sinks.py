@@ -326,9 +326,12 @@ class WebhookSink:
                 await asyncio.sleep(0.02)
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
-        if self._outbox is not None:
-            await self._io_call(self._outbox.close)
-        self._io.shutdown(wait=True)
+        # From here on offer() ignores events: the daemon still publishes while it shuts
+        # down, and a submit to a shut executor would raise in the publisher.
+        outbox, self._outbox = self._outbox, None
+        if outbox is not None:
+            await self._io_call(outbox.close)  # after everything submitted before it
+        self._io.shutdown(wait=False)  # nothing is left to wait for; never block the loop
 
 
 def _retry_after(resp: httpx.Response) -> float:
