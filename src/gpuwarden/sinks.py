@@ -137,6 +137,7 @@ class WebhookSink:
         self._open_groups: set[str] = set()
         self._wake = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
+        self._posting = False  # an attempt is on the wire: close lets it finish
         self._dropped_unreported = 0
         self._drop_reported_at = 0.0
 
@@ -251,12 +252,15 @@ class WebhookSink:
             attempt += 1
             body, headers = self.request(entry)
             delay: float | None = None
+            self._posting = True
             try:
                 resp = await self._client.post(self.url, content=body, headers=headers,
                                                timeout=cfg.timeout)
             except httpx.HTTPError as exc:
+                self._posting = False
                 outcome = self.redact(f"{type(exc).__name__}: {exc}".rstrip(": "))
             else:
+                self._posting = False
                 if resp.is_success:
                     self.delivered += 1
                     self._stat("delivered")
@@ -314,14 +318,21 @@ class WebhookSink:
                 "delivered": self.delivered, "failed": self.failed, "dropped": self.dropped}
 
     async def close(self, drain_s: float = 2.0) -> None:
-        """Give queued events a moment to go out, then stop; the rest stay on disk."""
+        """Give queued events a moment to go out, then stop; the rest stay on disk.
+
+        A failing receiver gets no drain, but an attempt already on the wire is let
+        finish (within `drain_s`): the receiver may have taken it, and cutting it off
+        would lose the count and the recovery, and send it again at the next start.
+        """
         if self._worker is not None and self._outbox is not None:
             deadline = time.monotonic() + drain_s
-            # Counted through the outbox's thread: after every event offered so far is
-            # on disk, and until the last delivered one is taken off.
-            while self.failing_since is None and time.monotonic() < deadline:
-                left: int = await self._io_call(self._outbox.count)
-                if not left:
+            while time.monotonic() < deadline:
+                if self.failing_since is not None:
+                    if not self._posting:
+                        break
+                # Counted through the outbox's thread: after every event offered so far
+                # is on disk, and until the last delivered one is taken off.
+                elif not await self._io_call(self._outbox.count):
                     break
                 await asyncio.sleep(0.02)
             self._worker.cancel()
