@@ -104,17 +104,17 @@ class Outbox:
             raise
         return queued - dropped, dropped
 
-    def peek(self) -> Entry | None:
-        """The oldest undelivered event."""
-        row = self._db.execute("SELECT seq, doc FROM events ORDER BY seq LIMIT 1").fetchone()
-        if row is None:
-            return None
-        seq = int(row[0])
-        return Entry(seq, f"msg_{self._prefix}_{seq}", json.loads(row[1]))
+    def peek(self, limit: int = 1) -> list[Entry]:
+        """The oldest undelivered events, at most `limit`, oldest first."""
+        rows = self._db.execute("SELECT seq, doc FROM events ORDER BY seq LIMIT ?",
+                                (limit,)).fetchall()
+        return [Entry(int(seq), f"msg_{self._prefix}_{seq}", json.loads(doc))
+                for seq, doc in rows]
 
-    def remove(self, seq: int) -> int:
-        """Take a delivered (or rejected) event off; returns how many are left."""
-        self._db.execute("DELETE FROM events WHERE seq = ?", (seq,))
+    def remove(self, seqs: list[int]) -> int:
+        """Take delivered (or rejected) events off; returns how many are left."""
+        marks = ",".join("?" * len(seqs))  # one statement: all of them or none
+        self._db.execute(f"DELETE FROM events WHERE seq IN ({marks})", seqs)
         return self.count()
 
     def count(self) -> int:

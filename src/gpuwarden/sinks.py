@@ -23,9 +23,10 @@ import random
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -36,8 +37,10 @@ from .events import Event, EventBus, Severity
 from .outbox import Entry, Outbox
 
 __all__ = [
+    "Attempt",
     "DiscordWebhookSink",
     "N8nSink",
+    "OutboxSink",
     "WebhookSink",
     "discord_embed",
     "receiver_name",
@@ -103,19 +106,33 @@ T = TypeVar("T")
 _DROP_REPORT_S = 60.0
 
 
-class WebhookSink:
-    """One receiver: a durable outbox, a worker, retries. Subclasses shape the request."""
+@dataclass(frozen=True)
+class Attempt:
+    """What one delivery attempt came to."""
 
-    kind = "webhook"
+    outcome: Literal["delivered", "rejected", "failing"]
+    detail: str = ""  # why it was rejected or is failing (redacted)
+    retry_after: float | None = None  # the receiver asked to wait this long (a 429)
 
-    def __init__(self, url: str, config: DeliveryConfig, bus: EventBus,
-                 client: httpx.AsyncClient, min_severity: Severity, outbox_dir: Path,
-                 on_stat: DeliveryStat | None = None) -> None:
-        self.url = url
+
+class OutboxSink:
+    """One receiver: a durable outbox, a worker, retries, failing episodes, resolutions.
+
+    Subclasses say how an attempt is made (`attempt`) and how many events one attempt
+    may carry (`batch`).
+    """
+
+    kind = "sink"
+    batch = 1  # events per attempt
+
+    def __init__(self, name: str, config: DeliveryConfig, bus: EventBus,
+                 min_severity: Severity, outbox_dir: Path,
+                 on_stat: DeliveryStat | None = None, secrets: list[str] | None = None
+                 ) -> None:
         self.config = config
         self.min_severity = min_severity
-        self.name = f"{self.kind}:{receiver_name(url)}"
-        self._secrets = _secrets_of(url)
+        self.name = f"{self.kind}:{name}"
+        self._secrets = secrets or []
         self.failing_since: float | None = None  # unix seconds; None while it delivers
         self.last_error: str | None = None  # redacted
         self.next_try_at: float | None = None  # unix seconds of the next retry
@@ -124,7 +141,6 @@ class WebhookSink:
         self.dropped = 0
         self.failed = 0
         self._bus = bus
-        self._client = client
         self._on_stat = on_stat
         # The file is named by a hash of the receiver's name: no secret in it, and new
         # credentials for the same receiver keep its queued events.
@@ -141,15 +157,20 @@ class WebhookSink:
         self._dropped_unreported = 0
         self._drop_reported_at = 0.0
 
+    async def attempt(self, entries: list[Entry]) -> Attempt:
+        """Send `entries` (at most `batch`, oldest first) once."""
+        raise NotImplementedError
+
     @property
     def open_groups(self) -> set[str]:
         """Alert groups this receiver was sent an alert for and no resolution yet."""
         return set(self._open_groups)
 
     def redact(self, text: str) -> str:
-        """`text` with this receiver's URL and its secret parts replaced."""
+        """`text` with this receiver's secrets replaced; the first (the whole URL, the
+        longest) by the receiver's name, the others by ***."""
         for secret in self._secrets:
-            text = text.replace(secret, self.name if secret == self.url else "***")
+            text = text.replace(secret, self.name if secret == self._secrets[0] else "***")
         return text
 
     def _stat(self, outcome: str) -> None:
@@ -233,51 +254,43 @@ class WebhookSink:
         assert outbox is not None
         while True:
             self._wake.clear()
-            entry = await self._io_call(outbox.peek)
-            if entry is None:
+            entries = await self._io_call(outbox.peek, self.batch)
+            if not entries:
                 self.queued = 0
                 await self._wake.wait()
                 continue
-            await self._deliver(entry)
-            self.queued = await self._io_call(outbox.remove, entry.seq)
+            await self._deliver(entries)
+            self.queued = await self._io_call(outbox.remove, [e.seq for e in entries])
 
-    def request(self, entry: Entry) -> tuple[bytes, dict[str, str]]:
-        raise NotImplementedError
-
-    async def _deliver(self, entry: Entry) -> None:
-        """Try until the receiver takes the event, or rejects that very event."""
+    async def _deliver(self, entries: list[Entry]) -> None:
+        """Try until the receiver takes the events, or rejects those very events."""
         cfg = self.config
         attempt = 0
+        first = entries[0].doc.get("id")
         while True:
             attempt += 1
-            body, headers = self.request(entry)
-            delay: float | None = None
             self._posting = True
             try:
-                resp = await self._client.post(self.url, content=body, headers=headers,
-                                               timeout=cfg.timeout)
-            except httpx.HTTPError as exc:
+                result = await self.attempt(entries)
+            finally:
                 self._posting = False
-                outcome = self.redact(f"{type(exc).__name__}: {exc}".rstrip(": "))
-            else:
-                self._posting = False
-                if resp.is_success:
-                    self.delivered += 1
+            if result.outcome == "delivered":
+                self.delivered += len(entries)
+                for _ in entries:
                     self._stat("delivered")
-                    self._recovered()
-                    return
-                outcome = f"HTTP {resp.status_code}"
-                if resp.status_code == 429 or "retry-after" in resp.headers:
-                    delay = _retry_after(resp)
-                elif resp.status_code < 500 and resp.status_code not in _FAILING_STATUSES:
-                    # The receiver is there and rejects this event (a bad signature, a
-                    # body it refuses): retrying the same bytes cannot help.
-                    self.failed += 1
+                self._recovered()
+                return
+            if result.outcome == "rejected":
+                # The receiver is there and rejects these events (a bad signature, a
+                # body it refuses): retrying the same bytes cannot help.
+                self.failed += len(entries)
+                for _ in entries:
                     self._stat("failed")
-                    log.warning("%s: event %s rejected with %s; not retried", self.name,
-                                entry.doc.get("id"), outcome)
-                    return
-            self._failing(outcome)
+                log.warning("%s: event %s rejected with %s; not retried", self.name, first,
+                            result.detail)
+                return
+            self._failing(result.detail)
+            delay = result.retry_after
             if delay is None:
                 # Exponential backoff with full jitter, capped at backoff_max.
                 delay = random.uniform(0, min(cfg.backoff_max,
@@ -285,7 +298,7 @@ class WebhookSink:
             self._stat("retried")
             self.next_try_at = time.time() + delay
             log.info("%s: event %s attempt %d failed (%s); retrying in %.2fs", self.name,
-                     entry.doc.get("id"), attempt, outcome, delay)
+                     first, attempt, result.detail, delay)
             await asyncio.sleep(delay)
 
     def _failing(self, why: str) -> None:
@@ -343,6 +356,40 @@ class WebhookSink:
         if outbox is not None:
             await self._io_call(outbox.close)  # after everything submitted before it
         self._io.shutdown(wait=False)  # nothing is left to wait for; never block the loop
+
+
+class WebhookSink(OutboxSink):
+    """An HTTP receiver: one event per POST. Subclasses shape the request."""
+
+    kind = "webhook"
+
+    def __init__(self, url: str, config: DeliveryConfig, bus: EventBus,
+                 client: httpx.AsyncClient, min_severity: Severity, outbox_dir: Path,
+                 on_stat: DeliveryStat | None = None) -> None:
+        super().__init__(receiver_name(url), config, bus, min_severity, outbox_dir, on_stat,
+                         _secrets_of(url))
+        self.url = url
+        self._client = client
+
+    def request(self, entry: Entry) -> tuple[bytes, dict[str, str]]:
+        raise NotImplementedError
+
+    async def attempt(self, entries: list[Entry]) -> Attempt:
+        (entry,) = entries
+        body, headers = self.request(entry)
+        try:
+            resp = await self._client.post(self.url, content=body, headers=headers,
+                                           timeout=self.config.timeout)
+        except httpx.HTTPError as exc:
+            return Attempt("failing", self.redact(f"{type(exc).__name__}: {exc}".rstrip(": ")))
+        if resp.is_success:
+            return Attempt("delivered")
+        outcome = f"HTTP {resp.status_code}"
+        if resp.status_code == 429 or "retry-after" in resp.headers:
+            return Attempt("failing", outcome, _retry_after(resp))
+        if resp.status_code < 500 and resp.status_code not in _FAILING_STATUSES:
+            return Attempt("rejected", outcome)
+        return Attempt("failing", outcome)
 
 
 def _retry_after(resp: httpx.Response) -> float:
