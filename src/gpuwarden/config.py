@@ -285,10 +285,15 @@ class DiscordConfig(_Section):
     alert_webhook_url: str = ""
     # Least severe event posted as an alert (webhook and channel).
     alert_min_severity: SeverityName = "warning"
+    # A lost gateway connection that is back within this long is not announced.
+    disconnect_grace: PositiveSeconds = 10.0
 
     @model_validator(mode="after")
     def _secret(self) -> DiscordConfig:
         _resolve_secret(self, "token", "token_file")
+        if self.alert_channel_id and self.token is None:
+            raise ValueError("alert_channel_id is set, but the bot that posts there has no "
+                             "token: set token_file (or token), or use alert_webhook_url")
         return self
 
     @field_validator("alert_webhook_url")

@@ -33,7 +33,7 @@ from .modes import ModeSwitcher
 from .protect import ProtectiveActions
 from .sdnotify import Notifier
 from .service import Service
-from .sinks import DiscordWebhookSink, N8nSink, WebhookSink, severity_named
+from .sinks import DiscordWebhookSink, N8nSink, OutboxSink, severity_named
 from .state import StateStore
 from .watchdog import LeakDetector, Watchdog
 from .workloads.base import Workload
@@ -86,7 +86,7 @@ class Daemon:
         self._protect: ProtectiveActions | None = None
         self._crashloop: CrashLoopGuard | None = None
         self._background: set[asyncio.Task[None]] = set()
-        self._sinks: list[WebhookSink] = []
+        self._sinks: list[OutboxSink] = []
         self._discord: DiscordFrontEnd | None = None
         self._discord_task: asyncio.Task[None] | None = None
         self._sink_http: httpx.AsyncClient | None = None
@@ -161,7 +161,7 @@ class Daemon:
             f"socket {cfg.daemon.socket})", backend=self._backend.name,
             socket=str(cfg.daemon.socket), pid=os.getpid(),
         )
-        self._start_discord()
+        await self._start_discord()
         self.notifier.ready(self._status_line())
         self._restore_task = loop.create_task(self._switcher.restore())
 
@@ -216,18 +216,24 @@ class Daemon:
                  for g in doc["gpus"]]
         return "; ".join(parts) or "no GPU readable"
 
-    def _start_discord(self) -> None:
+    async def _start_discord(self) -> None:
         token = self.config.discord.token
         if token is None or self.service is None:
             return
-        from .discord_bot import DiscordFrontEnd
+        from .discord_bot import DiscordChannelSink, DiscordFrontEnd
 
-        bot = DiscordFrontEnd(self.service, self.config, self.bus)
+        cfg = self.config
+        bot = DiscordFrontEnd(self.service, cfg, self.bus)
         self._discord = bot
         self.service.status_sections["discord"] = bot.status
-        if self.config.discord.alert_channel_id:
-            self.bus.subscribe(bot.offer,
-                               severity_named(self.config.discord.alert_min_severity))
+        if cfg.discord.alert_channel_id:
+            sink = DiscordChannelSink(
+                cfg.discord.alert_channel_id, bot.logged_in_client, cfg.delivery, self.bus,
+                severity_named(cfg.discord.alert_min_severity),
+                cfg.daemon.state_dir / "outbox", self.metrics.on_delivery)
+            await sink.start()
+            self.bus.subscribe(sink.offer)
+            self._sinks.append(sink)
         self._discord_task = asyncio.get_running_loop().create_task(
             bot.run(token.get_secret_value()))
 
@@ -318,13 +324,13 @@ class Daemon:
                 workload.close()
             except Exception as exc:
                 errors.append(exc)
+        for sink in self._sinks:  # the Discord channel's first: it posts through the bot
+            await sink.close()
         if self._discord is not None:
             await self._discord.close()
         if self._discord_task is not None:
             self._discord_task.cancel()
             await asyncio.gather(self._discord_task, return_exceptions=True)
-        for sink in self._sinks:
-            await sink.close()
         if self._sink_http is not None:
             await self._sink_http.aclose()
         if self._http is not None:

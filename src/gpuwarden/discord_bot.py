@@ -3,33 +3,58 @@
 Every command goes through the service facade, so a switch from Discord is checked
 and audited exactly like one from the CLI or n8n (`requested_by = discord:<user id>`).
 Who may act is checked here on every call: Discord's `default_permissions` is only a
-hint a server admin can override. The bot runs in the daemon's loop only when a
-token is configured; a Discord outage or a bad token is an event and a status
-field, never a problem for sampling, switching or the other front ends.
+hint a server admin can override.
+
+The connection is supervised: a failed login or first connection is retried with
+capped backoff on a new client (discord.py reconnects an established session on its
+own), and only a refused token or a missing privileged intent is final. The command
+sync runs apart from the login, and the alert channel is an outbox receiver like the
+webhooks, so neither a sync failure nor a Discord outage loses alerts, and none of it
+is ever a problem for sampling, switching or the other front ends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import discord
 from discord import app_commands
 
-from .config import Config
+from .config import Config, DeliveryConfig
 from .errors import GpuwardenError, RefusedError
 from .events import Event, EventBus, Severity
+from .outbox import Entry
 from .service import Service
-from .sinks import discord_embed
+from .sinks import Attempt, DeliveryStat, OutboxSink, discord_embed
 
-__all__ = ["DiscordFrontEnd", "build_gpu_group", "commands_payload", "status_embed"]
+__all__ = ["DiscordChannelSink", "DiscordFrontEnd", "build_gpu_group", "commands_payload",
+           "fit_embed", "status_embed"]
 
 log = logging.getLogger(__name__)
 
 _TIER_COLOURS = {"ok": 0x2ECC71, "warn": 0xF1C40F, "alert": 0xE67E22, "critical": 0xE74C3C}
 _TIER_ORDER = ["ok", "warn", "alert", "critical"]
-_MAX_CHOICES = 25  # Discord's limit on fixed choices
+# Discord's limits (https://discord.com/developers/docs/resources/message#embed-object).
+MAX_CHOICES = 25
+MAX_CONTENT = 2000
+MAX_FIELD_VALUE = 1024
+MAX_FIELDS = 25
+MAX_EMBED_TOTAL = 6000
+MAX_EMBEDS = 10
+NO_MENTIONS = discord.AllowedMentions.none()
+_PROGRESS_POLL_S = 0.25
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def _bar(fraction: float, width: int = 16) -> str:
@@ -37,14 +62,51 @@ def _bar(fraction: float, width: int = 16) -> str:
     return "█" * filled + "░" * (width - filled)
 
 
+def _lines_within(lines: list[str], limit: int) -> str:
+    """As many whole lines as fit in `limit` characters, then how many were left out."""
+    for keep in range(len(lines), -1, -1):
+        more = f"\n… and {len(lines) - keep} more" if keep < len(lines) else ""
+        text = "\n".join(lines[:keep]) + more
+        if len(text) <= limit:
+            return text.lstrip("\n")
+    return ""
+
+
+def _embed_size(doc: dict[str, Any]) -> int:
+    size = len(doc.get("title") or "") + len(doc.get("description") or "")
+    size += len((doc.get("footer") or {}).get("text") or "")
+    size += len((doc.get("author") or {}).get("name") or "")
+    return size + sum(len(f.get("name") or "") + len(f.get("value") or "")
+                      for f in doc.get("fields") or [])
+
+
+def fit_embed(doc: dict[str, Any], budget: int = MAX_EMBED_TOTAL) -> dict[str, Any]:
+    """An embed within Discord's limits: 25 fields of 1024 characters, and at most
+    `budget` characters in all (the description gives way first)."""
+    doc = dict(doc)
+    doc["fields"] = [{**f, "value": _clip(str(f.get("value") or "-"), MAX_FIELD_VALUE)}
+                     for f in (doc.get("fields") or [])[:MAX_FIELDS]]
+    over = _embed_size(doc) - budget
+    if over > 0 and doc.get("description"):
+        keep = max(0, len(doc["description"]) - over)
+        doc["description"] = _clip(doc["description"], keep) if keep else ""
+        over = _embed_size(doc) - budget
+    while over > 0 and doc["fields"]:
+        doc["fields"].pop()
+        over = _embed_size(doc) - budget
+    return doc
+
+
 def status_embed(doc: dict[str, Any]) -> discord.Embed:
     """The status document as an embed: a VRAM bar per GPU, colour by the worst tier."""
     tiers = [g["tier"] for g in doc["gpus"]] or ["ok"]
     worst = max(tiers, key=_TIER_ORDER.index)
-    embed = discord.Embed(title="GPU node", colour=_TIER_COLOURS[worst])
+    out: dict[str, Any] = {"title": "GPU node", "color": _TIER_COLOURS[worst], "fields": []}
     if doc.get("fault"):
-        embed.description = f"⚠️ GPUs unreadable: {doc['fault']['fault']}"
-    for gpu in doc["gpus"]:
+        out["description"] = f"⚠️ GPUs unreadable: {doc['fault']['fault']}"
+    gpus = doc["gpus"]
+    shown = gpus[:MAX_FIELDS - 2]  # room for the workloads and the last alert
+    for gpu in shown:
         lines = [f"`{_bar(gpu['used_fraction'])}` {gpu['used_mib']}/{gpu['total_mib']} MiB "
                  f"({gpu['used_fraction']:.0%})",
                  f"tier **{gpu['tier']}** · mode **{gpu['mode'] or '-'}**"]
@@ -55,8 +117,11 @@ def status_embed(doc: dict[str, Any]) -> discord.Embed:
             back = f" (rolled back to {failure['rolled_back_to']})" \
                 if failure.get("rolled_back_to") else ""
             lines.append(f"last switch failed: {failure['error'][:200]}{back}")
-        embed.add_field(name=f"GPU {gpu['index']} · {gpu['name']}", value="\n".join(lines),
-                        inline=False)
+        out["fields"].append({"name": f"GPU {gpu['index']} · {gpu['name']}",
+                              "value": "\n".join(lines), "inline": False})
+    if len(gpus) > len(shown):
+        out["description"] = (out.get("description", "") +
+                              f"\n{len(gpus) - len(shown)} more GPUs: see `gpuwarden status`")
     workloads = []
     for wl in doc["workloads"]:
         line = f"**{wl['name']}** {wl['state']}"
@@ -64,11 +129,13 @@ def status_embed(doc: dict[str, Any]) -> discord.Embed:
             line += " · 🚫 BLOCKED (crash loop)"
         workloads.append(line)
     if workloads:
-        embed.add_field(name="Workloads", value="\n".join(workloads)[:1024], inline=False)
+        out["fields"].append({"name": "Workloads", "inline": False,
+                              "value": _lines_within(workloads, MAX_FIELD_VALUE)})
     alert = doc.get("last_alert")
     if alert:
-        embed.add_field(name="Last alert", value=f"{alert['message']}"[:1024], inline=False)
-    return embed
+        out["fields"].append({"name": "Last alert", "value": str(alert["message"]),
+                              "inline": False})
+    return discord.Embed.from_dict(fit_embed(out))
 
 
 def _switch_text(result: dict[str, Any]) -> str:
@@ -86,6 +153,20 @@ def _switch_text(result: dict[str, Any]) -> str:
             f"verified in {t.get('release_s', 0):.2f} s, start {t.get('start_s', 0):.1f} s)")
 
 
+async def reply(interaction: discord.Interaction, content: str | None = None, *,
+                embed: discord.Embed | None = None, ephemeral: bool = False) -> None:
+    """Answer within Discord's limits, as the response or, once responded, a follow-up."""
+    kwargs: dict[str, Any] = {"ephemeral": ephemeral, "allowed_mentions": NO_MENTIONS}
+    if content is not None:
+        kwargs["content"] = _clip(content, MAX_CONTENT)
+    if embed is not None:
+        kwargs["embed"] = discord.Embed.from_dict(fit_embed(dict(embed.to_dict())))
+    if interaction.response.is_done():
+        await interaction.followup.send(**kwargs)
+    else:
+        await interaction.response.send_message(**kwargs)
+
+
 def build_gpu_group(config: Config, front: DiscordFrontEnd | None) -> app_commands.Group:
     """The `/gpu` group; `front` handles the calls (None: only to render the payload)."""
     group = app_commands.Group(
@@ -93,8 +174,7 @@ def build_gpu_group(config: Config, front: DiscordFrontEnd | None) -> app_comman
         allowed_contexts=app_commands.AppCommandContext(guild=True, dm_channel=False,
                                                         private_channel=False),
     )
-    modes = sorted(config.all_modes())[:_MAX_CHOICES]
-    choices = [app_commands.Choice(name=m, value=m) for m in modes]
+    modes = sorted(config.all_modes())
 
     async def status(interaction: discord.Interaction) -> None:
         assert front is not None
@@ -107,7 +187,6 @@ def build_gpu_group(config: Config, front: DiscordFrontEnd | None) -> app_comman
     if len(config.gpu_indices()) > 1:
         @app_commands.describe(mode="the mode to switch to", gpu="GPU index (for idle)",
                                force="interrupt ComfyUI jobs instead of refusing")
-        @app_commands.choices(mode=choices)
         async def mode_multi(interaction: discord.Interaction, mode: str,
                              gpu: app_commands.Range[int, 0, 63] | None = None,
                              force: bool = False) -> None:
@@ -118,16 +197,27 @@ def build_gpu_group(config: Config, front: DiscordFrontEnd | None) -> app_comman
     else:
         @app_commands.describe(mode="the mode to switch to",
                                force="interrupt ComfyUI jobs instead of refusing")
-        @app_commands.choices(mode=choices)
         async def mode_single(interaction: discord.Interaction, mode: str,
                               force: bool = False) -> None:
             assert front is not None
             await front.cmd_mode(interaction, mode, gpu=None, force=force)
 
         callback = mode_single
-    group.add_command(app_commands.Command(
+    if len(modes) <= MAX_CHOICES:
+        callback = app_commands.choices(
+            mode=[app_commands.Choice(name=m, value=m) for m in modes])(callback)
+    mode_command: app_commands.Command[Any, ..., None] = app_commands.Command(
         name="mode", description="Switch the GPU mode (stop, verify VRAM release, start)",
-        callback=callback))
+        callback=callback)
+    if len(modes) > MAX_CHOICES:
+        # More modes than Discord offers as fixed choices: suggest them as the user types
+        # (the name is checked again when the command runs).
+        @mode_command.autocomplete("mode")
+        async def mode_names(interaction: discord.Interaction, current: str
+                             ) -> list[app_commands.Choice[str]]:
+            return [app_commands.Choice(name=m, value=m) for m in modes
+                    if current.lower() in m.lower()][:MAX_CHOICES]
+    group.add_command(mode_command)
 
     @app_commands.describe(workload="a workload blocked after a crash loop")
     async def unblock(interaction: discord.Interaction, workload: str) -> None:
@@ -148,32 +238,100 @@ def build_gpu_group(config: Config, front: DiscordFrontEnd | None) -> app_comman
     return group
 
 
-class DiscordFrontEnd:
-    """The slash commands and the alert channel, over the service facade."""
+class _Tree(app_commands.CommandTree[discord.Client]):
+    """The command tree, with gpuwarden's gate before every command."""
 
-    def __init__(self, service: Service, config: Config, bus: EventBus | None = None) -> None:
+    def __init__(self, client: discord.Client, front: DiscordFrontEnd) -> None:
+        super().__init__(client)
+        self.front = front
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        return await self.front.gate(interaction)
+
+    async def on_error(self, interaction: discord.Interaction,
+                       error: app_commands.AppCommandError) -> None:
+        await self.front.on_command_error(interaction, error)
+
+
+class _Client(discord.Client):
+    """A client that reports its gateway state to the front end."""
+
+    def __init__(self, front: DiscordFrontEnd) -> None:
+        intents = discord.Intents.none()
+        intents.guilds = True  # the guild's roles, for the allowlist
+        super().__init__(intents=intents, allowed_mentions=NO_MENTIONS)
+        self.front = front
+
+    async def on_ready(self) -> None:
+        self.front.gateway_up("ready")
+
+    async def on_resumed(self) -> None:
+        self.front.gateway_up("resumed")
+
+    async def on_disconnect(self) -> None:
+        self.front.gateway_down("the gateway connection closed")
+
+
+class _Final(Exception):
+    """A failure no retry can fix (the operator must act)."""
+
+
+class DiscordFrontEnd:
+    """The slash commands, the supervised connection and the command sync."""
+
+    def __init__(self, service: Service, config: Config, bus: EventBus | None = None, *,
+                 retry_base: float = 1.0,
+                 retry_max: float = 300.0, sync_retry: float = 300.0) -> None:
         self.service = service
         self.config = config
         self.bus = bus or service.bus
         self.state = "disabled"
+        self.since = time.time()
         self.detail = ""
-        intents = discord.Intents.none()
-        intents.guilds = True  # to find the alert channel
-        self.client = discord.Client(intents=intents)
-        self.tree = app_commands.CommandTree(self.client)
-        self.group = build_gpu_group(config, self)
-        guild = config.discord.guild_id
-        self.tree.add_command(self.group, guild=discord.Object(guild) if guild else None)
-        self.client.setup_hook = self._setup_hook  # type: ignore[method-assign]
-        self._alerts: asyncio.Queue[Event] = asyncio.Queue(maxsize=100)
-        self._alert_task: asyncio.Task[None] | None = None
+        self.sync: dict[str, Any] = {"state": "pending"}
+        self._grace = config.discord.disconnect_grace
+        self._retry_base, self._retry_max, self._sync_retry = retry_base, retry_max, sync_retry
+        self._announced_down = False  # discord.disconnected was published
+        self._ever_connected = False
+        self._ups = 0  # READY/RESUMED seen, ever
+        self._grace_task: asyncio.Task[None] | None = None
+        self._sync_task: asyncio.Task[None] | None = None
+        self._logged_in = asyncio.Event()  # the current client can make REST calls
+        self._sync_hash = config.daemon.state_dir / "discord-commands.sha256"
+        self._new_client()
 
-    # -- the commands ------------------------------------------------------------
+    def _new_client(self) -> None:
+        self.client = _Client(self)
+        self.tree = _Tree(self.client, self)
+        self.group = build_gpu_group(self.config, self)
+        self.tree.add_command(self.group, guild=self._guild_scope())
+
+    def _guild_scope(self) -> discord.Object | None:
+        guild = self.config.discord.guild_id
+        return discord.Object(guild) if guild else None
+
+    # -- the gate every command passes ---------------------------------------------
+
+    async def gate(self, interaction: discord.Interaction) -> bool:
+        """Only the configured guild, and only once that guild is known."""
+        if interaction.type is not discord.InteractionType.application_command:
+            return True  # autocomplete: suggestions only, the command checks again
+        wanted = self.config.discord.guild_id
+        if wanted and interaction.guild_id != wanted:
+            self.bus.publish("discord.denied", f"{interaction.user} used /gpu in guild "
+                             f"{interaction.guild_id}, not the configured {wanted}",
+                             severity=Severity.WARNING,
+                             requested_by=f"discord:{interaction.user.id}",
+                             action="any", reason="another guild")
+            await reply(interaction, "🚫 This gpuwarden serves another Discord server.",
+                        ephemeral=True)
+            return False
+        return True
 
     def blocked_choices(self, current: str) -> list[app_commands.Choice[str]]:
         names = [w["name"] for w in self.service.status()["workloads"] if w["blocked"]]
         return [app_commands.Choice(name=n, value=n) for n in names
-                if current.lower() in n.lower()][:_MAX_CHOICES]
+                if current.lower() in n.lower()][:MAX_CHOICES]
 
     def authorize(self, interaction: discord.Interaction, action: str) -> str | None:
         """Why the user may not run `action`, or None when they may."""
@@ -189,43 +347,97 @@ class DiscordFrontEnd:
         wanted = ", ".join(f"<@&{r}>" for r in dc.allowed_role_ids) or "(none)"
         return f"`/gpu {action}` needs one of these roles: {wanted}"
 
-    async def _deny(self, interaction: discord.Interaction, action: str, why: str) -> None:
+    def _guild_unknown(self, interaction: discord.Interaction) -> bool:
+        """The member's roles cannot be read yet: Discord has not sent their guild."""
+        guild = self.client.get_guild(interaction.guild_id or 0)
+        return guild is None or guild.unavailable
+
+    async def _allowed(self, interaction: discord.Interaction, action: str) -> bool:
+        why = self.authorize(interaction, action)
+        if why is None:
+            return True
+        if self.config.discord.allowed_role_ids and self._guild_unknown(interaction):
+            await reply(interaction, "⏳ gpuwarden has not loaded this server's roles from "
+                        "Discord yet; try again in a few seconds.", ephemeral=True)
+            return False
         self.bus.publish("discord.denied", f"{interaction.user} may not /gpu {action}: {why}",
                          severity=Severity.WARNING, requested_by=f"discord:{interaction.user.id}",
                          action=action, reason=why)
-        await interaction.response.send_message(f"🚫 {why}", ephemeral=True)
+        await reply(interaction, f"🚫 {why}", ephemeral=True)
+        return False
+
+    async def on_command_error(self, interaction: discord.Interaction,
+                               error: app_commands.AppCommandError) -> None:
+        """Whatever went wrong, the user gets an answer (never "is thinking…" forever)."""
+        cause = error.original if isinstance(error, app_commands.CommandInvokeError) else error
+        log.error("/gpu %s failed", interaction.command.name if interaction.command else "?",
+                  exc_info=cause)
+        text = (f"❌ {cause}" if isinstance(cause, GpuwardenError) else
+                f"❌ gpuwarden could not complete this: {type(cause).__name__}: {cause}")
+        try:
+            await reply(interaction, text, ephemeral=True)
+        except discord.HTTPException as exc:  # the interaction token may have expired
+            log.warning("could not tell the user about the error: %s", exc)
+
+    # -- the commands ----------------------------------------------------------------
 
     async def cmd_status(self, interaction: discord.Interaction) -> None:
-        await interaction.response.send_message(embed=status_embed(self.service.status()))
+        await reply(interaction, embed=status_embed(self.service.status()))
 
     async def cmd_mode(self, interaction: discord.Interaction, mode: str, *,
                        gpu: int | None, force: bool) -> None:
-        why = self.authorize(interaction, "mode")
-        if why is not None:
-            await self._deny(interaction, "mode", why)
+        if not await self._allowed(interaction, "mode"):
             return
         if mode not in self.config.all_modes():
             modes = ", ".join(sorted(self.config.all_modes()))
-            await interaction.response.send_message(
-                f"❓ Unknown mode **{mode}** (modes: {modes})", ephemeral=True)
+            await reply(interaction, f"❓ Unknown mode **{mode}** (modes: {modes})",
+                        ephemeral=True)
             return
-        # A switch takes longer than Discord's 3-second window: defer, then follow up.
+        # A switch takes longer than Discord's 3-second window: defer, then edit the
+        # reply as it goes.
         await interaction.response.defer(thinking=True)
         try:
             result = await self.service.switch_mode(
-                mode, gpu=gpu, requested_by=f"discord:{interaction.user.id}", force=force)
+                mode, gpu=gpu, requested_by=f"discord:{interaction.user.id}", force=force,
+                wait=False)
         except RefusedError as exc:
-            await interaction.followup.send(f"⛔ Refused: {exc}")
+            await self._edit(interaction, f"⛔ Refused: {exc}")
             return
-        except GpuwardenError as exc:
-            await interaction.followup.send(f"❌ {exc}")
-            return
-        await interaction.followup.send(_switch_text(result.to_dict()))
+        doc = result.to_dict()
+        if result.pending:
+            doc = await self._follow(interaction, result.transition_id, doc)
+        await self._edit(interaction, _switch_text(doc))
+
+    async def _follow(self, interaction: discord.Interaction, switch_id: str,
+                      doc: dict[str, Any]) -> dict[str, Any]:
+        """Wait for the switch, editing the reply at each step with its time."""
+        t0 = time.monotonic()
+        steps: list[str] = []
+        while True:
+            state = self.service.switch_state(switch_id)
+            if state.get("done"):
+                return state
+            step = str(state.get("step") or "")
+            if step and (not steps or not steps[-1].startswith(step)):
+                steps.append(f"{step} ({time.monotonic() - t0:.1f} s)")
+                await self._edit(interaction, f"⏳ GPU {doc['gpu']}: **{doc['from']}** → "
+                                 f"**{doc['to']}**: " + " → ".join(steps), final=False)
+            await asyncio.sleep(_PROGRESS_POLL_S)
+
+    async def _edit(self, interaction: discord.Interaction, text: str, *,
+                    final: bool = True) -> None:
+        try:
+            await interaction.edit_original_response(content=_clip(text, MAX_CONTENT),
+                                                     allowed_mentions=NO_MENTIONS)
+        except discord.HTTPException as exc:
+            if not final:  # progress is best effort; the result is not
+                log.info("could not show switch progress: %s", exc)
+                return
+            await interaction.followup.send(_clip(text, MAX_CONTENT),
+                                            allowed_mentions=NO_MENTIONS)
 
     async def cmd_unblock(self, interaction: discord.Interaction, workload: str) -> None:
-        why = self.authorize(interaction, "unblock")
-        if why is not None:
-            await self._deny(interaction, "unblock", why)
+        if not await self._allowed(interaction, "unblock"):
             return
         await interaction.response.defer(thinking=True)
         try:
@@ -236,69 +448,257 @@ class DiscordFrontEnd:
             holders = "".join(
                 f"\n• pid {h['pid']}: {h['used_mib']} MiB ({h.get('workload') or 'unowned'})"
                 for h in detail.get("holders", []))
-            await interaction.followup.send(f"⛔ {exc}{holders}")
+            await reply(interaction, f"⛔ {exc}{holders}")
+            return
+        except GpuwardenError as exc:  # Docker down, the container removed
+            await reply(interaction, f"❌ Could not unblock **{workload}**: {exc}")
+            return
+        if result.get("error"):
+            await reply(interaction, f"⚠️ Unblocked **{workload}**, but starting it failed: "
+                        f"{result['error']}")
             return
         started = " and started it (its mode is active)" if result.get("started") else ""
-        await interaction.followup.send(f"✅ Unblocked **{workload}**{started}.")
+        await reply(interaction, f"✅ Unblocked **{workload}**{started}.")
 
-    # -- sync, alerts, lifecycle -------------------------------------------------------
+    # -- the connection ----------------------------------------------------------------
 
-    async def _setup_hook(self) -> None:
-        guild = self.config.discord.guild_id
-        # A guild sync shows at once; a global one can take up to an hour.
-        await self.tree.sync(guild=discord.Object(guild) if guild else None)
+    def _set_state(self, state: str, detail: str = "") -> None:
+        if state != self.state:
+            self.state, self.since = state, time.time()
+        self.detail = detail
 
-    def offer(self, event: Event) -> None:
-        """Queue an event for the alert channel (dropped when the queue is full)."""
-        if not self.config.discord.alert_channel_id or event.name.startswith("discord."):
+    def gateway_up(self, how: str) -> None:
+        """READY or RESUMED: connected; the end of an announced outage is announced."""
+        down_since = self.since if self.state != "connected" else None
+        self._set_state("connected", f"gateway {how}")
+        if self._grace_task is not None:
+            self._grace_task.cancel()
+            self._grace_task = None
+        if self._announced_down or not self._ever_connected:
+            after = f" after {time.time() - down_since:.0f} s" \
+                if self._announced_down and down_since else ""
+            user = self.client.user
+            self.bus.publish("discord.connected", f"Discord bot connected{after}"
+                             + (f" as {user}" if user else ""),
+                             down_since=down_since if self._announced_down else None)
+        self._announced_down = False
+        self._ever_connected = True
+        self._ups += 1
+
+    def gateway_down(self, why: str, state: str = "reconnecting") -> None:
+        """Lost (or not yet made): announced once it lasts the grace time."""
+        if self.state == "error":
             return
-        if self._alerts.full():
-            self._alerts.get_nowait()
-        self._alerts.put_nowait(event)
+        self._set_state(state, why)
+        if self._grace_task is None and not self._announced_down:
+            self._grace_task = asyncio.get_running_loop().create_task(self._announce_down())
 
-    async def _post_alerts(self) -> None:
-        while True:
-            event = await self._alerts.get()
-            await self.client.wait_until_ready()
-            channel = self.client.get_channel(self.config.discord.alert_channel_id)
-            if channel is None or not hasattr(channel, "send"):
-                log.warning("alert channel %s not found or not a text channel",
-                            self.config.discord.alert_channel_id)
-                continue
-            try:
-                await channel.send(embed=discord.Embed.from_dict(discord_embed(event)))
-            except discord.HTTPException as exc:
-                log.warning("posting an alert to Discord failed: %s", exc)
+    async def _announce_down(self) -> None:
+        await asyncio.sleep(self._grace)
+        self._grace_task = None
+        if self.state == "connected":
+            return
+        self._announced_down = True
+        self.bus.publish("discord.disconnected",
+                         f"Discord bot disconnected for {time.time() - self.since:.0f} s: "
+                         f"{self.detail}; reconnecting", severity=Severity.WARNING,
+                         detail=self.detail, since=self.since)
 
     async def run(self, token: str) -> None:
-        """Log in and stay connected (discord.py reconnects on its own); never raises."""
-        self.state = "connecting"
-        self._alert_task = asyncio.get_running_loop().create_task(self._post_alerts())
+        """Log in and stay connected until cancelled; never raises."""
+        self.gateway_down("connecting to Discord", state="connecting")
+        failures = 0
+        while True:
+            ups = self._ups
+            try:
+                await self._session(token)
+                return  # closed on purpose
+            except asyncio.CancelledError:
+                raise
+            except _Final as exc:
+                self._fail(str(exc))
+                return
+            except Exception as exc:  # any failure: retry on a new client
+                # A session that got connected starts the backoff over.
+                failures = 0 if self._ups > ups else failures + 1
+                why = f"{type(exc).__name__}: {exc}".rstrip(": ")
+                log.warning("Discord connection failed (%s); retrying", why)
+                self.gateway_down(why)
+            finally:
+                self._logged_in.clear()
+                await self.client.close()
+            delay = min(self._retry_max, self._retry_base * 2 ** min(failures, 20))
+            await asyncio.sleep(random.uniform(delay / 2, delay))
+            self._new_client()
+
+    async def _session(self, token: str) -> None:
+        """One client's life: REST login, then the gateway (discord.py resumes an
+        established session by itself; whatever it gives up on ends up here)."""
         try:
             await self.client.login(token)
-            self.state = "connected"
-            await self.client.connect(reconnect=True)
-        except asyncio.CancelledError:
-            raise
         except discord.LoginFailure as exc:
-            self._fail(f"bad token: {exc}")
-        except Exception as exc:  # the gateway or HTTP failing must not end the daemon
-            self._fail(f"{type(exc).__name__}: {exc}")
+            raise _Final(f"Discord refused the bot token ({exc}): copy it again from the "
+                         "Developer Portal (Bot, Reset Token) into [discord] token_file") \
+                from exc
+        self._logged_in.set()
+        if self._sync_task is None or self._sync_task.done():
+            self._sync_task = asyncio.get_running_loop().create_task(self._sync_loop())
+        try:
+            await self.client.connect(reconnect=True)
+        except discord.PrivilegedIntentsRequired as exc:
+            raise _Final(f"Discord requires a privileged intent ({exc}); gpuwarden asks for "
+                         "none, so check that this token belongs to gpuwarden's bot") from exc
+        except discord.ConnectionClosed as exc:
+            if exc.code == 4004:
+                raise _Final("Discord closed the gateway: authentication failed (4004); "
+                             "copy the bot token again into [discord] token_file") from exc
+            raise
 
     def _fail(self, detail: str) -> None:
-        self.state, self.detail = "error", detail
+        if self._grace_task is not None:
+            self._grace_task.cancel()
+            self._grace_task = None
+        self._set_state("error", detail)
         self.bus.publish("discord.error", f"Discord bot stopped: {detail}",
                          severity=Severity.ERROR, detail=detail)
 
+    async def logged_in_client(self) -> discord.Client:
+        """The client once it can make REST calls (waits through reconnects)."""
+        while True:
+            await self._logged_in.wait()
+            client = self.client
+            if not client.is_closed():
+                return client
+            await asyncio.sleep(0.05)
+
+    # -- the command sync ----------------------------------------------------------------
+
+    def _payload_hash(self, client: discord.Client) -> str:
+        scope = self._guild_scope()
+        payload = [c.to_dict(self.tree) for c in self.tree.get_commands(guild=scope)]
+        doc = {"application": client.application_id, "guild": self.config.discord.guild_id,
+               "commands": payload}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+    async def _sync_loop(self) -> None:
+        """Sync until it worked once; a failure is an event and a status field, and the
+        commands or the alerts never wait for it."""
+        last_failure = ""
+        while True:
+            client = await self.logged_in_client()
+            try:
+                await self._sync(client)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any failure is reported, then retried
+                detail, fix = _sync_failure(exc, self.config.discord.guild_id)
+                self.sync = {"state": "failed", "at": time.time(), "detail": detail, "fix": fix}
+                if detail != last_failure:
+                    last_failure = detail
+                    self.bus.publish("discord.sync_failed",
+                                     f"Discord slash commands not synced: {detail}; {fix}",
+                                     severity=Severity.ERROR, detail=detail, fix=fix)
+            await asyncio.sleep(self._sync_retry)
+
+    async def _sync(self, client: discord.Client) -> None:
+        digest = self._payload_hash(client)
+        try:
+            stored = self._sync_hash.read_text().strip()
+        except OSError:
+            stored = ""
+        if stored == digest:
+            self.sync = {"state": "ok", "at": time.time(),
+                         "detail": "unchanged since the last sync; nothing sent"}
+            return
+        scope = self._guild_scope()
+        # A guild sync shows at once; a global one can take up to an hour.
+        await self.tree.sync(guild=scope)
+        removed = 0
+        if scope is not None:
+            # A /gpu synced globally before guild_id was set would stay, answer nothing
+            # and be visible in every guild: remove it.
+            for command in await self.tree.fetch_commands():
+                if command.name == "gpu":
+                    await command.delete()
+                    removed += 1
+        await asyncio.to_thread(_write_private, self._sync_hash, digest)
+        where = f"guild {self.config.discord.guild_id}" if scope else "all guilds (global)"
+        self.sync = {"state": "ok", "at": time.time(), "detail": f"synced to {where}"
+                     + (f"; removed {removed} stale global /gpu" if removed else "")}
+        log.info("Discord commands %s", self.sync["detail"])
+
     def status(self) -> dict[str, Any]:
-        return {"state": self.state, "detail": self.detail}
+        return {"state": self.state, "since": self.since, "detail": self.detail,
+                "sync": dict(self.sync)}
 
     async def close(self) -> None:
-        if self._alert_task is not None:
-            self._alert_task.cancel()
-            await asyncio.gather(self._alert_task, return_exceptions=True)
+        for task in (self._grace_task, self._sync_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if not self.client.is_closed():
             await self.client.close()
+
+
+def _sync_failure(exc: BaseException, guild_id: int) -> tuple[str, str]:
+    """What went wrong with a sync, and the likely fix."""
+    if isinstance(exc, discord.Forbidden):
+        return (f"HTTP 403 {exc.text or 'Forbidden'}",
+                f"invite the bot to guild {guild_id} with the applications.commands scope "
+                "(Developer Portal, OAuth2 URL generator: scopes bot and "
+                "applications.commands), and check [discord] guild_id"
+                if guild_id else "invite the bot with the applications.commands scope")
+    if isinstance(exc, discord.HTTPException):
+        return f"HTTP {exc.status} {exc.text}", "retrying; see the log for the answer"
+    return f"{type(exc).__name__}: {exc}".rstrip(": "), "retrying when Discord is reachable"
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text + "\n")
+    tmp.replace(path)
+
+
+class DiscordChannelSink(OutboxSink):
+    """Alerts posted to a channel by the bot: the webhooks' outbox, retries, episodes and
+    resolutions, up to 10 embeds per message when alerts come in a burst."""
+
+    kind = "discord-channel"
+    batch = MAX_EMBEDS
+
+    def __init__(self, channel_id: int, client: Callable[[], Awaitable[discord.Client]],
+                 config: DeliveryConfig, bus: EventBus, min_severity: Severity,
+                 outbox_dir: Path, on_stat: DeliveryStat | None = None) -> None:
+        super().__init__(str(channel_id), config, bus, min_severity, outbox_dir, on_stat)
+        self.channel_id = channel_id
+        self._client = client
+
+    async def attempt(self, entries: list[Entry]) -> Attempt:
+        # Waits while the bot is not logged in: the outage is the bot's own event
+        # (discord.disconnected), the alerts wait on disk.
+        client = await self._client()
+        budget = MAX_EMBED_TOTAL // len(entries)
+        embeds = [discord.Embed.from_dict(fit_embed(discord_embed(Event.from_dict(e.doc)),
+                                                    budget)) for e in entries]
+        channel = client.get_partial_messageable(self.channel_id)  # no cache needed
+        try:
+            async with asyncio.timeout(self.config.timeout):
+                await channel.send(embeds=embeds, allowed_mentions=NO_MENTIONS)
+        except discord.HTTPException as exc:
+            detail = f"HTTP {exc.status} {exc.text}".strip()
+            if exc.status == 403:
+                detail += (f" (give the bot View Channel, Send Messages and Embed Links in "
+                           f"channel {self.channel_id})")
+            elif exc.status == 404:
+                detail += f" (no channel {self.channel_id}: check [discord] alert_channel_id)"
+            if 400 <= exc.status < 500 and exc.status not in (403, 404, 408, 429):
+                return Attempt("rejected", detail)
+            return Attempt("failing", detail)
+        except Exception as exc:  # the network, a closed client: retried
+            return Attempt("failing", f"{type(exc).__name__}: {exc}".rstrip(": "))
+        return Attempt("delivered")
 
 
 def commands_payload(config: Config) -> list[dict[str, Any]]:
@@ -307,4 +707,3 @@ def commands_payload(config: Config) -> list[dict[str, Any]]:
     tree: app_commands.CommandTree[discord.Client] = app_commands.CommandTree(client)
     tree.add_command(build_gpu_group(config, None))
     return [cmd.to_dict(tree) for cmd in tree.get_commands()]
-
