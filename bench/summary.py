@@ -73,6 +73,18 @@ def rows(folder: Path) -> list[tuple[str, str, str, str]]:
                     f"{sinks['bytes_per_1000_queued_after_checkpoint'] / 1e6:.2f} MB", "", ""))
         out.append(("  backlog of 1,000 drained after the receiver is back",
                     f"{sinks['backlog_1000_drain_s']:.1f} s", "", ""))
+    bot = load(folder, "discord.json")
+    if bot:
+        out.append(("/gpu status, INTERACTION_CREATE -> callback (p50 / p99)",
+                    f"{bot['status_command_ms_p50']:.1f} / {bot['status_command_ms_p99']:.1f} ms",
+                    "p99 < 300 ms",
+                    "PASS" if bot["status_command_ms_p99"] < 300 else "FAIL"))
+        out.append(("  alert -> channel message (p50 / p99)",
+                    f"{bot['alert_to_message_ms_p50']:.1f} / "
+                    f"{bot['alert_to_message_ms_p99']:.1f} ms", "", ""))
+        out.append(("  gateway back -> connected (median / worst)",
+                    f"{bot['gateway_back_to_connected_s_median']:.2f} / "
+                    f"{bot['gateway_back_to_connected_s_max']:.2f} s", "", ""))
     acc = load(folder, "gpu-acceptance.json")
     if acc:
         ok = sum(c["ok"] for c in acc["checks"])

@@ -19,6 +19,7 @@ export PYTHONPATH="$root/src${PYTHONPATH:+:$PYTHONPATH}"
 scripts/gpu-acceptance.sh --out "$out" || echo "bench.sh: the acceptance run FAILED (above)"
 "$py" bench/api.py --seconds "$seconds" --out "$out"
 "$py" bench/sinks.py --out "$out"
+"$py" bench/discord.py --out "$out"
 if command -v dockerd >/dev/null && [ -x /bin/busybox ]; then
   "$py" bench/switch.py --out "$out"
   "$py" bench/crashloop.py --loops "$loops" --out "$out"

@@ -153,3 +153,21 @@ def test_api_refuses_non_loopback_without_auth(tmp_path: Path) -> None:
     assert any(p.startswith("api.listen: refusing to listen on non-loopback") for p in problems)
     path = write_toml(tmp_path / "c.toml", {"api": {"listen": "127.0.0.1:8787"}})
     assert load_config(path).api.listen == "127.0.0.1:8787"
+
+
+def test_discord_keys_that_cannot_work_or_expose_the_node(tmp_path: Path) -> None:
+    # An alert channel needs the bot that posts there.
+    path = write_toml(tmp_path / "c.toml", {"discord": {"alert_channel_id": 123}})
+    result = run_cli("check-config", str(path))
+    assert result.returncode == 2
+    assert "discord" in result.stderr and "alert_channel_id" in result.stderr
+    assert "token" in result.stderr
+
+    # A token without a guild: valid, but every server that invites the bot gets /gpu.
+    path = write_toml(tmp_path / "d.toml", {"discord": {"token": "x" * 20}})
+    result = run_cli("check-config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "warning: discord.guild_id" in result.stderr and "Public Bot" in result.stderr
+    with_guild = write_toml(tmp_path / "e.toml", {"discord": {"token": "x" * 20,
+                                                              "guild_id": 77}})
+    assert "warning" not in run_cli("check-config", str(with_guild)).stderr

@@ -104,6 +104,13 @@ def test_command_payload_matches_the_configured_modes(node: SimNode) -> None:
     assert gpu_opt["type"] == 4 and gpu_opt["required"] is False
     assert [c["value"] for c in mode["options"][0]["choices"]] == ["idle", "one", "two"]
 
+    # More modes than Discord's 25 fixed choices: all of them offered as you type.
+    many = node.write(**{"workloads.a": {"kind": "process", "command": ["true"]},
+                         **{f"modes.m{i:02}": {"workloads": ["a"]} for i in range(30)}})
+    (gpu,) = json.loads(run_cli("discord-commands", "--json", "--config", str(many)).stdout)
+    mode = next(o for o in gpu["options"] if o["name"] == "mode")["options"][0]
+    assert mode["autocomplete"] is True and "choices" not in mode
+
 
 def test_status_embed_tells_a_failed_switch_and_its_roll_back() -> None:
     gpu = {"index": 0, "name": "RTX 4000 Ada", "used_mib": 6000, "total_mib": 20480,
@@ -227,7 +234,9 @@ def test_commands_and_alerts_through_the_real_client(node: SimNode,
 
 
 def test_the_bot_survives_the_network(node: SimNode, discord_api: DiscordStandIn) -> None:
-    config = live_config(node)
+    # Longer than discord.py's own reconnect delays (up to 2 s, then 4 s), so the
+    # drops below are blips, and the outage at boot is announced.
+    config = live_config(node, disconnect_grace=8.0)
     discord_api.refuse()  # booted before the network (or DNS) works
 
     def titles() -> list[str]:
@@ -237,6 +246,8 @@ def test_the_bot_survives_the_network(node: SimNode, discord_api: DiscordStandIn
         # Unreachable at login: retried on a new client, and announced after the grace.
         await until(lambda: audit.named("discord.disconnected"), "the outage is announced")
         assert bot_state(daemon) in ("connecting", "reconnecting")
+        for i in range(11):  # a burst while Discord is away
+            daemon.bus.publish("protect.warning", f"burst {i}", severity=Severity.WARNING)
         daemon.bus.publish("crashloop.blocked", "comfyui blocked", severity=Severity.CRITICAL,
                            workload="comfyui")
         discord_api.serve()
@@ -244,7 +255,11 @@ def test_the_bot_survives_the_network(node: SimNode, discord_api: DiscordStandIn
         assert [e.name for e in audit.events if e.name.startswith("discord.")] == [
             "discord.disconnected", "discord.connected"]
         # The alert raised during the outage waited on disk and is posted now.
-        await until(lambda: "CRITICAL: crashloop.blocked" in titles(), "the held alert")
+        await until(lambda: "CRITICAL: crashloop.blocked" in titles(), "the held alerts")
+        # Up to 10 embeds a message, in order; the outage itself is not posted late.
+        assert [len(m["embeds"]) for m in discord_api.messages] == [10, 2]
+        descriptions = [e["description"] for m in discord_api.messages for e in m["embeds"]]
+        assert descriptions == [f"burst {i}" for i in range(11)] + ["comfyui blocked"]
 
         # The gateway dropped mid-session: resumed, not identified again, and a blip this
         # short is not announced.
@@ -253,6 +268,12 @@ def test_the_bot_survives_the_network(node: SimNode, discord_api: DiscordStandIn
         await until(lambda: discord_api.resumes == 1, "the session is resumed")
         await until(lambda: bot_state(daemon) == "connected", "connected again")
         assert discord_api.identifies == identifies
+        # Dropped again, and Discord no longer knows the session: INVALID_SESSION, then
+        # a new IDENTIFY.
+        discord_api.resumable = False
+        discord_api.drop_gateway()
+        await until(lambda: discord_api.identifies == identifies + 1, "a new session")
+        await until(lambda: bot_state(daemon) == "connected", "connected again")
         assert len(audit.named("discord.disconnected")) == 1
 
         # A network error while posting an alert: the alert is posted after it.
@@ -379,4 +400,50 @@ def test_every_command_gets_an_answer(node: SimNode, discord_api: DiscordStandIn
         await until(lambda: gone.followups, "the error")
         assert gone.followups[0]["content"].startswith("❌ Could not unblock **comfyui**")
 
+        # A command Discord still has in an older shape (the sync failed after an
+        # upgrade): discord.py cannot call it, and the tree's error handler answers.
+        stale = await discord_api.a_interact("unblock", {}, roles=[ROLE])
+        await until(lambda: stale.callbacks, "the error handler's answer")
+        assert stale.callbacks[0]["data"]["content"].startswith("❌ gpuwarden could not")
+        assert stale.callbacks[0]["data"]["flags"] & 64
+
     run_daemon(config, body)
+
+
+def test_unblock_says_when_the_start_after_it_failed(node: SimNode, discord_api: DiscordStandIn,
+                                                     dockerd: Any, containers: Containers
+                                                     ) -> None:
+    name = f"gw-dc-{uuid.uuid4().hex[:8]}"
+    containers.create(name, holder_script("comfy", 8000))
+    config = node.write(**two_process_modes(node, **{
+        "discord": {"token": TOKEN, "guild_id": GUILD_ID, "allowed_role_ids": [ROLE]},
+        "docker": {"host": dockerd.host},
+        "workloads.comfyui": {"kind": "docker", "container": name, "stop_timeout": 2,
+                              "expected_mib": 8000}}))
+    # Blocked in mode image (the mode stays, its workload down until someone unblocks).
+    node.state_dir.mkdir(parents=True)
+    (node.state_dir / "state.json").write_text(json.dumps({
+        "version": 1, "gpus": {"0": {"mode": "image"}},
+        "blocks": {"comfyui": {"workload": "comfyui", "blocked_at": 1.0,
+                               "reason": "4 crashes", "details": {}}}}))
+    # Someone else's process holds 15000 MiB: nothing leaked, so the unblock is allowed,
+    # but 8000 MiB do not fit next to it.
+    stray = node.hold("stray", 15000)
+
+    async def body(daemon: Daemon, audit: Collect) -> None:
+        assert daemon.service is not None
+        await until(lambda: daemon.service is not None and daemon.service.status()["gpus"][0]
+                    ["used_mib"] >= 15000, "the stray is seen")
+        unblock = await discord_api.a_interact("unblock", {"workload": "comfyui"},
+                                               roles=[ROLE])
+        await until(lambda: unblock.followups, "the unblock's answer")
+        text = unblock.followups[0]["content"]
+        assert text.startswith("⚠️ Unblocked **comfyui**, but starting it failed"), text
+        assert "8000 MiB" in text
+        assert audit.named("crashloop.unblocked")
+
+    try:
+        run_daemon(config, body)
+    finally:
+        stray.kill()
+        stray.wait()

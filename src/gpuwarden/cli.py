@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 import httpx
 
-from .config import Config, config_path, load_config
+from .config import Config, config_path, config_warnings, load_config
 from .errors import ConfigError, DaemonUnreachable, GpuwardenError
 
 __all__ = ["ControlClient", "main"]
@@ -144,6 +144,13 @@ def format_status(doc: dict[str, Any]) -> str:
             why = f"  {stopped['reason']}{when}"
         lines.append(f"  {wl['name']:<16} {wl['kind']:<8} {wl['state']:<9} gpu {gpu}"
                      f"{blocked}{why}")
+    bot = doc.get("discord")
+    if bot and bot.get("state") != "connected":
+        lines.append(f"discord bot {bot['state'].upper()} {_when(bot['since'])}"
+                     + (f": {bot['detail']}" if bot.get("detail") else ""))
+    if bot and (bot.get("sync") or {}).get("state") == "failed":
+        lines.append(f"discord commands NOT SYNCED: {bot['sync']['detail']}; "
+                     f"{bot['sync']['fix']}")
     for receiver in doc.get("sinks", {}).get("receivers", []):
         if receiver.get("state") == "failing":
             lines.append(f"receiver {receiver['sink']} FAILING {_when(receiver['failing_since'])}"
@@ -328,10 +335,12 @@ def cmd_discord_commands(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     path = args.path or args.config
     try:
-        load_config(path)
+        config = load_config(path)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE
+    for warning in config_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{config_path(path)}: valid")
     return EXIT_OK
 

@@ -44,6 +44,7 @@ __all__ = [
     "ModeConfig",
     "WorkloadConfig",
     "config_path",
+    "config_warnings",
     "load_config",
     "parse_duration",
 ]
@@ -385,6 +386,17 @@ class Config(BaseSettings):
             if workload in mode.workloads:
                 return mode.gpu
         return None
+
+
+def config_warnings(config: Config) -> list[str]:
+    """Valid, but probably not what the operator wants: each by key path."""
+    warnings: list[str] = []
+    if config.discord.token is not None and not config.discord.guild_id:
+        warnings.append(
+            "discord.guild_id: 0 syncs /gpu globally, so every server that invites the bot "
+            "can use it (and /gpu status shows this node); set your server's id, and turn "
+            "off Public Bot in the Developer Portal")
+    return warnings
 
 
 def _cross_check(config: Config) -> list[str]:

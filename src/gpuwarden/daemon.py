@@ -20,7 +20,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from .api import build_app
 from .audit import open_audit
-from .config import Config
+from .config import Config, config_warnings
 from .crashloop import CrashLoopGuard
 from .docker_events import ContainerEvent, DockerEventWatcher
 from .enforcement import ModeGuard
@@ -102,6 +102,8 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self.bus.bind_loop(loop)
         cfg = self.config
+        for warning in config_warnings(cfg):
+            log.warning("configuration: %s", warning)
         store = StateStore(cfg.daemon.state_dir)
         persisted = store.load()
         owners = OwnerIndex()

@@ -622,7 +622,7 @@ class DiscordFrontEnd:
                 if command.name == "gpu":
                     await command.delete()
                     removed += 1
-        await asyncio.to_thread(_write_private, self._sync_hash, digest)
+        await asyncio.to_thread(_write_atomic, self._sync_hash, digest)
         where = f"guild {self.config.discord.guild_id}" if scope else "all guilds (global)"
         self.sync = {"state": "ok", "at": time.time(), "detail": f"synced to {where}"
                      + (f"; removed {removed} stale global /gpu" if removed else "")}
@@ -654,7 +654,7 @@ def _sync_failure(exc: BaseException, guild_id: int) -> tuple[str, str]:
     return f"{type(exc).__name__}: {exc}".rstrip(": "), "retrying when Discord is reachable"
 
 
-def _write_private(path: Path, text: str) -> None:
+def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text + "\n")
@@ -674,6 +674,12 @@ class DiscordChannelSink(OutboxSink):
         super().__init__(str(channel_id), config, bus, min_severity, outbox_dir, on_stat)
         self.channel_id = channel_id
         self._client = client
+
+    def about_itself(self, event: Event) -> bool:
+        # The bot's own connection: posted through that very connection once it is back,
+        # it would say what is no longer true.
+        return super().about_itself(event) or event.name in ("discord.connected",
+                                                             "discord.disconnected")
 
     async def attempt(self, entries: list[Entry]) -> Attempt:
         # Waits while the bot is not logged in: the outage is the bot's own event

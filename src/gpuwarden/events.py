@@ -85,6 +85,8 @@ def alert_group(name: str, fields: dict[str, Any]) -> tuple[str, bool] | None:
         return f"crashloop:{fields.get('workload')}", name == "crashloop.unblocked"
     if name in ("sink.failing", "sink.recovered"):
         return f"sink:{fields.get('sink')}", name == "sink.recovered"
+    if name in ("discord.disconnected", "discord.connected"):
+        return "discord", name == "discord.connected"
     return None
 
 

@@ -161,6 +161,10 @@ class OutboxSink:
         """Send `entries` (at most `batch`, oldest first) once."""
         raise NotImplementedError
 
+    def about_itself(self, event: Event) -> bool:
+        """An event about this receiver's own trouble: it could only arrive late."""
+        return event.name.startswith("sink.") and event.fields.get("sink") == self.name
+
     @property
     def open_groups(self) -> set[str]:
         """Alert groups this receiver was sent an alert for and no resolution yet."""
@@ -200,7 +204,7 @@ class OutboxSink:
         outbox = self._outbox
         if outbox is None:
             return
-        if event.name.startswith("sink.") and event.fields.get("sink") == self.name:
+        if self.about_itself(event):
             return  # never report a receiver's trouble to that receiver
         group = event.fields.get("group_key")
         resolves = bool(event.fields.get("resolved"))
