@@ -140,7 +140,7 @@ class DiscordStandIn:
 
     def refuse(self) -> None:
         """Stop listening: every connection is refused (DNS or network down), and the
-        open gateway connections are cut."""
+        open ones are cut."""
         self._run(self._refuse())
 
     def serve(self) -> None:
@@ -187,6 +187,12 @@ class DiscordStandIn:
             await self._site.stop()
             self._site = None
         await self._drop()
+        # Kept-alive REST connections die with the network too (discord.py would reuse
+        # one for its next websocket handshake).
+        assert self._runner is not None and self._runner.server is not None
+        for handler in self._runner.server.connections:
+            if handler.transport is not None:
+                handler.transport.abort()
 
     async def _drop(self) -> None:
         for session in list(self._sessions):
@@ -328,6 +334,8 @@ class DiscordStandIn:
                 if msg.type != aiohttp.WSMsgType.TEXT:
                     continue
                 await self._on_op(session, json.loads(msg.data), compressed)
+        except ConnectionResetError:
+            pass  # the client went away while it was being answered
         finally:
             if session in self._sessions:
                 self._sessions.remove(session)

@@ -154,6 +154,12 @@ async def until(predicate: Callable[[], Any], what: str, timeout: float = 30) ->
         await asyncio.sleep(0.02)
 
 
+def synced_and_connected(daemon: Daemon) -> bool:
+    assert daemon.service is not None
+    bot = daemon.service.status()["discord"]
+    return bool(bot["sync"]["state"] == "ok" and bot["state"] == "connected")
+
+
 def bot_state(daemon: Daemon) -> str:
     assert daemon.service is not None
     return str(daemon.service.status()["discord"]["state"])
@@ -228,8 +234,7 @@ def test_commands_and_alerts_through_the_real_client(node: SimNode,
 
     # A restart with the same commands syncs nothing.
     run_daemon(config, lambda daemon, audit: until(
-        lambda: daemon.service is not None and daemon.service.status()["discord"]["sync"]
-        ["state"] == "ok", "the sync is checked"))
+        lambda: synced_and_connected(daemon), "the sync is checked"))
     assert discord_api.paths("PUT") == puts
 
 
@@ -275,6 +280,16 @@ def test_the_bot_survives_the_network(node: SimNode, discord_api: DiscordStandIn
         await until(lambda: discord_api.identifies == identifies + 1, "a new session")
         await until(lambda: bot_state(daemon) == "connected", "connected again")
         assert len(audit.named("discord.disconnected")) == 1
+
+        # An outage mid-session longer than the grace: announced, and from then on the
+        # supervisor reconnects on a new client (discord.py alone would back off for up
+        # to 17 minutes).
+        logins = discord_api.paths("GET").count("/api/v10/users/@me")
+        discord_api.refuse()
+        await until(lambda: len(audit.named("discord.disconnected")) == 2, "the outage")
+        discord_api.serve()
+        await until(lambda: len(audit.named("discord.connected")) == 2, "back", timeout=60)
+        assert discord_api.paths("GET").count("/api/v10/users/@me") > logins
 
         # A network error while posting an alert: the alert is posted after it.
         discord_api.reset_messages = 1
@@ -322,8 +337,7 @@ def test_a_refused_sync_is_reported_and_alerts_still_flow(node: SimNode,
     # Invited again with the right scope: synced at the next start, stale global removed.
     discord_api.sync_error = None
     run_daemon(config, lambda daemon, audit: until(
-        lambda: daemon.service is not None and daemon.service.status()["discord"]["sync"]
-        ["state"] == "ok", "the sync"))
+        lambda: synced_and_connected(daemon), "the sync"))
     assert [c["name"] for c in discord_api.commands[GUILD_ID]] == ["gpu"]
     assert discord_api.commands[None] == []
     assert f"/api/v10/applications/{APP_ID}/commands/4711" in discord_api.paths("DELETE")

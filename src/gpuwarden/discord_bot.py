@@ -262,7 +262,8 @@ class _Client(discord.Client):
         super().__init__(intents=intents, allowed_mentions=NO_MENTIONS)
         self.front = front
 
-    async def on_ready(self) -> None:
+    async def on_connect(self) -> None:
+        # READY: the session is up (on_ready waits up to 2 s more for the guilds).
         self.front.gateway_up("ready")
 
     async def on_resumed(self) -> None:
@@ -281,7 +282,7 @@ class DiscordFrontEnd:
 
     def __init__(self, service: Service, config: Config, bus: EventBus | None = None, *,
                  retry_base: float = 1.0,
-                 retry_max: float = 300.0, sync_retry: float = 300.0) -> None:
+                 retry_max: float = 60.0, sync_retry: float = 300.0) -> None:
         self.service = service
         self.config = config
         self.bus = bus or service.bus
@@ -295,6 +296,11 @@ class DiscordFrontEnd:
         self._ever_connected = False
         self._ups = 0  # READY/RESUMED seen, ever
         self._grace_task: asyncio.Task[None] | None = None
+        # discord.py's connect(), which reconnects by itself until the supervisor takes
+        # over (cancels it) after the grace.
+        self._connecting: asyncio.Future[None] | None = None
+        self._takeover = False
+        self._closing = False  # close() was called: a disconnect now is ours
         self._sync_task: asyncio.Task[None] | None = None
         self._logged_in = asyncio.Event()  # the current client can make REST calls
         self._sync_hash = config.daemon.state_dir / "discord-commands.sha256"
@@ -487,7 +493,7 @@ class DiscordFrontEnd:
 
     def gateway_down(self, why: str, state: str = "reconnecting") -> None:
         """Lost (or not yet made): announced once it lasts the grace time."""
-        if self.state == "error":
+        if self.state == "error" or self._closing:
             return
         self._set_state(state, why)
         if self._grace_task is None and not self._announced_down:
@@ -503,6 +509,12 @@ class DiscordFrontEnd:
                          f"Discord bot disconnected for {time.time() - self.since:.0f} s: "
                          f"{self.detail}; reconnecting", severity=Severity.WARNING,
                          detail=self.detail, since=self.since)
+        if self._connecting is not None:
+            # discord.py's own reconnect backs off up to 17 minutes between tries (and
+            # sleeps through a close): from here on the supervisor's capped backoff
+            # decides when to try again.
+            self._takeover = True
+            self._connecting.cancel()
 
     async def run(self, token: str) -> None:
         """Log in and stay connected until cancelled; never raises."""
@@ -543,8 +555,14 @@ class DiscordFrontEnd:
         self._logged_in.set()
         if self._sync_task is None or self._sync_task.done():
             self._sync_task = asyncio.get_running_loop().create_task(self._sync_loop())
+        self._connecting = asyncio.ensure_future(self.client.connect(reconnect=True))
         try:
-            await self.client.connect(reconnect=True)
+            await self._connecting
+        except asyncio.CancelledError:
+            if not self._takeover or _being_cancelled():
+                raise
+            self._takeover = False
+            raise ConnectionError(f"no gateway connection for {self._grace:.0f} s") from None
         except discord.PrivilegedIntentsRequired as exc:
             raise _Final(f"Discord requires a privileged intent ({exc}); gpuwarden asks for "
                          "none, so check that this token belongs to gpuwarden's bot") from exc
@@ -553,6 +571,8 @@ class DiscordFrontEnd:
                 raise _Final("Discord closed the gateway: authentication failed (4004); "
                              "copy the bot token again into [discord] token_file") from exc
             raise
+        finally:
+            self._connecting = None
 
     def _fail(self, detail: str) -> None:
         if self._grace_task is not None:
@@ -633,12 +653,20 @@ class DiscordFrontEnd:
                 "sync": dict(self.sync)}
 
     async def close(self) -> None:
+        self._closing = True
+        if not self.client.is_closed():
+            await self.client.close()
+        await asyncio.sleep(0)  # the events the close dispatched run (and are ignored)
         for task in (self._grace_task, self._sync_task):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        if not self.client.is_closed():
-            await self.client.close()
+
+
+def _being_cancelled() -> bool:
+    """The running task itself is being cancelled (not only what it awaited)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _sync_failure(exc: BaseException, guild_id: int) -> tuple[str, str]:
