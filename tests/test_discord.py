@@ -353,6 +353,17 @@ def test_a_refused_token_is_final_and_named(node: SimNode, discord_api: DiscordS
         result = await daemon.service.switch_mode("image", requested_by="cli:test")
         assert result.ok
         assert bot_state(daemon) == "error"
+        # Alerts for the channel wait on disk, and the receiver says why.
+        daemon.bus.publish("vram.tier", "GPU 0 VRAM 91 %", severity=Severity.ERROR, gpu=0,
+                           **{"from": "warn", "to": "alert"})
+
+        def channel() -> dict[str, Any]:
+            assert daemon.service is not None
+            return next(r for r in daemon.service.status()["sinks"]["receivers"]
+                        if r["sink"] == f"discord-channel:{CHANNEL_ID}")
+
+        await until(lambda: channel()["state"] == "failing", "the channel fails")
+        assert "bot is stopped" in channel()["last_error"] and channel()["queued"] == 1
 
     audit = run_daemon(config, body)
     (error,) = audit.named("discord.error")

@@ -303,6 +303,7 @@ class DiscordFrontEnd:
         self._closing = False  # close() was called: a disconnect now is ours
         self._sync_task: asyncio.Task[None] | None = None
         self._logged_in = asyncio.Event()  # the current client can make REST calls
+        self._stopped = asyncio.Event()  # for good: the operator must act
         self._sync_hash = config.daemon.state_dir / "discord-commands.sha256"
         self._new_client()
 
@@ -579,17 +580,31 @@ class DiscordFrontEnd:
             self._grace_task.cancel()
             self._grace_task = None
         self._set_state("error", detail)
+        self._stopped.set()
         self.bus.publish("discord.error", f"Discord bot stopped: {detail}",
                          severity=Severity.ERROR, detail=detail)
 
     async def logged_in_client(self) -> discord.Client:
-        """The client once it can make REST calls (waits through reconnects)."""
+        """The client once it can make REST calls (waits through reconnects).
+
+        Raises:
+            RuntimeError: the bot stopped for good (a refused token).
+        """
         while True:
-            await self._logged_in.wait()
+            if self._stopped.is_set():
+                raise RuntimeError(f"the Discord bot is stopped: {self.detail}")
+            waits = {asyncio.ensure_future(self._logged_in.wait()),
+                     asyncio.ensure_future(self._stopped.wait())}
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
             client = self.client
-            if not client.is_closed():
+            if self._logged_in.is_set() and not client.is_closed():
                 return client
-            await asyncio.sleep(0.05)
+            if not self._stopped.is_set():
+                await asyncio.sleep(0.05)  # closed by discord.py itself; the supervisor acts
 
     # -- the command sync ----------------------------------------------------------------
 
@@ -710,14 +725,14 @@ class DiscordChannelSink(OutboxSink):
                                                              "discord.disconnected")
 
     async def attempt(self, entries: list[Entry]) -> Attempt:
-        # Waits while the bot is not logged in: the outage is the bot's own event
-        # (discord.disconnected), the alerts wait on disk.
-        client = await self._client()
         budget = MAX_EMBED_TOTAL // len(entries)
         embeds = [discord.Embed.from_dict(fit_embed(discord_embed(Event.from_dict(e.doc)),
                                                     budget)) for e in entries]
-        channel = client.get_partial_messageable(self.channel_id)  # no cache needed
         try:
+            # Waits while the bot is not logged in: the outage is the bot's own event
+            # (discord.disconnected), the alerts wait on disk.
+            client = await self._client()
+            channel = client.get_partial_messageable(self.channel_id)  # no cache needed
             async with asyncio.timeout(self.config.timeout):
                 await channel.send(embeds=embeds, allowed_mentions=NO_MENTIONS)
         except discord.HTTPException as exc:

@@ -276,6 +276,9 @@ class OutboxSink:
             self._posting = True
             try:
                 result = await self.attempt(entries)
+            except Exception as exc:  # never let one attempt end the worker
+                log.exception("%s: delivery attempt failed unexpectedly", self.name)
+                result = Attempt("failing", self.redact(f"{type(exc).__name__}: {exc}"))
             finally:
                 self._posting = False
             if result.outcome == "delivered":
