@@ -79,6 +79,19 @@ class SimNode:
         assert b"holding" in line, line
         return proc
 
+    def kill_holders(self) -> None:
+        """SIGKILL every host process still holding a claim in this ledger: what a test
+        left behind (a daemon killed with -9 orphans its process workloads)."""
+        ledger = str(self.ledger) + os.sep
+        for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+            try:
+                held = any(os.readlink(fd).startswith(ledger) for fd in fd_dir.iterdir())
+            except OSError:  # gone, or not ours to read
+                continue
+            if held:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(fd_dir.parent.name), signal.SIGKILL)
+
 
 def two_process_modes(node: SimNode, **extra: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Sections for modes llm (ollama, 6000 MiB) and image (comfyui, 8000 MiB), both
@@ -102,8 +115,10 @@ def two_process_modes(node: SimNode, **extra: dict[str, Any]) -> dict[str, dict[
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> SimNode:
-    return SimNode(tmp_path)
+def node(tmp_path: Path) -> Iterator[SimNode]:
+    sim = SimNode(tmp_path)
+    yield sim
+    sim.kill_holders()
 
 
 @pytest.fixture

@@ -160,14 +160,26 @@ def test_discord_keys_that_cannot_work_or_expose_the_node(tmp_path: Path) -> Non
     path = write_toml(tmp_path / "c.toml", {"discord": {"alert_channel_id": 123}})
     result = run_cli("check-config", str(path))
     assert result.returncode == 2
-    assert "discord" in result.stderr and "alert_channel_id" in result.stderr
-    assert "token" in result.stderr
+    assert "discord.alert_channel_id: set, but the bot that posts there has no token" \
+        in result.stderr
 
-    # A token without a guild: valid, but every server that invites the bot gets /gpu.
-    path = write_toml(tmp_path / "d.toml", {"discord": {"token": "x" * 20}})
+    # An empty token is not "no token"; ids are positive.
+    path = write_toml(tmp_path / "d.toml", {"discord": {"token": "  ", "guild_id": 77}})
+    assert problems_of(path) == ["discord.token: empty (leave the key out to turn it off)"]
+    path = write_toml(tmp_path / "d.toml", {"discord": {
+        "guild_id": -5, "allowed_role_ids": [0], "alert_channel_id": -1}})
+    problems = problems_of(path)
+    assert any(p.startswith("discord.guild_id:") for p in problems)
+    assert any(p.startswith("discord.allowed_role_ids.0:") for p in problems)
+    assert any(p.startswith("discord.alert_channel_id:") for p in problems)
+
+    # A token without a guild, or with nobody allowed: valid, with a warning each.
+    path = write_toml(tmp_path / "e.toml", {"discord": {"token": "x" * 20}})
     result = run_cli("check-config", str(path))
     assert result.returncode == 0, result.stderr
     assert "warning: discord.guild_id" in result.stderr and "Public Bot" in result.stderr
-    with_guild = write_toml(tmp_path / "e.toml", {"discord": {"token": "x" * 20,
-                                                              "guild_id": 77}})
-    assert "warning" not in run_cli("check-config", str(with_guild)).stderr
+    assert "warning: discord.allowed_role_ids: empty" in result.stderr
+    configured = write_toml(tmp_path / "f.toml", {"discord": {
+        "token": "x" * 20, "guild_id": 77, "allowed_role_ids": [4242]}})
+    result = run_cli("check-config", str(configured))
+    assert result.returncode == 0 and "warning" not in result.stderr

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from gpuwarden.cli import format_status
 from gpuwarden.config import load_config
 from gpuwarden.daemon import Daemon
 from gpuwarden.discord_bot import status_embed
@@ -255,6 +256,13 @@ def test_the_bot_survives_the_network(node: SimNode, discord_api: DiscordStandIn
             daemon.bus.publish("protect.warning", f"burst {i}", severity=Severity.WARNING)
         daemon.bus.publish("crashloop.blocked", "comfyui blocked", severity=Severity.CRITICAL,
                            workload="comfyui")
+        assert "could not connect for" in audit.named("discord.disconnected")[0].message
+        assert daemon.service is not None
+        await until(lambda: "WAITING" in format_status(daemon.service.status()),  # type: ignore[union-attr]
+                    "the queued alerts are shown")
+        plain = format_status(daemon.service.status())
+        assert "receiver discord-channel:123 WAITING for the Discord bot: 12 queued" in plain
+        assert "discord bot RECONNECTING" in plain or "discord bot CONNECTING" in plain
         discord_api.serve()
         await until(lambda: bot_state(daemon) == "connected", "the bot recovers", timeout=60)
         assert [e.name for e in audit.events if e.name.startswith("discord.")] == [
@@ -472,3 +480,15 @@ def test_unblock_says_when_the_start_after_it_failed(node: SimNode, discord_api:
     finally:
         stray.kill()
         stray.wait()
+
+
+def test_without_a_token_the_bot_is_disabled_and_says_so(node: SimNode) -> None:
+    config = node.write(**two_process_modes(node))
+
+    async def body(daemon: Daemon, audit: Collect) -> None:
+        assert daemon.service is not None
+        assert daemon.service.status()["discord"] == {"state": "disabled",
+                                                      "detail": "no token configured"}
+        assert "discord" not in format_status(daemon.service.status())
+
+    run_daemon(config, body)

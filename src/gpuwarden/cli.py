@@ -145,13 +145,16 @@ def format_status(doc: dict[str, Any]) -> str:
         lines.append(f"  {wl['name']:<16} {wl['kind']:<8} {wl['state']:<9} gpu {gpu}"
                      f"{blocked}{why}")
     bot = doc.get("discord")
-    if bot and bot.get("state") != "connected":
+    if bot and bot.get("state") not in ("connected", "disabled"):
         lines.append(f"discord bot {bot['state'].upper()} {_when(bot['since'])}"
                      + (f": {bot['detail']}" if bot.get("detail") else ""))
     if bot and (bot.get("sync") or {}).get("state") == "failed":
         lines.append(f"discord commands NOT SYNCED: {bot['sync']['detail']}; "
                      f"{bot['sync']['fix']}")
     for receiver in doc.get("sinks", {}).get("receivers", []):
+        if receiver.get("state") == "waiting" and receiver.get("queued"):
+            lines.append(f"receiver {receiver['sink']} WAITING for the Discord bot: "
+                         f"{receiver['queued']} queued")
         if receiver.get("state") == "failing":
             lines.append(f"receiver {receiver['sink']} FAILING {_when(receiver['failing_since'])}"
                          f": {receiver['last_error']}; {receiver['queued']} queued, "

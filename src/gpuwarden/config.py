@@ -23,6 +23,8 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    NonNegativeInt,
+    PositiveInt,
     SecretStr,
     ValidationError,
     field_validator,
@@ -112,6 +114,9 @@ def _resolve_secret(
         raise ValueError(f"set {value_field} or {file_field}, not both")
     if file is not None:
         object.__setattr__(model, value_field, _read_secret(file, file_field))
+    elif value is not None and not value.get_secret_value().strip():
+        # An empty secret is not "no secret": it would be configured, and match.
+        raise ValueError(f"{value_field}: empty (leave the key out to turn it off)")
 
 
 def _check_whsec(secret: SecretStr | None, key: str) -> None:
@@ -279,10 +284,10 @@ class ApiConfig(_Section):
 class DiscordConfig(_Section):
     token: SecretStr | None = None
     token_file: Path | None = None
-    guild_id: int = 0
-    allowed_role_ids: list[int] = []
-    allowed_user_ids: list[int] = []
-    alert_channel_id: int = 0
+    guild_id: NonNegativeInt = 0  # Discord ids (snowflakes) are positive; 0: none
+    allowed_role_ids: list[PositiveInt] = []
+    allowed_user_ids: list[PositiveInt] = []
+    alert_channel_id: NonNegativeInt = 0
     alert_webhook_url: str = ""
     # Least severe event posted as an alert (webhook and channel).
     alert_min_severity: SeverityName = "warning"
@@ -293,7 +298,7 @@ class DiscordConfig(_Section):
     def _secret(self) -> DiscordConfig:
         _resolve_secret(self, "token", "token_file")
         if self.alert_channel_id and self.token is None:
-            raise ValueError("alert_channel_id is set, but the bot that posts there has no "
+            raise ValueError("alert_channel_id: set, but the bot that posts there has no "
                              "token: set token_file (or token), or use alert_webhook_url")
         return self
 
@@ -391,6 +396,11 @@ class Config(BaseSettings):
 def config_warnings(config: Config) -> list[str]:
     """Valid, but probably not what the operator wants: each by key path."""
     warnings: list[str] = []
+    dc = config.discord
+    if dc.token is not None and not dc.allowed_role_ids and not dc.allowed_user_ids:
+        warnings.append(
+            "discord.allowed_role_ids: empty, and so is allowed_user_ids: /gpu mode and "
+            "/gpu unblock are refused to everyone (/gpu status still answers)")
     if config.discord.token is not None and not config.discord.guild_id:
         warnings.append(
             "discord.guild_id: 0 syncs /gpu globally, so every server that invites the bot "
@@ -482,6 +492,11 @@ _SECRET_KEYS = ("url", "token", "secret", "password")
 def _format_error(err: Any) -> str:
     path = ".".join(str(part) for part in err["loc"]) or "(top level)"
     msg = str(err["msg"]).removeprefix("Value error, ")
+    # A section's own check names its key first ("token_file: cannot read ..."): that
+    # key belongs in the path.
+    key = re.match(r"([a-z][a-z0-9_]*): ", msg)
+    if err["type"] == "value_error" and key and path != "(top level)":
+        path, msg = f"{path}.{key.group(1)}", msg[key.end():]
     if err["type"] == "extra_forbidden":
         return f"{path}: unknown key"
     if err["type"] == "missing":

@@ -220,7 +220,11 @@ class Daemon:
 
     async def _start_discord(self) -> None:
         token = self.config.discord.token
-        if token is None or self.service is None:
+        if self.service is None:
+            return
+        if token is None:
+            self.service.status_sections["discord"] = lambda: {
+                "state": "disabled", "detail": "no token configured"}
             return
         from .discord_bot import DiscordChannelSink, DiscordFrontEnd
 

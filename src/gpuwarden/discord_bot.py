@@ -35,6 +35,11 @@ from .outbox import Entry
 from .service import Service
 from .sinks import Attempt, DeliveryStat, OutboxSink, discord_embed
 
+# gpuwarden has no voice: without this, discord.py warns about missing voice libraries
+# at every start, which reads like an error in the journal.
+discord.VoiceClient.warn_nacl = False
+discord.VoiceClient.warn_dave = False
+
 __all__ = ["DiscordChannelSink", "DiscordFrontEnd", "build_gpu_group", "commands_payload",
            "fit_embed", "status_embed"]
 
@@ -506,9 +511,10 @@ class DiscordFrontEnd:
         if self.state == "connected":
             return
         self._announced_down = True
+        lost = "disconnected" if self._ever_connected else "could not connect"
         self.bus.publish("discord.disconnected",
-                         f"Discord bot disconnected for {time.time() - self.since:.0f} s: "
-                         f"{self.detail}; reconnecting", severity=Severity.WARNING,
+                         f"Discord bot {lost} for {time.time() - self.since:.0f} s: "
+                         f"{self.detail}; retrying", severity=Severity.WARNING,
                          detail=self.detail, since=self.since)
         if self._connecting is not None:
             # discord.py's own reconnect backs off up to 17 minutes between tries (and
@@ -717,6 +723,14 @@ class DiscordChannelSink(OutboxSink):
         super().__init__(str(channel_id), config, bus, min_severity, outbox_dir, on_stat)
         self.channel_id = channel_id
         self._client = client
+        self._waiting = False  # for the bot to log in
+
+    def status(self) -> dict[str, Any]:
+        doc = super().status()
+        if self._waiting and doc["state"] == "ok":
+            doc["state"] = "waiting"
+            doc["last_error"] = "waiting for the Discord bot to log in"
+        return doc
 
     def about_itself(self, event: Event) -> bool:
         # The bot's own connection: posted through that very connection once it is back,
@@ -731,7 +745,11 @@ class DiscordChannelSink(OutboxSink):
         try:
             # Waits while the bot is not logged in: the outage is the bot's own event
             # (discord.disconnected), the alerts wait on disk.
-            client = await self._client()
+            self._waiting = True
+            try:
+                client = await self._client()
+            finally:
+                self._waiting = False
             channel = client.get_partial_messageable(self.channel_id)  # no cache needed
             async with asyncio.timeout(self.config.timeout):
                 await channel.send(embeds=embeds, allowed_mentions=NO_MENTIONS)
