@@ -183,3 +183,18 @@ def test_discord_keys_that_cannot_work_or_expose_the_node(tmp_path: Path) -> Non
         "token": "x" * 20, "guild_id": 77, "allowed_role_ids": [4242]}})
     result = run_cli("check-config", str(configured))
     assert result.returncode == 0 and "warning" not in result.stderr
+
+
+def test_n8n_header_auth_needs_both_halves(tmp_path: Path) -> None:
+    half = write_toml(tmp_path / "a.toml", {"n8n": {"auth_header": "X-Gpuwarden-Token"}})
+    assert problems_of(half) == ["n8n.auth_header: set it together with auth_value_file "
+                                 "(or auth_value), or neither"]
+    bad = write_toml(tmp_path / "b.toml", {"n8n": {"auth_header": "X Token",
+                                                   "auth_value": "abc"}})
+    assert problems_of(bad) == ["n8n.auth_header: not an HTTP header name: 'X Token'"]
+    (tmp_path / "n8n.auth").write_text("s3cret\n")
+    good = write_toml(tmp_path / "c.toml", {"n8n": {"auth_header": "X-Gpuwarden-Token",
+                                                    "auth_value_file": "n8n.auth"}})
+    config = load_config(good)
+    assert config.n8n.auth_value is not None
+    assert config.n8n.auth_value.get_secret_value() == "s3cret"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import hmac
 import json
 import signal
 import time
@@ -60,7 +62,8 @@ class Receiver(StandIn):
         if self.script:
             status, payload = self.script.pop(0)
             return web.json_response(payload or {}, status=status)
-        self.received.append({"headers": dict(request.headers), "body": await request.json()})
+        self.received.append({"headers": dict(request.headers), "body": await request.json(),
+                              "raw": body.decode()})
         return web.Response(status=204)
 
 
@@ -592,3 +595,39 @@ def test_an_alert_open_at_a_restart_gets_its_resolution_after_it(
     tiers = [(r["body"]["to"], r["body"]["group_key"]) for r in receiver.received
              if r["body"]["event"] == "vram.tier"]
     assert tiers == [("alert", "vram.tier:gpu0"), ("ok", "vram.tier:gpu0")]
+
+
+def test_n8n_events_carry_the_header_auth_and_a_signature_n8n_can_check(
+        tmp_path: Path) -> None:
+    """`gpuwarden secret whsec` gives a key n8n's Crypto node takes as text: HMAC-SHA256
+    over `id.timestamp.body` with that text reproduces gpuwarden's signature."""
+    made = json.loads(run_cli("secret", "whsec", "--json").stdout)
+    whsec, key_text = made["whsec"], made["hmac_key_text"]
+    receiver = Receiver(secret=whsec).start()
+
+    async def scenario() -> None:
+        bus = EventBus(Collect())
+        async with httpx.AsyncClient() as client:
+            sink = N8nSink(f"{receiver.url}/hook", whsec, FAST, bus, client, Severity.INFO,
+                           tmp_path, auth=("X-Gpuwarden-Token", "s3cret-token"))
+            await sink.start()
+            bus.subscribe(sink.offer)
+            bus.publish("vram.tier", "GPU 0 at 96 % (ünïcode)", severity=Severity.CRITICAL,
+                        gpu=0, **{"from": "alert", "to": "critical"})
+            await _wait(lambda: receiver.received)
+            await sink.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        receiver.stop()
+    (got,) = receiver.received
+    headers = {k.lower(): v for k, v in got["headers"].items()}
+    assert headers["x-gpuwarden-token"] == "s3cret-token"
+    assert receiver.bad_signatures == 0  # the Standard Webhooks library agrees
+    # What the n8n flow computes with its Crypto node (Hmac, SHA256, base64, the text key).
+    signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.{got['raw']}"
+    digest = base64.b64encode(hmac.new(key_text.encode(), signed.encode(),
+                                       hashlib.sha256).digest()).decode()
+    assert f"v1,{digest}" in headers["webhook-signature"].split(" ")
+    assert key_text.isalnum() and len(key_text) == 32

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import logging
 import os
+import secrets
+import string
 import sys
 import time
 from pathlib import Path
@@ -319,6 +322,28 @@ def cmd_unblock(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def new_signing_key() -> tuple[str, str]:
+    """A Standard Webhooks secret whose key is printable: (whsec_<base64>, the key as
+    text). n8n's Crypto node takes an HMAC key as text, so it can verify with the
+    second form what gpuwarden signs with the first."""
+    alphabet = string.ascii_letters + string.digits
+    key = "".join(secrets.choice(alphabet) for _ in range(32))  # 190 bits
+    return "whsec_" + base64.b64encode(key.encode()).decode(), key
+
+
+def cmd_secret(args: argparse.Namespace) -> int:
+    if args.kind == "token":
+        print(secrets.token_urlsafe(32))
+        return EXIT_OK
+    whsec, key = new_signing_key()
+    if args.json:
+        print(json.dumps({"whsec": whsec, "hmac_key_text": key}, indent=2))
+    else:
+        print(f"signing secret (gpuwarden's signing_secret_file): {whsec}")
+        print(f"the same key as text (n8n's Crypto node, Hmac):  {key}")
+    return EXIT_OK
+
+
 def cmd_discord_commands(args: argparse.Namespace) -> int:
     from .discord_bot import commands_payload
 
@@ -427,6 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="lift a crash-loop block (refused unless VRAM is clear)")
     p.add_argument("workload", metavar="WORKLOAD")
     p.set_defaults(func=cmd_unblock)
+    p = sub.add_parser("secret", help="make a new signing secret or token")
+    p.add_argument("kind", choices=["whsec", "token"],
+                   help="whsec: a Standard Webhooks signing secret, also printed as the "
+                        "text key n8n's Crypto node takes; token: a random bearer token")
+    p.add_argument("--json", action="store_true", help="whsec as JSON")
+    p.set_defaults(func=cmd_secret)
     p = sub.add_parser("discord-commands", parents=[common],
                        help="the slash-command payload that would be synced")
     p.add_argument("--json", action="store_true", help="the exact JSON payload")

@@ -312,6 +312,11 @@ class N8nConfig(_Section):
     event_webhook_urls: list[str] = []
     signing_secret: SecretStr | None = None
     signing_secret_file: Path | None = None
+    # A header sent with every event, for n8n's Header Auth on the Webhook node: a
+    # request without it is refused before the flow runs.
+    auth_header: str = ""
+    auth_value: SecretStr | None = None
+    auth_value_file: Path | None = None
     min_severity: SeverityName = "info"
 
     @field_validator("event_webhook_urls")
@@ -323,6 +328,13 @@ class N8nConfig(_Section):
     def _secret(self) -> N8nConfig:
         _resolve_secret(self, "signing_secret", "signing_secret_file")
         _check_whsec(self.signing_secret, "signing_secret")
+        _resolve_secret(self, "auth_value", "auth_value_file")
+        if bool(self.auth_header) != (self.auth_value is not None):
+            raise ValueError("auth_header: set it together with auth_value_file (or "
+                             "auth_value), or neither")
+        if self.auth_header and not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+",
+                                                 self.auth_header):
+            raise ValueError(f"auth_header: not an HTTP header name: {self.auth_header!r}")
         return self
 
 

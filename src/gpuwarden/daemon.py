@@ -248,11 +248,14 @@ class Daemon:
         self._sink_http = httpx.AsyncClient()
         secret = cfg.n8n.signing_secret
         outboxes = cfg.daemon.state_dir / "outbox"
+        auth = None
+        if cfg.n8n.auth_header and cfg.n8n.auth_value is not None:
+            auth = (cfg.n8n.auth_header, cfg.n8n.auth_value.get_secret_value())
         for url in cfg.n8n.event_webhook_urls:
             self._sinks.append(N8nSink(
                 url, secret.get_secret_value() if secret else None, cfg.delivery, self.bus,
                 self._sink_http, severity_named(cfg.n8n.min_severity), outboxes,
-                self.metrics.on_delivery))
+                self.metrics.on_delivery, auth=auth))
         if cfg.discord.alert_webhook_url:
             self._sinks.append(DiscordWebhookSink(
                 cfg.discord.alert_webhook_url, cfg.delivery, self.bus, self._sink_http,

@@ -417,9 +417,11 @@ class N8nSink(WebhookSink):
 
     kind = "n8n"
 
-    def __init__(self, url: str, secret: str | None, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, url: str, secret: str | None, *args: Any,
+                 auth: tuple[str, str] | None = None, **kwargs: Any) -> None:
         super().__init__(url, *args, **kwargs)
         self._signer = Webhook(secret) if secret else None
+        self._auth = auth  # (header, value) for n8n's Header Auth
 
     def request(self, entry: Entry) -> tuple[bytes, dict[str, str]]:
         body = json.dumps(entry.doc, default=str, separators=(",", ":"))
@@ -430,6 +432,8 @@ class N8nSink(WebhookSink):
         headers["webhook-timestamp"] = str(int(now.timestamp()))
         if self._signer is not None:
             headers["webhook-signature"] = self._signer.sign(msg_id, now, body)
+        if self._auth is not None:
+            headers[self._auth[0]] = self._auth[1]
         return body.encode(), headers
 
 
