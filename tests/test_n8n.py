@@ -273,6 +273,13 @@ def test_the_example_flow_on_a_real_n8n(n8n: N8n, node: SimNode, start_daemon: A
             stray.kill()
             stray.wait()
 
+        # 1b. The form switches by hand (what its page posts).
+        resp = httpx.post(f"{n8n.url}/form/gpuwarden-mode", files={"field-0": (None, "image")},
+                          timeout=60)
+        assert resp.status_code == 200, resp.text
+        daemon.wait_event("mode.switch.completed", requested_by="api:n8n", to="image",
+                          timeout=60)
+
         # 2. Forgeries: none gets past the door or the signature check.
         switches = len(daemon.events("mode.switch.started"))
         body = json.dumps({"event": "vram.tier", "to": "critical", "gpu": 0,
