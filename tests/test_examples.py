@@ -12,7 +12,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_n8n_workflow_is_importable_and_calls_the_api() -> None:
     flow = json.loads((ROOT / "examples/n8n/gpuwarden-workflow.json").read_text())
-    assert {"name", "nodes", "connections"} <= set(flow)
+    # n8n's import needs versionId; a production webhook path needs the node's webhookId.
+    assert {"name", "nodes", "connections", "versionId", "id"} <= set(flow)
+    assert all(n.get("notes") for n in flow["nodes"])  # each node says what it is for
+    assert all(n.get("webhookId") for n in flow["nodes"]
+               if n["type"] in ("n8n-nodes-base.webhook", "n8n-nodes-base.formTrigger"))
     nodes = {n["name"]: n for n in flow["nodes"]}
     assert len({n["id"] for n in flow["nodes"]}) == len(flow["nodes"])
     for source, outputs in flow["connections"].items():
