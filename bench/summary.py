@@ -85,6 +85,18 @@ def rows(folder: Path) -> list[tuple[str, str, str, str]]:
         out.append(("  gateway back -> connected (median / worst)",
                     f"{bot['gateway_back_to_connected_s_median']:.2f} / "
                     f"{bot['gateway_back_to_connected_s_max']:.2f} s", "", ""))
+    flow = load(folder, "n8n.json")
+    if flow:
+        out.append(("critical alert -> switch started, through n8n (p50 / worst)",
+                    f"{flow['alert_to_switch_s_p50'] * 1000:.0f} / "
+                    f"{flow['alert_to_switch_s_max'] * 1000:.0f} ms", "", ""))
+        out.append(("  forged events that switched the GPU",
+                    f"{flow['forgeries_that_switched']} of {flow['forgeries_sent']}", "0",
+                    "PASS" if flow["forgeries_that_switched"] == 0 else "FAIL"))
+        out.append(("  events lost across an n8n restart",
+                    f"{flow['events_lost_across_restart']} of "
+                    f"{flow['events_sent_across_restart']}", "0",
+                    "PASS" if flow["events_lost_across_restart"] == 0 else "FAIL"))
     acc = load(folder, "gpu-acceptance.json")
     if acc:
         ok = sum(c["ok"] for c in acc["checks"])

@@ -20,6 +20,11 @@ scripts/gpu-acceptance.sh --out "$out" || echo "bench.sh: the acceptance run FAI
 "$py" bench/api.py --seconds "$seconds" --out "$out"
 "$py" bench/sinks.py --out "$out"
 "$py" bench/discord.py --out "$out"
+if command -v node >/dev/null && command -v npm >/dev/null; then
+  "$py" bench/n8n.py --out "$out" || echo "bench.sh: the n8n benchmark FAILED (above)"
+else
+  echo "bench.sh: no Node.js here: the n8n benchmark skipped"
+fi
 if command -v dockerd >/dev/null && [ -x /bin/busybox ]; then
   "$py" bench/switch.py --out "$out"
   "$py" bench/crashloop.py --loops "$loops" --out "$out"
