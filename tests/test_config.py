@@ -198,3 +198,16 @@ def test_n8n_header_auth_needs_both_halves(tmp_path: Path) -> None:
     config = load_config(good)
     assert config.n8n.auth_value is not None
     assert config.n8n.auth_value.get_secret_value() == "s3cret"
+
+
+def test_a_signing_secret_file_with_anything_more_is_refused(tmp_path: Path) -> None:
+    whsec = run_cli("secret", "whsec").stdout  # exactly the secret (and its newline)
+    (tmp_path / "good.whsec").write_text(whsec)
+    (tmp_path / "labelled.whsec").write_text(f"signing secret: {whsec}key as text: abc\n")
+    good = write_toml(tmp_path / "a.toml", {"n8n": {"signing_secret_file": "good.whsec"}})
+    assert load_config(good).n8n.signing_secret is not None
+    bad = write_toml(tmp_path / "b.toml", {"n8n": {
+        "signing_secret_file": "labelled.whsec"}})
+    (problem,) = problems_of(bad)
+    assert problem.startswith("n8n.signing_secret: not whsec_<base64>")
+    assert whsec.strip()[6:] not in problem  # the value is not shown

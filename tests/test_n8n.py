@@ -37,6 +37,7 @@ EXAMPLE = ROOT / "examples" / "n8n" / "gpuwarden-workflow.json"
 OWNER = {"email": "ops@example.com", "firstName": "Ops", "lastName": "Homelab",
          "password": "Gpuwarden-e2e-1"}
 EVENTS_HEADER = "X-Gpuwarden-Token"
+FORM_LOGIN = {"user": "ops", "password": "form-Password-1"}
 
 
 def _n8n_bin() -> str:
@@ -238,6 +239,8 @@ def deploy_example(n8n: N8n, node: SimNode, folder: Path, discord_url: str) -> D
             {"name": "Authorization", "value": f"Bearer {api_token}"}),
         "Discord alerts webhook": n8n.credential(
             "Discord alerts webhook", "discordWebhookApi", {"webhookUri": discord_url}),
+        "gpuwarden form login": n8n.credential(
+            "gpuwarden form login", "httpBasicAuth", FORM_LOGIN),
     }
     flow = n8n.call("GET", "/rest/workflows/gpuwardenExample1")
     for item in flow["nodes"]:
@@ -326,12 +329,16 @@ def test_the_example_flow_on_a_real_n8n(n8n: N8n, node: SimNode, start_daemon: A
         alert_to_switch = critical_alert_switches(daemon, node)
         assert daemon.status()["gpus"][0]["mode"] == "llm"
 
-        # 1b. The form switches by hand (what its page posts).
-        resp = httpx.post(f"{n8n.url}/form/gpuwarden-mode", files={"field-0": (None, "image")},
-                          timeout=60)
+        # 1b. The form switches by hand (what its page posts), behind its login.
+        form = f"{n8n.url}/form/gpuwarden-mode"
+        resp = httpx.post(form, files={"field-0": (None, "image")}, timeout=60)
+        assert resp.status_code == 401
+        resp = httpx.post(form, files={"field-0": (None, "image")}, timeout=60,
+                          auth=(FORM_LOGIN["user"], FORM_LOGIN["password"]))
         assert resp.status_code == 200, resp.text
-        daemon.wait_event("mode.switch.completed", requested_by="api:n8n", to="image",
-                          timeout=60)
+        # It answered once the switch was done.
+        assert daemon.events("mode.switch.completed")[-1]["to"] == "image"
+        assert daemon.events("mode.switch.completed")[-1]["requested_by"] == "api:n8n"
 
         # 2. Forgeries: none gets past the door or the signature check.
         switches = len(daemon.events("mode.switch.started"))
@@ -368,8 +375,35 @@ def test_the_example_flow_on_a_real_n8n(n8n: N8n, node: SimNode, start_daemon: A
         for execution in forged:
             ran = n8n.execution(execution["id"])
             assert "Forged or stale: dropped" in ran and "Switch GPU to llm" not in ran, ran
+            assert execution["status"] == "error"  # it stands out under Executions
+
+        # A genuine critical alert captured and sent again (fresh, correctly signed):
+        # its webhook-id was seen, so it switches nothing.
+        runs = next(ran for ran in (n8n.execution(e["id"])
+                                    for e in n8n.executions("gpuwardenExample1"))
+                    if "Switch GPU to llm" in ran)
+        headers = runs["gpuwarden events"][0]["data"]["main"][0][0]["json"]["headers"]
+        raw = runs["Raw body"][0]["data"]["main"][0][0]["json"]["rawBody"]
+        before = {e["id"] for e in n8n.executions("gpuwardenExample1")}
+        resp = httpx.post(hook, content=raw, headers={
+            "content-type": "application/json", EVENTS_HEADER: events_token,
+            **{k: headers[k] for k in ("webhook-id", "webhook-timestamp",
+                                       "webhook-signature")}})
+        assert resp.status_code == 200
+        deadline = time.monotonic() + 60
+        while True:
+            replay = [e for e in n8n.executions("gpuwardenExample1")
+                      if e["id"] not in before and e["status"] != "running"
+                      and n8n.received(e["id"]).get("to") == "critical"]
+            if replay:
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        ran = n8n.execution(replay[0]["id"])
+        assert "Seen before?" in ran and "Critical VRAM?" not in ran, list(ran)
         time.sleep(1)
         assert len(daemon.events("mode.switch.started")) == switches
+        assert daemon.status()["gpus"][0]["mode"] == "image"
 
         # 3. A signed crash-loop event reaches Discord through the flow.
         crash = json.dumps({"event": "crashloop.blocked", "workload": "comfyui",

@@ -339,8 +339,10 @@ def cmd_secret(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"whsec": whsec, "hmac_key_text": key}, indent=2))
     else:
-        print(f"signing secret (gpuwarden's signing_secret_file): {whsec}")
-        print(f"the same key as text (n8n's Crypto node, Hmac):  {key}")
+        # Only the secret on stdout, so `gpuwarden secret whsec > n8n.whsec` is the file.
+        print(whsec)
+        print(f"the same key as text, for n8n's Crypto node (Hmac, Secret): {key}",
+              file=sys.stderr)
     return EXIT_OK
 
 
@@ -454,8 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_unblock)
     p = sub.add_parser("secret", help="make a new signing secret or token")
     p.add_argument("kind", choices=["whsec", "token"],
-                   help="whsec: a Standard Webhooks signing secret, also printed as the "
-                        "text key n8n's Crypto node takes; token: a random bearer token")
+                   help="whsec: a Standard Webhooks signing secret on stdout, and the same "
+                        "key as text for n8n's Crypto node on stderr; token: a random "
+                        "bearer token")
     p.add_argument("--json", action="store_true", help="whsec as JSON")
     p.set_defaults(func=cmd_secret)
     p = sub.add_parser("discord-commands", parents=[common],

@@ -124,8 +124,13 @@ def _check_whsec(secret: SecretStr | None, key: str) -> None:
     if secret is None:
         return
     text = secret.get_secret_value().removeprefix("whsec_")
+    # Strictly one base64 word: a file holding more (a label, a second line) would
+    # otherwise decode to some other key and sign with it.
+    if not re.fullmatch(r"[A-Za-z0-9+/]+={0,2}", text):
+        raise ValueError(f"{key}: not whsec_<base64> (one line, nothing else; the value "
+                         "is not shown)")
     try:
-        raw = base64.b64decode(text + "==", validate=False)
+        raw = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ValueError(f"{key}: not base64 (expected whsec_<base64>)") from exc
     if len(raw) < 24:
