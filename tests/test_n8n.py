@@ -83,6 +83,7 @@ class N8n:
                     "N8N_TEMPLATES_ENABLED": "false", "N8N_SECURE_COOKIE": "false",
                     "N8N_ENFORCE_SETTINGS_FILE_PERMISSIONS": "false"}
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log_from = 0  # where the current start's output begins in n8n.log
         self.rest = httpx.Client(base_url=self.url, timeout=60)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
@@ -90,16 +91,21 @@ class N8n:
                               text=True, timeout=300, check=False)
 
     def start(self) -> None:
-        log = open(self.folder / "n8n.log", "ab")  # noqa: SIM115 - the process keeps it
+        path = self.folder / "n8n.log"
+        self._log_from = len(path.read_text(errors="replace")) if path.exists() else 0
+        log = open(path, "ab")  # noqa: SIM115 - the process keeps it
         self.proc = subprocess.Popen([self.binary, "start"], env=self.env, stdout=log,
                                      stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
-        while True:  # /healthz and /rest/settings answer before the rest is mounted
-            try:
-                if self.rest.get("/rest/login").status_code in (200, 401):
-                    return
-            except httpx.TransportError:
-                pass
+        # /healthz and parts of /rest answer before every route is mounted; n8n says
+        # when it is done.
+        while True:
+            if "Editor is now accessible" in self.log(whole=True):
+                try:
+                    if self.rest.get("/rest/login").status_code in (200, 401):
+                        return
+                except httpx.TransportError:
+                    pass
             assert self.proc.poll() is None, self.log()
             assert time.monotonic() < deadline, "n8n did not start:\n" + self.log()
             time.sleep(0.3)
@@ -113,9 +119,11 @@ class N8n:
                 self.proc.kill()
                 self.proc.wait()
 
-    def log(self) -> str:
+    def log(self, *, whole: bool = False) -> str:
+        """This start's output (its end, unless `whole`)."""
         path = self.folder / "n8n.log"
-        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+        text = path.read_text(errors="replace")[self._log_from:] if path.exists() else ""
+        return text if whole else text[-4000:]
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
         resp = self.rest.request(method, path, **kwargs)
