@@ -291,19 +291,18 @@ class DiscordStandIn:
             "resource": resource})
 
     async def _followup(self, request: web.Request) -> web.Response:
-        sent = self.by_token.get(request.match_info["token"])
-        if sent is None:
-            return self._json({"message": "Unknown Webhook", "code": 10015}, 404)
-        body = request[_BODY] or {}
-        sent.followups.append({**body, "at": time.monotonic()})
-        return self._json(self._message_doc(CHANNEL_ID, body))
+        return self._on_webhook(request, "followups")
 
     async def _edit(self, request: web.Request) -> web.Response:
+        return self._on_webhook(request, "edits")
+
+    def _on_webhook(self, request: web.Request, kind: str) -> web.Response:
+        """A follow-up or an edit of the reply: noted on its interaction, as a message."""
         sent = self.by_token.get(request.match_info["token"])
         if sent is None:
             return self._json({"message": "Unknown Webhook", "code": 10015}, 404)
         body = request[_BODY] or {}
-        sent.edits.append({**body, "at": time.monotonic()})
+        getattr(sent, kind).append({**body, "at": time.monotonic()})
         return self._json(self._message_doc(CHANNEL_ID, body))
 
     async def _message(self, request: web.Request) -> web.StreamResponse:

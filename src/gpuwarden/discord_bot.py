@@ -644,10 +644,7 @@ class DiscordFrontEnd:
 
     async def _sync(self, client: discord.Client) -> None:
         digest = self._payload_hash(client)
-        try:
-            stored = self._sync_hash.read_text().strip()
-        except OSError:
-            stored = ""
+        stored = await asyncio.to_thread(_read_or_empty, self._sync_hash)
         if stored == digest:
             self.sync = {"state": "ok", "at": time.time(),
                          "detail": "unchanged since the last sync; nothing sent"}
@@ -701,6 +698,13 @@ def _sync_failure(exc: BaseException, guild_id: int) -> tuple[str, str]:
     if isinstance(exc, discord.HTTPException):
         return f"HTTP {exc.status} {exc.text}", "retrying; see the log for the answer"
     return f"{type(exc).__name__}: {exc}".rstrip(": "), "retrying when Discord is reachable"
+
+
+def _read_or_empty(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:  # never synced here, or unreadable: sync again
+        return ""
 
 
 def _write_atomic(path: Path, text: str) -> None:
