@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -142,7 +143,8 @@ def run_cli(*args: str, timeout: float = 60, env: dict[str, str] | None = None
 class DaemonProcess:
     """`gpuwarden daemon` as a real subprocess; its audit lines are read from stdout."""
 
-    def __init__(self, config: Path, socket: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: Path, socket: Path, env: dict[str, str] | None = None,
+                 open_files: int | None = None) -> None:
         self.config = config
         self.socket = socket
         self.log_path = config.parent / "daemon.out"
@@ -151,6 +153,9 @@ class DaemonProcess:
             [PYTHON, "-m", "gpuwarden.cli", "daemon", "--config", str(config)],
             stdout=self._log, stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
+            # open_files: soft and hard RLIMIT_NOFILE, as a unit's LimitNOFILE= sets them
+            preexec_fn=None if open_files is None else
+            lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files)),
         )
         self.client = httpx.Client(transport=httpx.HTTPTransport(uds=str(socket)),
                                    base_url="http://gw", timeout=30)
@@ -234,8 +239,9 @@ class DaemonProcess:
 def start_daemon() -> Iterator[Any]:
     started: list[DaemonProcess] = []
 
-    def start(config: Path, socket: Path, env: dict[str, str] | None = None) -> DaemonProcess:
-        daemon = DaemonProcess(config, socket, env)
+    def start(config: Path, socket: Path, env: dict[str, str] | None = None,
+              open_files: int | None = None) -> DaemonProcess:
+        daemon = DaemonProcess(config, socket, env, open_files)
         started.append(daemon)
         daemon.wait_ready()
         return daemon

@@ -116,7 +116,8 @@ def test_bad_environment_override_is_named(tmp_path: Path,
 
 def test_secrets_from_files_and_credentials_directory(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "n8n.token").write_text("s3cret\n")
+    secret = "s3cret-" + "t" * 30
+    (tmp_path / "n8n.token").write_text(f"{secret}\n")
     creds = tmp_path / "creds"
     creds.mkdir()
     (creds / "discord.token").write_text("bot-token")
@@ -128,10 +129,10 @@ def test_secrets_from_files_and_credentials_directory(tmp_path: Path,
     problems = problems_of(path)  # discord.token is not next to the config
     assert any("discord" in p and "cannot read" in p for p in problems)
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
-    (creds / "n8n.token").write_text("s3cret\n")
+    (creds / "n8n.token").write_text(f"{secret}\n")
     config = load_config(path)
     token = config.api.tokens["n8n"].token
-    assert token is not None and token.get_secret_value() == "s3cret"
+    assert token is not None and token.get_secret_value() == secret
     assert config.discord.token is not None
     assert config.discord.token.get_secret_value() == "bot-token"
 

@@ -29,7 +29,7 @@ def test_n8n_workflow_is_importable_and_calls_the_api() -> None:
     params = request["parameters"]
     assert params["url"].endswith("/v1/mode") and params["method"] == "POST"
     assert params["genericAuthType"] == "httpHeaderAuth"
-    SwitchRequest.model_validate(json.loads(params["jsonBody"]))  # a body the API accepts
+    SwitchRequest.from_json(json.loads(params["jsonBody"]))  # a body the API accepts
 
 
 def test_compose_example_matches_the_example_config() -> None:

@@ -4,50 +4,98 @@ One API, two doors: the CLI is an HTTP client of the Unix socket, n8n and script
 the TCP listener, so there is no second protocol to keep in step. Peers on the socket
 are trusted by its file mode (0660) and named by their Unix user (SO_PEERCRED):
 `requested_by = cli:<user>`. On TCP, /v1/* needs a named bearer token
-(`api:<name>`) or a Standard Webhooks signature (`api:webhook`).
+(`api:<name>`) or a signed request (`api:webhook`); see api_auth.py.
+
+Every answer is gpuwarden's own JSON: no request input reaches a 500, and no library's
+exception text reaches a client.
 """
 
 from __future__ import annotations
 
-import hmac
+import asyncio
 import json
+import logging
+import math
 import pwd
 import socket
 import struct
-import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
-from standardwebhooks.webhooks import Webhook
 
+from .api_auth import ApiAuth, AuthError, AuthFailures
 from .config import ApiConfig
 from .errors import ConflictError, NotFoundError, RefusedError
 from .metrics import Metrics
 from .openapi import openapi_document
 from .service import Service
 
-__all__ = ["ApiAuth", "SwitchRequest", "build_app", "peer_user"]
+__all__ = ["BadRequest", "SwitchRequest", "build_app", "peer_user"]
 
-_REPLAY_WINDOW_S = 600.0  # twice the 5-minute tolerance: a replay is refused either way
-_READ_ONLY = {("GET", "/v1/status"), ("GET", "/v1/mode"), ("GET", "/v1/events"),
-              ("GET", "/v1/openapi.json")}
+log = logging.getLogger(__name__)
+
+_READ_ONLY_PATHS = {"/v1/status", "/v1/mode", "/v1/events", "/v1/openapi.json"}
+_MAX_MODE_LENGTH = 64
+_MAX_GPU = 63
 
 
 def _read_only(method: str, path: str) -> bool:
-    return (method, path) in _READ_ONLY or (method == "GET" and path.startswith("/v1/switches/"))
+    return method in ("GET", "HEAD") and (path in _READ_ONLY_PATHS
+                                          or path.startswith("/v1/switches/"))
 
 
-class SwitchRequest(BaseModel):
-    """Body of POST /v1/mode."""
+class BadRequest(Exception):
+    """A client error, in gpuwarden's words, with an HTTP status."""
 
-    model_config = ConfigDict(extra="forbid")
+    def __init__(self, status: int, error: str, detail: Any = None) -> None:
+        super().__init__(error)
+        self.status = status
+        self.detail = detail
 
-    mode: str = Field(min_length=1, max_length=64)
-    gpu: StrictInt | None = Field(None, ge=0, le=63)
-    force: StrictBool = False
+
+@dataclass(frozen=True)
+class SwitchRequest:
+    """Body of POST /v1/mode, checked by hand so every message is gpuwarden's own."""
+
+    mode: str
+    gpu: int | None = None
+    force: bool = False
+
+    @classmethod
+    def from_json(cls, body: object) -> SwitchRequest:
+        if not isinstance(body, dict):
+            raise _invalid([("(body)", "must be a JSON object")])
+        problems: list[tuple[str, str]] = [
+            (key, "unknown key (expected mode, gpu, force)")
+            for key in body if key not in ("mode", "gpu", "force")]
+        mode = body.get("mode")
+        if "mode" not in body:
+            problems.append(("mode", "required"))
+        elif not isinstance(mode, str) or not 1 <= len(mode) <= _MAX_MODE_LENGTH:
+            problems.append(("mode", f"must be a string of 1 to {_MAX_MODE_LENGTH} "
+                                     "characters"))
+        gpu = body.get("gpu")
+        if gpu is not None:
+            # JSON Schema's integer: 3 and 3.0 alike; never true/false or "3".
+            whole = (isinstance(gpu, int) and not isinstance(gpu, bool)) or (
+                isinstance(gpu, float) and math.isfinite(gpu) and gpu.is_integer())
+            if not whole or not 0 <= gpu <= _MAX_GPU:
+                problems.append(("gpu", f"must be an integer from 0 to {_MAX_GPU}, or null"))
+        force = body.get("force", False)
+        if not isinstance(force, bool):
+            problems.append(("force", "must be true or false"))
+        if problems:
+            raise _invalid(problems)
+        assert isinstance(mode, str)
+        return cls(mode=mode, gpu=None if gpu is None else int(gpu), force=bool(force))
+
+
+def _invalid(problems: list[tuple[str, str]]) -> BadRequest:
+    field, error = problems[0]
+    return BadRequest(422, f"invalid request: {field}: {error}",
+                      [{"field": f, "error": e} for f, e in problems])
 
 
 def peer_user(request: web.Request) -> str | None:
@@ -64,56 +112,17 @@ def peer_user(request: web.Request) -> str | None:
         return str(uid)
 
 
-class ApiAuth:
-    """Bearer tokens (constant-time) and Standard Webhooks signatures, with replay guard."""
-
-    def __init__(self, config: ApiConfig) -> None:
-        self._tokens = [
-            (name, t.token.get_secret_value().encode())
-            for name, t in config.tokens.items() if t.token is not None
-        ]
-        secret = config.signing_secret
-        self._webhook = Webhook(secret.get_secret_value()) if secret is not None else None
-        self._seen_ids: OrderedDict[str, float] = OrderedDict()
-        self.open_read = config.open_read
-        self.metrics_auth = config.metrics_auth
-
-    def bearer(self, header: str) -> str | None:
-        """The token's name, or None. Every token is compared, in constant time."""
-        scheme, _, presented = header.partition(" ")
-        if scheme.lower() != "bearer" or not presented:
-            return None
-        found = None
-        for name, token in self._tokens:
-            if hmac.compare_digest(token, presented.strip().encode()):
-                found = name
-        return found
-
-    def signed(self, body: bytes, headers: dict[str, str]) -> str | None:
-        """None when the signature holds; else why it does not."""
-        if self._webhook is None:
-            return "signed requests are not configured"
-        msg_id = headers.get("webhook-id", "")
-        try:
-            self._webhook.verify(body, headers, json_parse=False)
-        except Exception as exc:  # the library raises several types for bad input
-            return f"bad signature: {exc}"
-        now = time.monotonic()
-        while self._seen_ids and next(iter(self._seen_ids.values())) < now - _REPLAY_WINDOW_S:
-            self._seen_ids.popitem(last=False)
-        if msg_id in self._seen_ids:
-            return f"replayed webhook-id {msg_id!r}"
-        self._seen_ids[msg_id] = now
-        return None
-
-
 SERVICE = web.AppKey("service", Service)
 AUTH = web.AppKey("auth", ApiAuth)
+FAILURES = web.AppKey("failures", AuthFailures)
 METRICS = web.AppKey("metrics", Metrics)
+CONFIG = web.AppKey("config", ApiConfig)
 
 
-def _error(status: int, error: str, detail: Any = None) -> web.Response:
-    return web.json_response({"error": error, "detail": detail}, status=status)
+def _error(status: int, error: str, detail: Any = None,
+           headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": error, "detail": detail}, status=status,
+                             headers=headers)
 
 
 def _is_socket(request: web.Request) -> bool:
@@ -128,19 +137,58 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
     try:
         response: web.StreamResponse = await handler(request)
         return response
+    except BadRequest as exc:
+        return _error(exc.status, str(exc), exc.detail)
     except NotFoundError as exc:
         return _error(404, str(exc), exc.detail)
-    except ConflictError as exc:
+    except (ConflictError, RefusedError) as exc:
         return _error(409, str(exc), exc.detail)
-    except RefusedError as exc:
-        return _error(422, str(exc), exc.detail)
     except web.HTTPRequestEntityTooLarge:
         return _error(413, "request body too large",
-                      {"max_bytes": request.app[SERVICE].config.api.max_body_bytes})
+                      {"max_bytes": request.app[CONFIG].max_body_bytes})
     except web.HTTPException as exc:
-        if exc.content_type == "application/json":
-            raise
-        return _error(exc.status, exc.reason, None)
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return _error(exc.status, exc.reason, None, headers)
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception:
+        # A bug, not the client's input: the traceback goes to the log, not to them.
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return _error(500, "internal error (the daemon's log has the details)")
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole body, within [api] body_timeout of the headers (408 after)."""
+    try:
+        async with asyncio.timeout(request.app[CONFIG].body_timeout):
+            return await request.read()
+    except TimeoutError:
+        raise BadRequest(408, "request body not received within "
+                              f"{request.app[CONFIG].body_timeout:g} s") from None
+
+
+async def read_json(request: web.Request) -> object:
+    """The body as JSON: application/json only (415), well formed (400)."""
+    if request.content_type != "application/json":
+        raise BadRequest(415, "the body must be JSON (Content-Type: application/json)",
+                         {"content_type": request.content_type})
+    raw = await read_body(request)
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except UnicodeDecodeError:
+        raise BadRequest(400, "malformed JSON: not UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise BadRequest(400, f"malformed JSON at line {exc.lineno}, column {exc.colno}",
+                         {"line": exc.lineno, "column": exc.colno}) from None
+    except (ValueError, RecursionError):
+        # Python's own limits: nesting beyond the recursion limit, integers beyond
+        # 4300 digits, NaN and Infinity.
+        raise BadRequest(400, "malformed JSON: nested too deeply, a number too large, "
+                              "or NaN/Infinity") from None
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(name)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -157,25 +205,34 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     auth = request.app[AUTH]
     if path == "/metrics" and not auth.metrics_auth:
         return await handler(request)
-    if auth.open_read and _read_only(request.method, path):
+    headers: dict[bytes, bytes] = {}
+    for name, value in request.raw_headers:
+        name = name.lower()
+        if name == b"authorization" and name in headers:
+            return _error(400, "more than one Authorization header")
+        headers[name] = value
+    presented = b"authorization" in headers or b"webhook-signature" in headers
+    if not presented and auth.open_read and _read_only(request.method, path):
         request["requested_by"] = "api:anonymous"
         return await handler(request)
-    header = request.headers.get("Authorization")
-    if header is not None:
-        name = auth.bearer(header)
-        if name is None:
-            return _error(401, "invalid bearer token")
-        request["requested_by"] = f"api:{name}"
-        return await handler(request)
-    if "webhook-signature" in request.headers:
-        body = await request.read()
-        why = auth.signed(body, {k.lower(): v for k, v in request.headers.items()})
-        if why is not None:
-            return _error(401, why)
-        request["requested_by"] = "api:webhook"
-        return await handler(request)
-    return _error(401, "authentication required (Authorization: Bearer <token>, or a "
-                       "Standard Webhooks signature)")
+    failures = request.app[FAILURES]
+    client = request.remote or "unknown"
+    wait = failures.retry_after(client)
+    if wait is not None:
+        return _error(429, f"too many failed authentications from {client}; retry "
+                           f"in {wait} s", {"retry_after_s": wait},
+                      {"Retry-After": str(wait)})
+    body = await read_body(request) if b"webhook-signature" in headers else None
+    try:
+        identity = await auth.identify(request.method, request.raw_path, headers, body)
+    except AuthError as exc:
+        if exc.status == 401:
+            failures.failed(client, exc.reason)
+            request.app[METRICS].on_auth_failure(exc.reason)
+        return _error(exc.status, str(exc),
+                      headers={"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
+    request["requested_by"] = identity.requested_by
+    return await handler(request)
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -199,20 +256,19 @@ async def _openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document(request.app[SERVICE].config))
 
 
+def _wait_parameter(request: web.Request) -> bool:
+    values = request.query.getall("wait", [])
+    if not values:
+        return True
+    if len(values) > 1 or values[0] not in ("true", "false"):
+        raise BadRequest(422, "invalid request: wait: must be true or false",
+                         [{"field": "wait", "error": "must be true or false"}])
+    return values[0] == "true"
+
+
 async def _switch(request: web.Request) -> web.Response:
-    raw = await request.read()
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return _error(400, f"malformed JSON: {exc}")
-    try:
-        req = SwitchRequest.model_validate(body)
-    except ValidationError as exc:
-        problems = [{"field": ".".join(str(p) for p in e["loc"]) or "(body)", "error": e["msg"]}
-                    for e in exc.errors()]
-        first = problems[0]
-        return _error(422, f"invalid request: {first['field']}: {first['error']}", problems)
-    wait = request.query.get("wait", "true").lower() not in ("false", "0", "no")
+    req = SwitchRequest.from_json(await read_json(request))
+    wait = _wait_parameter(request)
     result = await request.app[SERVICE].switch_mode(
         req.mode, gpu=req.gpu, requested_by=request["requested_by"], force=req.force,
         wait=wait,
@@ -229,6 +285,10 @@ async def _switch_state(request: web.Request) -> web.Response:
 
 
 async def _unblock(request: web.Request) -> web.Response:
+    # No body is needed; a client that always sends JSON may send {}.
+    if request.can_read_body and await read_json(request) != {}:
+        raise BadRequest(422, "invalid request: (body): this route takes no body, or {}",
+                         [{"field": "(body)", "error": "must be empty or {}"}])
     result = await request.app[SERVICE].unblock(request.match_info["name"],
                                                 requested_by=request["requested_by"])
     return web.json_response(result)
@@ -247,10 +307,14 @@ async def _events(request: web.Request) -> web.Response:
                              dumps=lambda o: json.dumps(o, default=str))
 
 
-def build_app(service: Service, api: ApiConfig, metrics: Metrics) -> web.Application:
+def build_app(service: Service, api: ApiConfig, metrics: Metrics, auth: ApiAuth,
+              failures: AuthFailures) -> web.Application:
+    """The application; auth and failures are shared by the apps of both doors."""
     app = web.Application(middlewares=[_errors, _auth], client_max_size=api.max_body_bytes)
     app[SERVICE] = service
-    app[AUTH] = ApiAuth(api)
+    app[AUTH] = auth
+    app[FAILURES] = failures
+    app[CONFIG] = api
     app[METRICS] = metrics
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/metrics", _metrics)

@@ -253,15 +253,30 @@ class ModeConfig(_Section):
     lease: Duration | None = None
 
 
+MIN_TOKEN_LENGTH = 32
+_TOKEN_HINT = "generate one with: gpuwarden secret token"
+
+
 class TokenConfig(_Section):
     token: SecretStr | None = None
     token_file: Path | None = None
+    # Requests with this token must also carry a valid signature ([api] signing_secret).
+    require_signature: bool = False
 
     @model_validator(mode="after")
     def _secret(self) -> TokenConfig:
         _resolve_secret(self, "token", "token_file")
         if self.token is None:
-            raise ValueError("needs token or token_file")
+            raise ValueError(f"token: needs token or token_file ({_TOKEN_HINT})")
+        text = self.token.get_secret_value()
+        # Visible ASCII only: the presented token is compared byte for byte, so a space
+        # or a non-ASCII character would be a token no HTTP client sends as configured.
+        if not re.fullmatch(r"[\x21-\x7e]+", text):
+            raise ValueError("token: only visible ASCII characters, no spaces (the value is "
+                             f"not shown; {_TOKEN_HINT})")
+        if len(text) < MIN_TOKEN_LENGTH:
+            raise ValueError(f"token: too short ({len(text)} characters; at least "
+                             f"{MIN_TOKEN_LENGTH}; {_TOKEN_HINT})")
         return self
 
 
@@ -273,17 +288,48 @@ class ApiConfig(_Section):
     signing_secret: SecretStr | None = None
     signing_secret_file: Path | None = None
     tokens: dict[str, TokenConfig] = {}
-    # GET /v1/status, /v1/mode, /v1/events, /v1/openapi.json without auth on TCP.
+    # GET/HEAD /v1/status, /v1/mode, /v1/events, /v1/openapi.json without auth on TCP.
     open_read: bool = False
-    # /metrics needs auth on TCP too.
-    metrics_auth: bool = False
+    # /metrics needs auth on TCP; None: only when `listen` is not a loopback address.
+    metrics_auth: bool | None = None
     max_body_bytes: int = Field(65536, ge=1024, le=16 * 1024 * 1024)
+    # Concurrent TCP connections; one more is answered 503 and closed. The control
+    # socket has its own budget (socket_connections), so the CLI gets in regardless.
+    max_connections: int = Field(256, ge=1, le=65536)
+    socket_connections: int = Field(64, ge=1, le=4096)
+    # A connection must deliver a request's headers within this long of opening, or of
+    # the previous response (keep-alive idle); else it is closed.
+    idle_timeout: Duration = 15.0
+    # A request's body must arrive within this long of its headers (408 otherwise).
+    body_timeout: Duration = 30.0
+    # Failed authentications one client address may make in a burst, refilled at
+    # auth_failure_rate per second; past it, 429 with Retry-After.
+    auth_failure_burst: int = Field(10, ge=1)
+    auth_failure_rate: PositiveSeconds = 1.0
 
     @model_validator(mode="after")
     def _secret(self) -> ApiConfig:
         _resolve_secret(self, "signing_secret", "signing_secret_file")
         _check_whsec(self.signing_secret, "signing_secret")
+        for name, token in self.tokens.items():
+            if token.require_signature and self.signing_secret is None:
+                raise ValueError(f"tokens: {name}.require_signature needs [api] "
+                                 "signing_secret_file (or signing_secret)")
         return self
+
+    def listens_beyond_loopback(self) -> bool:
+        """Whether `listen` is set to an address other hosts can reach."""
+        if self.listen is None:
+            return False
+        host = self.listen.rpartition(":")[0].strip("[]")
+        try:
+            return not (host == "localhost" or ipaddress.ip_address(host).is_loopback)
+        except ValueError:
+            return True
+
+    def metrics_need_auth(self) -> bool:
+        return self.listens_beyond_loopback() if self.metrics_auth is None else \
+            self.metrics_auth
 
 
 class DiscordConfig(_Section):
@@ -468,6 +514,12 @@ def _cross_check(config: Config) -> list[str]:
             )
     if config.api.listen is not None:
         problems.extend(_check_listen(config.api))
+    api_secret, n8n_secret = config.api.signing_secret, config.n8n.signing_secret
+    if (api_secret is not None and n8n_secret is not None
+            and api_secret.get_secret_value() == n8n_secret.get_secret_value()):
+        # Outbound events signed with it could be replayed inbound as commands.
+        problems.append("api.signing_secret: the same as n8n.signing_secret; use two "
+                        "secrets (gpuwarden secret whsec), one per direction")
     return problems
 
 

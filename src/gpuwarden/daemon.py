@@ -19,6 +19,8 @@ from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from .api import build_app
+from .api_auth import ApiAuth, AuthFailures, ReplayGuard
+from .api_server import ConnectionBudget, Door, ErrorStorms, fit_open_files, serve
 from .audit import open_audit
 from .config import Config, config_warnings
 from .crashloop import CrashLoopGuard
@@ -77,7 +79,9 @@ class Daemon:
         self.notifier = Notifier()
         self.bus = EventBus(audit or open_audit())
         self._scheduler: AsyncIOScheduler | None = None
-        self._runner: web.AppRunner | None = None
+        self._doors: list[Door] = []
+        self._storms: ErrorStorms | None = None
+        self._auth_failures: AuthFailures | None = None
         self._backend: GpuBackend | None = None
         self._workloads: dict[str, Workload] = {}
         self._http: httpx.AsyncClient | None = None
@@ -179,6 +183,10 @@ class Daemon:
                 self._spawn(self._protect.run(gpu))
         self.notifier.watchdog()
         self.notifier.status(self._status_line())
+        if self._auth_failures is not None:
+            self._auth_failures.end_quiet_episodes()
+        if self._storms is not None:
+            self._storms.end_quiet()
         if self._guard is not None and self._restore_task is not None and \
                 self._restore_task.done():
             self._guard.check(self.service.workload_statuses)
@@ -269,17 +277,31 @@ class Daemon:
 
     async def _listen(self, path: Path) -> None:
         assert self.service is not None
+        api = self.config.api
         _claim_socket_path(path)
-        app = build_app(self.service, self.config.api, self.metrics)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site: web.BaseSite = web.UnixSite(self._runner, str(path))
-        await site.start()
-        listen = self.config.api.listen
-        if listen:
-            host, _, port = listen.rpartition(":")
-            site = web.TCPSite(self._runner, host.strip("[]"), int(port))
-            await site.start()
+        self._storms = ErrorStorms()
+        asyncio.get_running_loop().set_exception_handler(self._storms.loop_exception_handler)
+        logging.getLogger("gpuwarden.http").addFilter(self._storms.http_filter)
+        self._auth_failures = AuthFailures(api.auth_failure_burst, api.auth_failure_rate,
+                                           self.bus)
+        auth = ApiAuth(api, ReplayGuard(self.config.daemon.state_dir / "api-replay.json"))
+
+        def app() -> web.Application:
+            assert self.service is not None and self._auth_failures is not None
+            return build_app(self.service, api, self.metrics, auth, self._auth_failures)
+
+        socket_budget = ConnectionBudget("socket", api.socket_connections,
+                                         on_refused=self.metrics.on_connection_refused)
+        self._doors.append(await serve(app(), socket_budget, idle_timeout=api.idle_timeout,
+                                       unix_path=str(path)))
+        if api.listen:
+            host, _, port = api.listen.rpartition(":")
+            tcp_budget = ConnectionBudget(
+                "tcp", fit_open_files(api.max_connections, api.socket_connections),
+                on_refused=self.metrics.on_connection_refused)
+            self._doors.append(await serve(app(), tcp_budget, idle_timeout=api.idle_timeout,
+                                           host=host.strip("[]"), port=int(port)))
+        self.metrics.connections = lambda: {d.budget.door: d.budget.open for d in self._doors}
         os.chmod(path, 0o660)
         group = self.config.daemon.socket_group
         if group:
@@ -318,10 +340,16 @@ class Daemon:
         await asyncio.gather(*self._background, return_exceptions=True)
         if self._switcher is not None:
             await self._switcher.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        for door in self._doors:
+            await door.runner.cleanup()
+        if self._doors:
             with contextlib.suppress(FileNotFoundError):
                 self.config.daemon.socket.unlink()
+        if self._auth_failures is not None:
+            self._auth_failures.end_quiet_episodes(everything=True)
+        if self._storms is not None:
+            self._storms.end_quiet(everything=True)
+            logging.getLogger("gpuwarden.http").removeFilter(self._storms.http_filter)
         # Process workloads are our children: they end with us. Containers stay up.
         stops = [asyncio.to_thread(w.stop) for w in self._workloads.values()
                  if w.kind == "process"]

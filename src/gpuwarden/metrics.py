@@ -70,6 +70,17 @@ class Metrics:
                                      ("receiver",), registry=r)
         # The receivers' states, read when metrics are rendered.
         self.receivers: Callable[[], list[dict[str, Any]]] = list
+        self.auth_failures = Counter("gpuwarden_api_auth_failures",
+                                     "Failed API authentications by reason", ("reason",),
+                                     registry=r)
+        self.api_connections = Gauge("gpuwarden_api_connections",
+                                     "Open API connections by door (tcp, socket)",
+                                     ("door",), registry=r)
+        self.api_refused = Counter("gpuwarden_api_connections_refused",
+                                   "API connections answered 503 because the door was full",
+                                   ("door",), registry=r)
+        # Open connections per door, read when metrics are rendered.
+        self.connections: Callable[[], dict[str, int]] = dict
 
     def on_event(self, event: Event) -> None:
         self.events.labels(event.name).inc()
@@ -81,6 +92,12 @@ class Metrics:
             self.release_seconds.labels(gpu).observe(float(f["release_s"]))
         elif event.name == "crashloop.blocked":
             self.blocks.labels(str(f.get("workload"))).inc()
+
+    def on_auth_failure(self, reason: str) -> None:
+        self.auth_failures.labels(reason).inc()
+
+    def on_connection_refused(self, door: str) -> None:
+        self.api_refused.labels(door).inc()
 
     def on_delivery(self, sink: str, outcome: str) -> None:
         self.deliveries.labels(sink, outcome).inc()
@@ -111,6 +128,8 @@ class Metrics:
             self.workload_blocked.labels(name).set(1 if name in blocked else 0)
 
     def render(self) -> bytes:
+        for door, count in self.connections().items():
+            self.api_connections.labels(door).set(count)
         for receiver in self.receivers():
             self.receiver_failing.labels(receiver["sink"]).set(
                 1 if receiver["state"] == "failing" else 0)

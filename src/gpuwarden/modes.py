@@ -256,7 +256,8 @@ class ModeSwitcher:
         return {"done": True, **result.to_dict(), "detail": result.detail}
 
     def resolve(self, mode: str, gpu: int | None) -> int:
-        """The GPU a switch to `mode` acts on. Raises NotFoundError or RefusedError."""
+        """The GPU a switch to `mode` acts on. Raises NotFoundError: no such mode, or
+        none on the GPU asked for (like `idle` on a GPU with no modes)."""
         modes = self._config.all_modes()
         if mode not in modes:
             raise NotFoundError(
@@ -271,8 +272,8 @@ class ModeSwitcher:
             return target
         target = modes[mode].gpu
         if gpu is not None and gpu != target:
-            raise RefusedError(f"mode {mode!r} runs on GPU {target}, not GPU {gpu}",
-                               {"mode": mode, "gpu": gpu})
+            raise NotFoundError(f"mode {mode!r} runs on GPU {target}, not GPU {gpu}",
+                                {"mode": mode, "gpu": gpu, "runs_on": target})
         return target
 
     # -- switching -------------------------------------------------------------

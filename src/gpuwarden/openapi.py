@@ -15,17 +15,30 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def _errors(*codes: int) -> dict[str, Any]:
-    text = {400: "malformed JSON", 401: "missing or bad authentication",
-            404: "unknown mode, workload, switch or path", 409: "conflicts with the current state",
-            413: "body too large", 422: "the body or parameters do not fit the schema"}
-    return {str(c): _json(_ERROR, text[c]) for c in codes}
+_ERROR_TEXT = {
+    400: "malformed request (JSON, or more than one Authorization header)",
+    401: "missing or bad authentication", 404: "unknown mode, workload, switch or path",
+    408: "the body did not arrive within [api] body_timeout",
+    409: "refused: conflicts with the current state (figures in detail)",
+    413: "body larger than [api] max_body_bytes", 415: "the body is not application/json",
+    422: "the body or parameters do not fit the schema",
+    429: "too many failed authentications from this address (see Retry-After)",
+    503: "the door's connection budget is full, or a webhook-id cannot be recorded",
+}
+
+
+def _errors(*codes: int, secured: bool = True) -> dict[str, Any]:
+    """The error answers of a route: its own, plus what any route behind auth, or any
+    route at all (a full connection budget), can answer."""
+    every = {*codes, 503} | ({400, 401, 429} if secured else set())
+    return {str(c): _json(_ERROR, _ERROR_TEXT[c]) for c in sorted(every)}
 
 
 def openapi_document(config: Config) -> dict[str, Any]:
     modes = sorted(config.all_modes())
     workloads = sorted(config.workloads)
     secured: list[dict[str, list[str]]] = [{"bearer": []}, {"standardWebhooks": []}]
+    metrics_auth = config.api.metrics_need_auth()
     return {
         "openapi": "3.1.0",
         "info": {"title": "gpuwarden", "version": "1",
@@ -46,8 +59,9 @@ def openapi_document(config: Config) -> dict[str, Any]:
                     "type": "object", "required": ["mode"], "additionalProperties": False,
                     "properties": {
                         "mode": {"type": "string", "minLength": 1, "maxLength": 64,
-                                 "examples": modes},
-                        "gpu": {"type": ["integer", "null"], "minimum": 0, "maximum": 63},
+                                 "enum": modes},
+                        "gpu": {"type": ["integer", "null"], "minimum": 0, "maximum": 63,
+                                "description": "default: the GPU the mode is defined on"},
                         "force": {"type": "boolean", "default": False},
                     },
                 },
@@ -76,20 +90,21 @@ def openapi_document(config: Config) -> dict[str, Any]:
         },
         "paths": {
             "/healthz": {"get": {"summary": "liveness", "security": [],
-                                 "responses": {"200": _json({"type": "object"}, "alive")}}},
+                                 "responses": {"200": _json({"type": "object"}, "alive"),
+                                               **_errors(secured=False)}}},
             "/metrics": {"get": {"summary": "Prometheus metrics",
-                                 "security": secured if config.api.metrics_auth else [],
+                                 "security": secured if metrics_auth else [],
                                  "responses": {"200": {"description": "text exposition",
                                                        "content": {"text/plain": {}}},
-                                               **_errors(401)}}},
+                                               **_errors(secured=metrics_auth)}}},
             "/v1/status": {"get": {
                 "summary": "GPUs, tiers, modes, workloads, blocks", "security": secured,
                 "responses": {"200": _json({"$ref": "#/components/schemas/Status"}, "status"),
-                              **_errors(401)}}},
+                              **_errors()}}},
             "/v1/mode": {
                 "get": {"summary": "each GPU's mode", "security": secured,
                         "responses": {"200": _json({"type": "object"}, "modes"),
-                                      **_errors(401)}},
+                                      **_errors()}},
                 "post": {
                     "summary": "switch a GPU's mode", "security": secured,
                     "parameters": [{"name": "wait", "in": "query", "required": False,
@@ -100,7 +115,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
                         "200": _json({"$ref": "#/components/schemas/SwitchResult"}, "done"),
                         "202": _json({"$ref": "#/components/schemas/SwitchResult"},
                                      "under way (wait=false)"),
-                        **_errors(400, 401, 404, 409, 413, 422)},
+                        **_errors(404, 408, 409, 413, 415, 422)},
                 },
             },
             "/v1/switches/{id}": {"get": {
@@ -110,14 +125,17 @@ def openapi_document(config: Config) -> dict[str, Any]:
                                 "schema": {"type": "string"}}],
                 "responses": {"200": _json({"$ref": "#/components/schemas/SwitchState"},
                                            "the switch"),
-                              **_errors(401, 404)}}},
+                              **_errors(404)}}},
             "/v1/workloads/{name}/unblock": {"post": {
                 "summary": "lift a crash-loop block (409 unless VRAM is clear)",
                 "security": secured,
                 "parameters": [{"name": "name", "in": "path", "required": True,
-                                "schema": {"type": "string", "examples": workloads}}],
+                                "schema": {"type": "string", "enum": workloads}}],
+                "requestBody": {"required": False, "content": {"application/json": {
+                    "schema": {"type": "object", "additionalProperties": False,
+                               "maxProperties": 0}}}},
                 "responses": {"200": _json({"type": "object"}, "unblocked"),
-                              **_errors(401, 404, 409)}}},
+                              **_errors(404, 408, 409, 413, 415, 422)}}},
             "/v1/events": {"get": {
                 "summary": "recent events (bounded ring), oldest first", "security": secured,
                 "parameters": [
@@ -126,9 +144,10 @@ def openapi_document(config: Config) -> dict[str, Any]:
                     {"name": "limit", "in": "query", "required": False,
                      "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}],
                 "responses": {"200": _json({"type": "object"}, "events"),
-                              **_errors(400, 401, 422)}}},
+                              **_errors(422)}}},
             "/v1/openapi.json": {"get": {"summary": "this document", "security": secured,
                                          "responses": {"200": _json({"type": "object"},
-                                                                    "OpenAPI 3.1")}}},
+                                                                    "OpenAPI 3.1"),
+                                                       **_errors()}}},
         },
     }
