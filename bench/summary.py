@@ -59,6 +59,16 @@ def rows(folder: Path) -> list[tuple[str, str, str, str]]:
         out.append((f"GET /v1/status at {o['target_rps']:.0f} req/s, p50 / p99",
                     f"{o['p50_ms']:.2f} / {o['p99_ms']:.2f} ms", "p99 < 10 ms",
                     "PASS" if o["p99_ms"] < 10 and o["errors"] == 0 else "FAIL"))
+        if "with_idle" in api:
+            idle = api["with_idle"]
+            out.append((f"  with {idle['idle_connections']:,} idle connections held, p50 / p99",
+                        f"{idle['tcp']['p50_ms']:.2f} / {idle['tcp']['p99_ms']:.2f} ms "
+                        f"({api['idle_p99_ratio']:.2f}x)", "p99 within 2x",
+                        "PASS" if api["idle_p99_ratio"] <= 2 and idle["tcp"]["errors"] == 0
+                        else "FAIL"))
+            out.append(("  CLI status over the socket meanwhile, p50 / p99",
+                        f"{idle['cli_socket']['p50_ms']:.2f} / "
+                        f"{idle['cli_socket']['p99_ms']:.2f} ms", "", ""))
         out.append(("  closed loop, 4 clients", f"{api['closed_loop']['rps']:.0f} req/s",
                     "", ""))
     sinks = load(folder, "sinks.json")
