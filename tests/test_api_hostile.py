@@ -257,6 +257,22 @@ def test_hostile_input_is_a_4xx_and_changes_nothing(hostile: Any) -> None:
     assert resp.status_code == 200, resp.text
 
 
+def test_a_body_that_never_arrives_is_a_408(node: SimNode, start_daemon) -> None:
+    port = free_port()
+    config = api_config(node, port, api={"body_timeout": "1s"})
+    daemon = start_daemon(config, node.socket)
+    daemon.wait_mode("llm")
+    before = switches(daemon)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/mode HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                     b"\r\nAuthorization: Bearer " + TOKEN.encode() +
+                     b"\r\nContent-Length: 100\r\n\r\n{\"mode\": ")
+        answer = sock.recv(65536)  # no more is sent: the server answers on its own
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"not received within 1 s" in answer
+    assert switches(daemon) == before
+
+
 def test_open_read_and_metrics_beyond_loopback(node: SimNode, start_daemon) -> None:
     port = free_port()
     config = api_config(node, port, api={"open_read": True, "listen": f"0.0.0.0:{port}"})
