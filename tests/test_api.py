@@ -192,7 +192,8 @@ def test_bad_input_gets_a_clear_error_and_changes_nothing(api: Any) -> None:
     assert "mode" in missing["error"]
     assert client.get("/v1/nope", headers=auth()).status_code == 404
     assert client.delete("/v1/mode", headers=auth()).status_code == 405
-    assert client.get("/v1/events", params={"since": "x"}, headers=auth()).status_code == 400
+    bad_since = client.get("/v1/events", params={"since": "x"}, headers=auth())
+    assert bad_since.status_code == 422 and bad_since.json()["detail"][0]["field"] == "since"
     assert client.post("/v1/workloads/ghost/unblock", headers=auth()).status_code == 404
     assert state() == start
     assert switches(daemon) == before
@@ -304,6 +305,8 @@ def test_cli_over_tcp_with_a_token(api: Any) -> None:
     assert json.loads(ok.stdout)["gpus"][0]["mode"] == "llm"
     bad = run_cli("status", "--url", url, "--token", "nope")
     assert bad.returncode == 1 and "invalid bearer token" in bad.stderr
+    bad = run_cli("mode", "--url", url, "--token", "nope")
+    assert bad.returncode == 1 and "invalid bearer token" in bad.stderr, bad.stderr
     switched = run_cli("mode", "image", "--json", "--url", url,
                        env={"GPUWARDEN_TOKEN": TOKEN})
     assert switched.returncode == 0, switched.stdout

@@ -76,6 +76,10 @@ def test_signing_secrets_and_require_signature_are_checked(node: SimNode) -> Non
     assert code == 2 and "require_signature" in out and "signing_secret" in out
     assert check_config(node, api={"signing_secret": SECRET},
                         n8n={"signing_secret": OTHER_SECRET})[0] == 0
+    # Without its whsec_ prefix a secret is refused, not read as some other key.
+    bare = SECRET.removeprefix("whsec_")
+    code, out = check_config(node, api={"signing_secret": bare})
+    assert code == 2 and "whsec_" in out and bare not in out
 
 
 @pytest.fixture
@@ -152,7 +156,7 @@ def test_a_signature_is_bound_to_method_path_and_query(hostile: Any) -> None:
     empty = b""
     # Signed for POST /v1/mode, sent to the unblock route: refused.
     resp = client.post("/v1/workloads/ollama/unblock", content=empty, headers=signed(empty))
-    assert resp.status_code == 401 and "method, path and body" in resp.json()["error"]
+    assert resp.status_code == 401 and "method, path with query" in resp.json()["error"]
     body = json.dumps({"mode": "image"}).encode()
     # Signed without ?wait=false, sent with it: refused.
     resp = client.post("/v1/mode?wait=false", content=body, headers=signed(body))
@@ -296,6 +300,9 @@ def test_open_read_and_metrics_beyond_loopback(node: SimNode, start_daemon) -> N
     daemon = start_daemon(config, node.socket)
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
         assert client.get("/metrics").status_code == 200  # said explicitly
+        # Open, but a presented wrong token is still refused.
+        assert client.get("/metrics", headers={"Authorization": "Bearer nope"}).status_code \
+            == 401
 
 
 def test_bad_request_lines_are_not_logged_with_their_tokens(hostile: Any) -> None:

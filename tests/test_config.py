@@ -166,7 +166,8 @@ def test_discord_keys_that_cannot_work_or_expose_the_node(tmp_path: Path) -> Non
 
     # An empty token is not "no token"; ids are positive.
     path = write_toml(tmp_path / "d.toml", {"discord": {"token": "  ", "guild_id": 77}})
-    assert problems_of(path) == ["discord.token: empty (leave the key out to turn it off)"]
+    assert problems_of(path) == ["discord.token: empty (an empty secret would match; remove "
+                                   "the setting to turn it off)"]
     path = write_toml(tmp_path / "d.toml", {"discord": {
         "guild_id": -5, "allowed_role_ids": [0], "alert_channel_id": -1}})
     problems = problems_of(path)

@@ -203,16 +203,17 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         request["requested_by"] = f"cli:{peer_user(request)}"
         return await handler(request)
     auth = request.app[AUTH]
-    if path == "/metrics" and not auth.metrics_auth:
-        return await handler(request)
     headers: dict[bytes, bytes] = {}
     for name, value in request.raw_headers:
         name = name.lower()
         if name == b"authorization" and name in headers:
             return _error(400, "more than one Authorization header")
         headers[name] = value
+    # What is open needs no credentials, but credentials presented must hold.
     presented = b"authorization" in headers or b"webhook-signature" in headers
-    if not presented and auth.open_read and _read_only(request.method, path):
+    open_here = (path == "/metrics" and not auth.metrics_auth) or (
+        auth.open_read and _read_only(request.method, path))
+    if not presented and open_here:
         request["requested_by"] = "api:anonymous"
         return await handler(request)
     failures = request.app[FAILURES]
@@ -295,13 +296,18 @@ async def _unblock(request: web.Request) -> web.Response:
 
 
 async def _events(request: web.Request) -> web.Response:
-    try:
-        since = int(request.query.get("since", "0"))
-        limit = int(request.query.get("limit", "500"))
-    except ValueError:
-        return _error(400, "since and limit must be integers")
-    if since < 0 or not 1 <= limit <= 1000:
-        return _error(422, "since must be >= 0 and limit 1..1000")
+    problems = []
+    values = {}
+    for name, default, low, high in (("since", "0", 0, None), ("limit", "500", 1, 1000)):
+        text = request.query.get(name, default)
+        value = int(text) if text.isascii() and text.isdigit() and len(text) < 19 else -1
+        if value < low or (high is not None and value > high):
+            bounds = f"{low} to {high}" if high is not None else f">= {low}"
+            problems.append((name, f"must be a whole number {bounds}"))
+        values[name] = value
+    if problems:
+        raise _invalid(problems)
+    since, limit = values["since"], values["limit"]
     events = request.app[SERVICE].events_since(since, limit)
     return web.json_response({"events": [e.to_dict() for e in events]},
                              dumps=lambda o: json.dumps(o, default=str))

@@ -291,7 +291,8 @@ class ApiAuth:
             matched |= hmac.compare_digest(expected, presented)
         if not matched:
             raise AuthError("webhook-signature: no v1 signature matches (it covers "
-                            "webhook-id, webhook-timestamp, method, path and body)",
+                            "webhook-id, webhook-timestamp, method, path with query, "
+                            "and body)",
                             "signature")
         try:
             fresh = await self._replay.claim(msg_id, stamp)

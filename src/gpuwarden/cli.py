@@ -201,6 +201,8 @@ def cmd_mode(args: argparse.Namespace) -> int:
     if args.mode is None:
         resp = client.request("GET", "/v1/mode")
         body = _json_or_die(resp)
+        if resp.status_code != 200:
+            _die(body.get("error", f"HTTP {resp.status_code}"), EXIT_FAILED)
         if args.json:
             print(json.dumps(body, indent=2, sort_keys=True))
         else:
@@ -389,6 +391,10 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    if args.config:
+        _die("demo writes its own DIR/config.toml at each start; to run the simulated "
+             "node with your own config (an [api] listener, say), copy that file, edit "
+             "it, and run: gpuwarden daemon --config PATH", EXIT_USAGE)
     _setup_logging()
     return run_demo(Path(args.dir) if args.dir else None)
 

@@ -116,13 +116,17 @@ def _resolve_secret(
         object.__setattr__(model, value_field, _read_secret(file, file_field))
     elif value is not None and not value.get_secret_value().strip():
         # An empty secret is not "no secret": it would be configured, and match.
-        raise ValueError(f"{value_field}: empty (leave the key out to turn it off)")
+        raise ValueError(f"{value_field}: empty (an empty secret would match; remove "
+                         "the setting to turn it off)")
 
 
 def _check_whsec(secret: SecretStr | None, key: str) -> None:
     """A Standard Webhooks secret: whsec_ + base64 of at least 24 bytes."""
     if secret is None:
         return
+    if not secret.get_secret_value().startswith("whsec_"):
+        raise ValueError(f"{key}: not whsec_<base64> (make one with: gpuwarden secret "
+                         "whsec; the value is not shown)")
     text = secret.get_secret_value().removeprefix("whsec_")
     # Strictly one base64 word: a file holding more (a label, a second line) would
     # otherwise decode to some other key and sign with it.
