@@ -198,7 +198,10 @@ def test_cli_timeout_and_ctrl_c_say_the_switch_goes_on(node: SimNode, start_daem
         assert as_json.returncode == 0, as_json
         assert json.loads(as_json.stdout)["to"] == "llm"
 
-        # Ctrl-C while the switch runs: exit 130, naming the switch that goes on.
+        # Ctrl-C while the switch runs: exit 130, saying the switch goes on. ComfyUI now
+        # takes 6 s to answer, so the switch surely runs when the signal lands, however
+        # slowly a busy machine lets this test see it start.
+        cf.delay["/system_stats"] = 6.0
         cli = subprocess.Popen([PYTHON, "-m", "gpuwarden.cli", "--config", str(config), "mode",
                                 "image"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env={**os.environ})
@@ -206,8 +209,11 @@ def test_cli_timeout_and_ctrl_c_say_the_switch_goes_on(node: SimNode, start_daem
         cli.send_signal(signal.SIGINT)
         out, err = cli.communicate(timeout=30)
         assert cli.returncode == 130, (out, err)
-        assert "interrupted" in err and "goes on" in err and "(id " in err
-        daemon.wait_mode("image", timeout=30)
+        # Interrupted once the daemon's answer (the switch's id) is in: the id is named;
+        # interrupted while that answer is still on its way: it says to look.
+        assert "interrupted" in err, err
+        assert ("goes on" in err and "(id " in err) or "may still go on" in err, err
+        daemon.wait_mode("image", timeout=60)
     finally:
         cf.stop()
 
