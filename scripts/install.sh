@@ -6,10 +6,15 @@
 #                                      (config and state are kept; --purge removes them too)
 #   scripts/install.sh --prefix DIR    install under DIR (paths in the unit point there)
 #   DESTDIR=DIR scripts/install.sh     stage into DIR (paths in the unit stay final)
+#   --operator USER                    add USER to the gpuwarden group (status, mode, ...)
+#   --wheelhouse DIR                   install offline from wheels in DIR (pip wheel ...)
+#   PYTHON=/usr/bin/python3.11         the Python the venv is based on
 #
 # With --prefix or DESTDIR nothing outside that folder is touched: no user is
 # created and systemctl is not called. The config is never overwritten; it is
-# checked (gpuwarden check-config) before the service is started.
+# checked (gpuwarden check-config, secrets read from the credentials folder as the
+# service will) before the service is started. The config folder and file belong
+# to root with group gpuwarden (0750/0640); credentials are root's only (0600).
 set -euo pipefail
 
 src="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -18,6 +23,8 @@ action="install"
 purge=0
 enable=1
 python="${PYTHON:-python3}"
+wheelhouse=""
+operators=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --prefix) prefix="${2:?--prefix needs a folder}"; shift 2 ;;
@@ -25,7 +32,11 @@ while [ $# -gt 0 ]; do
     --uninstall) action="uninstall"; shift ;;
     --purge) purge=1; shift ;;
     --no-enable) enable=0; shift ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    --operator) operators+=("${2:?--operator needs a user}"); shift 2 ;;
+    --operator=*) operators+=("${1#--operator=}"); shift ;;
+    --wheelhouse) wheelhouse="${2:?--wheelhouse needs a folder}"; shift 2 ;;
+    --wheelhouse=*) wheelhouse="${1#--wheelhouse=}"; shift ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -51,7 +62,11 @@ if [ "$action" = "uninstall" ]; then
   rm -rf "$root$unitdir/gpuwarden.service.d" "$root$opt"
   if [ "$purge" = 1 ]; then
     rm -rf "$root$etc" "$root$prefix/var/lib/gpuwarden"
-    say "removed gpuwarden, its config and its state"
+    if [ "$staged" = 0 ] && getent passwd gpuwarden >/dev/null; then
+      userdel gpuwarden 2>/dev/null || true
+      getent group gpuwarden >/dev/null && groupdel gpuwarden 2>/dev/null || true
+    fi
+    say "removed gpuwarden, its config, its state and its user"
   else
     say "removed gpuwarden; kept $etc and $prefix/var/lib/gpuwarden (--purge removes them)"
   fi
@@ -59,23 +74,67 @@ if [ "$action" = "uninstall" ]; then
   exit 0
 fi
 
-# 1. The program, in its own virtual environment (reused on a second run).
+# 0. The service user and group first: the config belongs to its group.
+if [ "$staged" = 0 ] && ! getent passwd gpuwarden >/dev/null; then
+  useradd --system --home-dir /var/lib/gpuwarden --no-create-home \
+    --shell /usr/sbin/nologin gpuwarden
+  say "created system user gpuwarden"
+fi
+for user in "${operators[@]}"; do
+  [ "$staged" = 0 ] || { say "--operator needs a real install, not a staged one"; exit 2; }
+  getent passwd "$user" >/dev/null || { say "--operator: no user $user"; exit 2; }
+  usermod -a -G gpuwarden "$user"
+  say "$user may now run gpuwarden status, mode and unblock (from their next login)"
+done
+
+# 1. The program, in its own virtual environment (reused on a second run). The unit
+# hides /root and /home (ProtectHome=yes), so a venv based on a Python there (pyenv,
+# a user's conda) could not even start: refuse it and say what to do.
+hidden() { case "$1" in /root|/root/*|/home|/home/*) return 0 ;; esac; return 1; }
+base="$("$python" -c 'import sys; print(sys.base_prefix)')"
+if hidden "$base" && [ -z "${PYTHON:-}" ] && [ -x /usr/bin/python3 ] &&
+    /usr/bin/python3 -c 'import sys, venv; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  say "python3 here is under $base, which the service cannot see: using /usr/bin/python3"
+  python=/usr/bin/python3
+  base="$("$python" -c 'import sys; print(sys.base_prefix)')"
+fi
+if hidden "$base"; then
+  say "the venv would be based on $base ($python), which the service cannot see"
+  say "(ProtectHome=yes): run again with PYTHON=/usr/bin/python3 (3.11 or later)"
+  exit 2
+fi
 mkdir -p "$root$opt"
 if [ ! -x "$root$opt/venv/bin/python" ]; then
   "$python" -m venv "$root$opt/venv"
 fi
-"$root$opt/venv/bin/python" -m pip install -q --upgrade pip
-"$root$opt/venv/bin/python" -m pip install -q --upgrade "$src"
+if [ -n "$wheelhouse" ]; then
+  # Offline: everything, the build backend included, comes from the wheelhouse.
+  "$root$opt/venv/bin/python" -m pip install -q --no-index --find-links "$wheelhouse" \
+    --upgrade "$src"
+else
+  "$root$opt/venv/bin/python" -m pip install -q --upgrade pip
+  "$root$opt/venv/bin/python" -m pip install -q --upgrade "$src"
+fi
 install -m 0644 "$src/README.md" "$root$opt/README.md"
 install -m 0644 "$src/config.example.toml" "$root$opt/config.example.toml"
 
-# 2. The config: never overwritten.
-install -d -m 0750 "$root$etc" "$root$etc/credentials"
+# 2. The config: never overwritten. Readable by the service and operators (group
+# gpuwarden); the credentials only by root, which hands them to the service
+# (LoadCredential=).
+install -d -m 0750 "$root$etc"
+install -d -m 0700 "$root$etc/credentials"
 if [ -e "$root$etc/config.toml" ]; then
   say "keeping the existing $etc/config.toml"
 else
   install -m 0640 "$src/config.example.toml" "$root$etc/config.toml"
   say "installed $etc/config.toml from the example: edit it for this host"
+fi
+if [ "$staged" = 0 ]; then
+  chgrp gpuwarden "$root$etc" "$root$etc/config.toml"
+  chmod 0750 "$root$etc"
+  chmod 0640 "$root$etc/config.toml"
+  chown root:root "$root$etc/credentials"
+  find "$root$etc/credentials" -type f -exec chown root:root {} + -exec chmod 0600 {} +
 fi
 
 # 3. The unit, with paths under --prefix when one is given, and the credentials drop-in.
@@ -85,7 +144,15 @@ sed -e "s#/opt/gpuwarden#$opt#g" -e "s#/etc/gpuwarden#$etc#g" \
 mv "$root$unitdir/gpuwarden.service.tmp" "$root$unitdir/gpuwarden.service"
 chmod 0644 "$root$unitdir/gpuwarden.service"
 dropin="$root$unitdir/gpuwarden.service.d"
-rm -f "$dropin/credentials.conf"
+rm -f "$dropin/credentials.conf" "$dropin/docker.conf"
+# The Docker socket's group, only where it exists: a unit naming a missing group
+# cannot start at all (216/GROUP). That group is root-equivalent (Docker's own docs):
+# the price of managing containers.
+if getent group docker >/dev/null; then
+  install -d "$dropin"
+  printf '%s\n' "# Written by scripts/install.sh: the Docker socket's group exists here." \
+    "[Service]" "SupplementaryGroups=docker" > "$dropin/docker.conf"
+fi
 creds=()
 for f in "$root$etc/credentials"/*; do
   [ -f "$f" ] && creds+=("$(basename "$f")")
@@ -107,14 +174,10 @@ if [ "$staged" = 1 ]; then
   exit 0
 fi
 
-# 4. The service user, then check the config and (re)start.
-if ! getent passwd gpuwarden >/dev/null; then
-  useradd --system --home-dir /var/lib/gpuwarden --no-create-home \
-    --shell /usr/sbin/nologin gpuwarden
-  say "created system user gpuwarden"
-fi
-getent group docker >/dev/null || say "warning: no docker group; Docker workloads will fail"
-if ! "$opt/venv/bin/gpuwarden" check-config "$etc/config.toml"; then
+# 4. Check the config as the service will read it, then (re)start.
+getent group docker >/dev/null || say "no docker group here: Docker workloads cannot run"
+if ! CREDENTIALS_DIRECTORY="$etc/credentials" "$opt/venv/bin/gpuwarden" check-config \
+    "$etc/config.toml"; then
   say "the config has problems (above): fix $etc/config.toml, then run this again"
   exit 2
 fi

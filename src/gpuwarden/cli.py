@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 
 import httpx
 
-from .config import Config, config_path, config_warnings, load_config
+from .config import Config, config_path, config_warnings, load_config, socket_path
 from .errors import ConfigError, DaemonUnreachable, GpuwardenError
 
 __all__ = ["ControlClient", "main"]
@@ -57,6 +57,10 @@ class ControlClient:
         try:
             return self._client.request(method, path, **kwargs)
         except httpx.TransportError as exc:
+            if _caused_by(exc, PermissionError):
+                raise DaemonUnreachable(
+                    f"permission denied on {self.where}: the control socket is for root "
+                    f"and the gpuwarden group ({_GROUP_HINT})") from exc
             raise DaemonUnreachable(
                 f"no gpuwarden daemon answers at {self.where} ({exc}); "
                 "is it running? (systemctl status gpuwarden)"
@@ -64,6 +68,19 @@ class ControlClient:
 
     def close(self) -> None:
         self._client.close()
+
+
+_GROUP_HINT = ("an admin adds you with: sudo scripts/install.sh --operator $USER, or "
+               "sudo usermod -aG gpuwarden $USER; then log in again")
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _die(message: str, code: int) -> NoReturn:
@@ -75,6 +92,8 @@ def _config_or_exit(path: str | None) -> Config:
     try:
         return load_config(path)
     except ConfigError as exc:
+        if "Permission denied" in str(exc):
+            _die(f"{exc}\n  (operators need the gpuwarden group: {_GROUP_HINT})", EXIT_USAGE)
         _die(str(exc), EXIT_USAGE)
 
 
@@ -84,11 +103,20 @@ def _client(args: argparse.Namespace, timeout: float | None = None) -> ControlCl
     if args.url:
         return ControlClient(url=args.url, token=token, timeout=timeout)
     explicit = args.config or os.environ.get("GPUWARDEN_CONFIG")
-    if not explicit and not config_path(None).exists():
+    try:
+        present = bool(explicit) or config_path(None).exists()
+    except PermissionError:  # there, but not this user's to read: socket_path says so
+        present = True
+    if not present:
         # No config anywhere: the daemon's default socket is the best guess.
         return ControlClient(socket=Config().daemon.socket, timeout=timeout)
-    return ControlClient(socket=_config_or_exit(args.config).daemon.socket,
-                         timeout=timeout)
+    try:
+        where = socket_path(args.config)
+    except ConfigError as exc:
+        hint = f"\n  (operators need the gpuwarden group: {_GROUP_HINT})" \
+            if "Permission denied" in str(exc) else ""
+        _die(f"{exc}{hint}", EXIT_USAGE)
+    return ControlClient(socket=where, timeout=timeout)
 
 
 def _json_or_die(resp: httpx.Response) -> dict[str, Any]:

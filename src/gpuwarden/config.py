@@ -49,6 +49,7 @@ __all__ = [
     "config_warnings",
     "load_config",
     "parse_duration",
+    "socket_path",
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/gpuwarden/config.toml")
@@ -588,6 +589,33 @@ def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
         return Path(explicit)
     env = os.environ.get("GPUWARDEN_CONFIG")
     return Path(env) if env else DEFAULT_CONFIG_PATH
+
+
+def socket_path(path: str | os.PathLike[str] | None = None) -> Path:
+    """Where the daemon's control socket is, from `[daemon] socket` alone.
+
+    A client needs only this: the rest of the config (secrets the caller may not be
+    able to read, sections a newer daemon added) is the daemon's business.
+
+    Raises:
+        ConfigError: the file is unreadable or not TOML, or the key is not a string.
+    """
+    file = config_path(path)
+    env = os.environ.get("GPUWARDEN_DAEMON__SOCKET")
+    try:
+        with file.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError([f"cannot read {file}: {exc.strerror or exc}"], str(file)) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"not valid TOML: {exc}"], str(file)) from exc
+    daemon = data.get("daemon", {})
+    value = env or (daemon.get("socket") if isinstance(daemon, dict) else None)
+    if value is None:
+        return DaemonConfig().socket
+    if not isinstance(value, str) or not value:
+        raise ConfigError(["daemon.socket: must be a path"], str(file))
+    return Path(value)
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:

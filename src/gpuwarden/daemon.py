@@ -306,9 +306,15 @@ class Daemon:
         group = self.config.daemon.socket_group
         if group:
             try:
-                os.chown(path, -1, grp.getgrnam(group).gr_gid)
+                gid = grp.getgrnam(group).gr_gid
             except KeyError:
                 log.warning("group %r does not exist; the socket is root's only", group)
+            else:
+                # Under the unit the socket is born in the service's group already, and
+                # chown() is outside its syscall filter (@privileged): only change what
+                # differs.
+                if os.stat(path).st_gid != gid:
+                    os.chown(path, -1, gid)
 
     async def wait(self) -> None:
         await self.stop_requested.wait()

@@ -16,6 +16,9 @@ holder writes its claim when it takes it, as the recipe does.
 In busybox sh, inside a container with the ledger bind-mounted at /ledger:
 
     echo 6000 > /ledger/llm.mib; exec sleep 1000000 3</ledger/llm.mib
+
+A fault for drills: while `<ledger_dir>/HANG` exists, sampling blocks, as a wedged
+NVML call does. The daemon then stops sending WATCHDOG=1 and systemd restarts it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from pathlib import Path
 from .model import MIB, GpuFault, GpuProcess, GpuSample, NodeSample
 
 __all__ = ["Claim", "SimBackend", "read_claim", "scan_holders"]
+
+_HANG = "HANG"
 
 @dataclass(frozen=True, slots=True)
 class Claim:
@@ -157,6 +162,8 @@ class SimBackend:
         return files
 
     def sample(self) -> NodeSample:
+        while (self.ledger_dir / _HANG).exists():  # the documented drill fault
+            time.sleep(0.2)
         started = time.monotonic()
         with self._lock:
             try:
