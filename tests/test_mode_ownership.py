@@ -202,9 +202,12 @@ def test_cli_timeout_and_ctrl_c_say_the_switch_goes_on(node: SimNode, start_daem
         # takes 6 s to answer, so the switch surely runs when the signal lands, however
         # slowly a busy machine lets this test see it start.
         cf.delay["/system_stats"] = 6.0
+        # As from a terminal: SIGINT at its default, even where this test runs with it
+        # ignored (a job started in the background inherits that).
         cli = subprocess.Popen([PYTHON, "-m", "gpuwarden.cli", "--config", str(config), "mode",
                                 "image"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env={**os.environ})
+                               text=True, env={**os.environ},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         wait_for(lambda: daemon.status()["gpus"][0]["transition"], "the switch under way")
         cli.send_signal(signal.SIGINT)
         out, err = cli.communicate(timeout=30)

@@ -356,12 +356,19 @@ class Daemon:
         if self._storms is not None:
             self._storms.end_quiet(everything=True)
             logging.getLogger("gpuwarden.http").removeFilter(self._storms.http_filter)
-        # Process workloads are our children: they end with us. Containers stay up.
-        stops = [asyncio.to_thread(w.stop) for w in self._workloads.values()
-                 if w.kind == "process"]
-        for res in await asyncio.gather(*stops, return_exceptions=True):
+        # Process workloads are our children: they end with us, stopped by us (not by
+        # systemd's final SIGKILL), and audited. Containers stay up.
+        children = [w for w in self._workloads.values()
+                    if w.kind == "process" and w.status().running]
+        stops = [asyncio.to_thread(w.stop) for w in children]
+        for workload, res in zip(children, await asyncio.gather(*stops, return_exceptions=True),
+                                 strict=True):
             if isinstance(res, BaseException):
                 errors.append(res)
+            else:
+                self.bus.publish("workload.stopped", f"{workload.name} stopped: gpuwarden is "
+                                 "stopping", requested_by="daemon", workload=workload.name,
+                                 gpu=self.config.gpu_of_workload(workload.name))
         for workload in self._workloads.values():
             try:
                 workload.close()
