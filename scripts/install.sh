@@ -60,6 +60,7 @@ if [ "$action" = "uninstall" ]; then
   fi
   rm -f "$root$unitdir/gpuwarden.service"
   rm -rf "$root$unitdir/gpuwarden.service.d" "$root$opt"
+  if [ -L "$root$prefix/usr/local/bin/gpuwarden" ]; then rm -f "$root$prefix/usr/local/bin/gpuwarden"; fi
   if [ "$purge" = 1 ]; then
     rm -rf "$root$etc" "$root$prefix/var/lib/gpuwarden"
     if [ "$staged" = 0 ] && getent passwd gpuwarden >/dev/null; then
@@ -116,6 +117,9 @@ else
   "$root$opt/venv/bin/python" -m pip install -q --upgrade "$src"
 fi
 install -m 0644 "$src/README.md" "$root$opt/README.md"
+# The CLI on everyone's PATH (operators included).
+install -d "$root$prefix/usr/local/bin"
+ln -sfn "$opt/venv/bin/gpuwarden" "$root$prefix/usr/local/bin/gpuwarden"
 install -m 0644 "$src/config.example.toml" "$root$opt/config.example.toml"
 
 # 2. The config: never overwritten. Readable by the service and operators (group

@@ -243,16 +243,17 @@ def test_credentials_arrive_through_load_credential(host: SystemdHost) -> None:
 
 def test_operators_in_the_group_and_no_one_else(host: SystemdHost) -> None:
     comfyui_answers(host)
-    status = host.run(f"{GW} status", user="alice")
+    # The installer put the CLI on everyone's PATH.
+    status = host.run("gpuwarden status", user="alice")
     assert "GPU 0" in status.stdout
-    switched = host.run(f"{GW} mode image", user="alice")
+    switched = host.run("gpuwarden mode image", user="alice")
     assert "llm -> image" in switched.stdout
     completed = host.wait("the switch in the journal", lambda: [
         e for e in host.journal("GPUWARDEN_EVENT=mode.switch.completed")
         if e.get("TO") == "image"])
     assert completed[-1]["REQUESTED_BY"] == "cli:alice"
-    refused = host.run(f"{GW} status", user="bob", check=False)
-    assert refused.returncode != 0
+    refused = host.run("gpuwarden status", user="bob", check=False)
+    assert refused.returncode == 3, refused
     assert "gpuwarden group" in refused.stderr and "Traceback" not in refused.stderr
 
 
@@ -324,6 +325,7 @@ def test_stop_stops_the_workloads_and_uninstall_leaves_nothing(host: SystemdHost
     assert ("workload.stopped", "comfyui") in last, events
     host.run("/src/scripts/install.sh --uninstall --purge")
     left = host.run("ls -d /opt/gpuwarden /etc/gpuwarden /var/lib/gpuwarden "
+                    "/usr/local/bin/gpuwarden "
                     "/etc/systemd/system/gpuwarden.service* 2>/dev/null; "
                     "getent passwd gpuwarden; getent group gpuwarden", check=False)
     assert left.stdout.strip() == "", left.stdout

@@ -113,9 +113,11 @@ def _client(args: argparse.Namespace, timeout: float | None = None) -> ControlCl
     try:
         where = socket_path(args.config)
     except ConfigError as exc:
-        hint = f"\n  (operators need the gpuwarden group: {_GROUP_HINT})" \
-            if "Permission denied" in str(exc) else ""
-        _die(f"{exc}{hint}", EXIT_USAGE)
+        if "Permission denied" in str(exc):
+            _die(f"permission denied reading {exc.source}: gpuwarden's config and control "
+                 f"socket are for root and the gpuwarden group ({_GROUP_HINT})",
+                 EXIT_UNREACHABLE)
+        _die(str(exc), EXIT_USAGE)
     return ControlClient(socket=where, timeout=timeout)
 
 

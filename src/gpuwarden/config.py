@@ -91,7 +91,8 @@ PositiveSeconds = Annotated[float, Field(gt=0)]
 
 def _read_secret(path: Path, key: str) -> SecretStr:
     base = _secret_base.get()
-    if not path.is_absolute():
+    relative = not path.is_absolute()
+    if relative:
         creds = os.environ.get("CREDENTIALS_DIRECTORY")
         if creds:
             path = Path(creds) / path
@@ -100,7 +101,14 @@ def _read_secret(path: Path, key: str) -> SecretStr:
     try:
         text = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
-        raise ValueError(f"{key}: cannot read {path}: {exc.strerror or exc}") from exc
+        hint = ""
+        if relative and not os.environ.get("CREDENTIALS_DIRECTORY"):
+            # The service reads it from its credentials; outside systemd, say how to
+            # check it the same way.
+            hint = (" (relative secrets are read from $CREDENTIALS_DIRECTORY under "
+                    "systemd: to check as the service does, run as root with "
+                    "CREDENTIALS_DIRECTORY=/etc/gpuwarden/credentials)")
+        raise ValueError(f"{key}: cannot read {path}: {exc.strerror or exc}{hint}") from exc
     if not text:
         raise ValueError(f"{key}: {path} is empty")
     return SecretStr(text)

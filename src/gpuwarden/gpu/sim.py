@@ -142,6 +142,7 @@ class SimBackend:
         self._holders: dict[Path, list[Holder]] = {}
         self._inodes: dict[tuple[int, int], Path] = {}
         self._last_scan = -_FULL_SCAN_S
+        self._first_sample = True
         ledger_dir.mkdir(parents=True, exist_ok=True)
         for index in range(1, count):
             (ledger_dir / f"gpu{index}").mkdir(exist_ok=True)
@@ -197,6 +198,10 @@ class SimBackend:
             state = self._seen.get(path)
             if state is None or state.signature != signatures[path]:
                 state = self._seen[path] = _ClaimState(signature=signatures[path])
+                if not pids and self._first_sample:
+                    # Left from before this backend started (a daemon restart): its
+                    # holder is long gone, and a GPU frees a dead process's memory.
+                    state.unheld_since = now - self.release_delay
             if pids:
                 state.unheld_since = None
                 # A claim is one allocation: it is credited to one process, the lowest PID.
@@ -213,6 +218,7 @@ class SimBackend:
                 used_mib[index] += claim.mib
         for gone in set(self._seen) - set(files):
             del self._seen[gone]
+        self._first_sample = False
         total = self.total_mib * MIB
         samples = []
         for index in range(self.count):
