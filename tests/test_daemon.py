@@ -94,8 +94,12 @@ def test_socket_mode_and_clean_shutdown_leaves_nothing_behind(node: SimNode,
     assert not node.socket.exists()
     _gone, alive = psutil.wait_procs(children, timeout=5)
     assert not alive
-    names = [e["event"] for e in daemon.events()]
-    assert names[0] == "daemon.started" and names[-1] == "daemon.stopping"
+    events = daemon.events()
+    names = [e["event"] for e in events]
+    assert names[0] == "daemon.started"
+    # It says it is stopping, then stops its workloads itself and audits each.
+    after = events[names.index("daemon.stopping") + 1:]
+    assert [(e["event"], e["workload"]) for e in after] == [("workload.stopped", "ollama")]
 
 
 def test_cli_exits_3_when_no_daemon_answers(node: SimNode) -> None:
