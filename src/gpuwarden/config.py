@@ -541,11 +541,12 @@ def _check_listen(api: ApiConfig) -> list[str]:
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         return [f"api.listen: expected host:port, got {api.listen!r}"]
     host = host.strip("[]")
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return [f"api.listen: host must be an IP address or localhost, got {host!r}"]
-    if not loopback and not api.tokens and api.signing_secret is None:
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return [f"api.listen: host must be an IP address or localhost, got {host!r}"]
+    if api.listens_beyond_loopback() and not api.tokens and api.signing_secret is None:
         return [
             f"api.listen: refusing to listen on non-loopback {host} without auth "
             "(configure api.tokens or api.signing_secret_file)"
@@ -599,6 +600,17 @@ def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
     return Path(env) if env else DEFAULT_CONFIG_PATH
 
 
+def _read_toml(file: Path) -> dict[str, Any]:
+    """The file's TOML document; ConfigError when it is unreadable or not TOML."""
+    try:
+        with file.open("rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError([f"cannot read {file}: {exc.strerror or exc}"], str(file)) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"not valid TOML: {exc}"], str(file)) from exc
+
+
 def socket_path(path: str | os.PathLike[str] | None = None) -> Path:
     """Where the daemon's control socket is, from `[daemon] socket` alone.
 
@@ -610,13 +622,7 @@ def socket_path(path: str | os.PathLike[str] | None = None) -> Path:
     """
     file = config_path(path)
     env = os.environ.get("GPUWARDEN_DAEMON__SOCKET")
-    try:
-        with file.open("rb") as fh:
-            data = tomllib.load(fh)
-    except OSError as exc:
-        raise ConfigError([f"cannot read {file}: {exc.strerror or exc}"], str(file)) from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"not valid TOML: {exc}"], str(file)) from exc
+    data = _read_toml(file)
     daemon = data.get("daemon", {})
     value = env or (daemon.get("socket") if isinstance(daemon, dict) else None)
     if value is None:
@@ -634,13 +640,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
             error's `problems` names every one by key path.
     """
     file = config_path(path)
-    try:
-        with file.open("rb") as fh:
-            data = tomllib.load(fh)
-    except OSError as exc:
-        raise ConfigError([f"cannot read {file}: {exc.strerror or exc}"], str(file)) from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"not valid TOML: {exc}"], str(file)) from exc
+    data = _read_toml(file)
     token = _secret_base.set(file.resolve().parent)
     try:
         config = Config(**data)
