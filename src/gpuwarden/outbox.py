@@ -59,6 +59,9 @@ class Outbox:
                     part.rename(self.set_aside.with_name(self.set_aside.name + suffix))
             self._db = self._open()
         self._prefix = self._meta_prefix()
+        # Updated only by this outbox's own writes, which run in order on one I/O
+        # thread, so readers on other threads never see an older count win.
+        self.queued = self.count()
 
     def _open(self) -> sqlite3.Connection:
         if not self.path.exists():  # as private as state.json; the WAL inherits the mode
@@ -102,7 +105,8 @@ class Outbox:
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        return queued - dropped, dropped
+        self.queued = queued - dropped
+        return self.queued, dropped
 
     def peek(self, limit: int = 1) -> list[Entry]:
         """The oldest undelivered events, at most `limit`, oldest first."""
@@ -115,7 +119,8 @@ class Outbox:
         """Take delivered (or rejected) events off; returns how many are left."""
         marks = ",".join("?" * len(seqs))  # one statement: all of them or none
         self._db.execute(f"DELETE FROM events WHERE seq IN ({marks})", seqs)
-        return self.count()
+        self.queued = self.count()
+        return self.queued
 
     def count(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0])

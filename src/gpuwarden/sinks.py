@@ -136,7 +136,6 @@ class OutboxSink:
         self.failing_since: float | None = None  # unix seconds; None while it delivers
         self.last_error: str | None = None  # redacted
         self.next_try_at: float | None = None  # unix seconds of the next retry
-        self.queued = 0
         self.delivered = 0
         self.dropped = 0
         self.failed = 0
@@ -177,6 +176,11 @@ class OutboxSink:
             text = text.replace(secret, self.name if secret == self._secrets[0] else "***")
         return text
 
+    @property
+    def queued(self) -> int:
+        """Events waiting on disk, as the outbox's last write left them."""
+        return 0 if self._outbox is None else self._outbox.queued
+
     def _stat(self, outcome: str) -> None:
         if self._on_stat is not None:
             self._on_stat(self.name, outcome)
@@ -194,7 +198,6 @@ class OutboxSink:
                 f"{outbox.set_aside.name}; starting an empty one", severity=Severity.ERROR,
                 sink=self.name, set_aside=str(outbox.set_aside))
         self._open_groups = await self._io_call(outbox.open_groups)
-        self.queued = await self._io_call(outbox.count)
         # An outage that outlived a restart stays one episode (announced once).
         self.failing_since = await self._io_call(outbox.failing_since)
         self._worker = asyncio.get_running_loop().create_task(self._run())
@@ -230,7 +233,7 @@ class OutboxSink:
 
     def _on_queued(self, event: Event, future: Future[tuple[int, int]]) -> None:
         try:
-            self.queued, dropped = future.result()
+            _, dropped = future.result()
         except Exception as exc:  # a full disk: the event is lost, and said so in the log
             log.error("%s: cannot queue event %d (%s): %s", self.name, event.id, event.name,
                       exc)
@@ -260,11 +263,10 @@ class OutboxSink:
             self._wake.clear()
             entries = await self._io_call(outbox.peek, self.batch)
             if not entries:
-                self.queued = 0
                 await self._wake.wait()
                 continue
             await self._deliver(entries)
-            self.queued = await self._io_call(outbox.remove, [e.seq for e in entries])
+            await self._io_call(outbox.remove, [e.seq for e in entries])
 
     async def _deliver(self, entries: list[Entry]) -> None:
         """Try until the receiver takes the events, or rejects those very events."""
