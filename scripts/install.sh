@@ -54,11 +54,16 @@ say() { echo "install.sh: $*"; }
 
 systemd_running() { [ "$staged" = 0 ] && [ -d /run/systemd/system ]; }
 
+polkit_rule="$prefix/etc/polkit-1/rules.d/50-gpuwarden.rules"
+
 if [ "$action" = "uninstall" ]; then
   if systemd_running; then
     systemctl disable --now gpuwarden.service 2>/dev/null || true
+    # Process workloads run as transient units that outlive the daemon: stop them too.
+    systemctl stop 'gpuwarden-*.service' 2>/dev/null || true
   fi
-  rm -f "$root$unitdir/gpuwarden.service"
+  rm -f "$root$unitdir/gpuwarden.service" "$root$unitdir/gpuwarden-mask@.service" \
+    "$root$unitdir/gpuwarden-unmask@.service" "$root$polkit_rule"
   rm -rf "$root$unitdir/gpuwarden.service.d" "$root$opt"
   if [ -L "$root$prefix/usr/local/bin/gpuwarden" ]; then rm -f "$root$prefix/usr/local/bin/gpuwarden"; fi
   if [ "$purge" = 1 ]; then
@@ -147,6 +152,9 @@ sed -e "s#/opt/gpuwarden#$opt#g" -e "s#/etc/gpuwarden#$etc#g" \
   "$src/systemd/gpuwarden.service" > "$root$unitdir/gpuwarden.service.tmp"
 mv "$root$unitdir/gpuwarden.service.tmp" "$root$unitdir/gpuwarden.service"
 chmod 0644 "$root$unitdir/gpuwarden.service"
+# The crash-loop guard's mask and unmask oneshots for kind = "systemd" workloads.
+install -m 0644 "$src/systemd/gpuwarden-mask@.service" "$src/systemd/gpuwarden-unmask@.service" \
+  "$root$unitdir/"
 dropin="$root$unitdir/gpuwarden.service.d"
 rm -f "$dropin/credentials.conf" "$dropin/docker.conf"
 # The Docker socket's group, only where it exists: a unit naming a missing group
@@ -184,6 +192,18 @@ if ! CREDENTIALS_DIRECTORY="$etc/credentials" "$opt/venv/bin/gpuwarden" check-co
     "$etc/config.toml"; then
   say "the config has problems (above): fix $etc/config.toml, then run this again"
   exit 2
+fi
+# The polkit rule: the service user may start, stop and kill the units of its
+# workloads (and start their mask oneshots), no others. Written anew from the config.
+if [ -d "$prefix/etc/polkit-1" ] || [ -d /usr/share/polkit-1 ]; then
+  install -d "$(dirname "$polkit_rule")"
+  CREDENTIALS_DIRECTORY="$etc/credentials" "$opt/venv/bin/gpuwarden" polkit-rule \
+    --config "$etc/config.toml" > "$polkit_rule.tmp"
+  chmod 0644 "$polkit_rule.tmp"
+  mv "$polkit_rule.tmp" "$polkit_rule"
+  say "polkit rule: $polkit_rule"
+elif grep -Eq '^[[:space:]]*kind[[:space:]]*=[[:space:]]*"(systemd|process)"' "$etc/config.toml"; then
+  say "no polkit here: the service cannot manage its workloads' units (install polkitd)"
 fi
 if systemd_running; then
   systemctl daemon-reload

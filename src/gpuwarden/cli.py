@@ -394,6 +394,16 @@ def cmd_discord_commands(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_polkit_rule(args: argparse.Namespace) -> int:
+    from .polkit_rule import polkit_rule
+
+    config = _config_or_exit(args.config)
+    # Installed for the service, where "auto" runs process workloads as transient units.
+    transient = config.daemon.process_runner != "child"
+    sys.stdout.write(polkit_rule(config, user=args.user, transient=transient))
+    return EXIT_OK
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     path = args.path or args.config
     try:
@@ -501,6 +511,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the slash-command payload that would be synced")
     p.add_argument("--json", action="store_true", help="the exact JSON payload")
     p.set_defaults(func=cmd_discord_commands)
+    p = sub.add_parser("polkit-rule", parents=[common],
+                       help="the polkit rule letting the service user manage its workloads' "
+                            "units (scripts/install.sh installs it)")
+    p.add_argument("--user", default="gpuwarden", help="the service user (default gpuwarden)")
+    p.set_defaults(func=cmd_polkit_rule)
     p = sub.add_parser("check-config", parents=[common],
                        help="validate; exit 0, or 2 with every error by key path")
     p.add_argument("path", nargs="?", metavar="PATH")

@@ -161,6 +161,10 @@ class DaemonConfig(_Section):
     socket_group: str | None = "gpuwarden"
     default_mode: str = IDLE_MODE
     roll_back_failed_start: bool = True
+    # How process workloads run: "systemd" as transient units (outside gpuwarden's
+    # sandbox), "child" as the daemon's children; "auto" picks systemd when the daemon
+    # itself runs as a systemd service.
+    process_runner: Literal["auto", "systemd", "child"] = "auto"
 
 
 class DockerConfig(_Section):
@@ -232,12 +236,18 @@ def _check_restart_policy(value: object) -> object:
     return value
 
 
+_UNIT_NAME = re.compile(r"[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.\\-]*)?\.service")
+
+
 class WorkloadConfig(_Section):
-    kind: Literal["docker", "process"]
+    kind: Literal["docker", "process", "systemd"]
     container: str | None = None
+    unit: str | None = None
     command: list[str] | None = None
     cwd: Path | None = None
     env: dict[str, str] = {}
+    # The user a process workload runs as (default: gpuwarden's own user).
+    user: str | None = None
     release: Literal["ollama", "comfyui", "none"] = "none"
     url: str | None = None
     stop_timeout: float = Field(30.0, ge=0)
@@ -255,6 +265,15 @@ class WorkloadConfig(_Section):
             raise ValueError("kind = 'docker' needs container = '<name>'")
         if self.kind == "process" and not self.command:
             raise ValueError("kind = 'process' needs command = ['argv0', ...]")
+        if self.kind == "systemd":
+            if not self.unit:
+                raise ValueError("kind = 'systemd' needs unit = '<name>.service'")
+            if not _UNIT_NAME.fullmatch(self.unit):
+                raise ValueError(f"unit = {self.unit!r} is not a service unit's name "
+                                 "(like 'ollama.service')")
+        if self.user is not None and self.kind != "process":
+            raise ValueError("user applies to kind = 'process' only (a unit names its "
+                             "own User=, a container its own user)")
         if self.release != "none" and not self.url:
             raise ValueError(f"release = {self.release!r} needs url = 'http://host:port'")
         return self

@@ -1,14 +1,19 @@
-"""Crash-loop guard: Docker events -> restart windows -> block, and unblock by a person.
+"""Crash-loop guard: Docker events and unit changes -> restart windows -> block, and
+unblock by a person.
 
-Docker's restart policy never gives up, and a crashing GPU workload that restarts
-allocates VRAM before the last instance released it. A Docker-driven restart shows
-as `die` then `start` (not `restart`); a stop someone asked for shows a `kill`
-first. So an exit with no `kill` before it (or an `oom`) is a crash, and a `start`
-after a crash is a restart. When a workload has already been restarted
-`max_restarts` times within `window` and crashes again, the guard blocks it before
-Docker's backoff (100 ms, doubling) brings it back: restart policy `no`, stopped,
-the block persisted, `crashloop.blocked` raised. It stays down until a person
-unblocks it, which is refused while the GPU holds memory nobody accounts for.
+Docker's restart policy never gives up, nor does systemd's `Restart=always`, and a
+crashing GPU workload that restarts allocates VRAM before the last instance
+released it. A Docker-driven restart shows as `die` then `start` (not `restart`); a
+stop someone asked for shows a `kill` first. So an exit with no `kill` before it
+(or an `oom`) is a crash, and a `start` after a crash is a restart. A unit's crash
+is its entering `auto-restart` (or `failed`), told apart by systemd itself
+(`UnitLifecycle`). When a workload has already been restarted `max_restarts` times
+within `window` and crashes again, the guard blocks it before the restart comes
+(Docker's backoff starts at 100 ms, as does systemd's `RestartSec=`): for Docker,
+restart policy `no` and stopped; for a unit, stopped (which cancels the pending
+restart) and masked for this boot. The block is persisted and `crashloop.blocked`
+raised. It stays down until a person unblocks it, which is refused while the GPU
+holds memory nobody accounts for.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from .watchdog import top_holders
 from .workloads.base import Workload
 from .workloads.docker import DockerWorkload
 from .workloads.supervisor import WorkloadSupervisor
+from .workloads.systemd import SystemdWorkload
 
 __all__ = ["CrashLoopGuard"]
 
@@ -82,40 +88,44 @@ class CrashLoopGuard:
     def on_event(self, event: ContainerEvent) -> None:
         """Feed one container event (on the loop; Docker calls are spawned)."""
         name = self._by_container.get(event.name)
-        if name is None:
-            return
+        if name is not None:
+            self.observe(name, event.action, event.time_ns / 1e9,
+                         event.attributes.get("exitCode"))
+
+    def observe(self, name: str, action: str, now: float, exit_code: object = None,
+                **fields: Any) -> None:
+        """Feed one lifecycle event of workload `name`: "kill"/"stop" (asked for),
+        "die"/"oom" (an exit), "start" (on the loop; the block is spawned)."""
         history = self._history.setdefault(name, _History())
-        now = event.time_ns / 1e9
-        if event.action in ("kill", "stop"):
+        if action in ("kill", "stop"):
             history.killed_at = now
             return
-        if event.action in ("die", "oom"):
+        if action in ("die", "oom"):
             requested = history.killed_at is not None and now - history.killed_at < _KILL_GRACE_S
-            if event.action == "die":
+            if action == "die":
                 history.killed_at = None
-            if requested and event.action == "die":
+            if requested and action == "die":
                 history.crashed_last = False
                 return
-            if event.action == "die" and history.crashed_last and history.crashes and \
+            if action == "die" and history.crashed_last and history.crashes and \
                     history.crashes[-1]["kind"] == "oom" and now - history.crashes[-1]["at"] < 5:
                 return  # the die that follows an oom is the same crash
-            history.crashes.append({"at": now, "kind": event.action,
-                                    "exit_code": event.attributes.get("exitCode")})
+            history.crashes.append({"at": now, "kind": action, "exit_code": exit_code,
+                                    **fields})
             history.crashed_last = True
             self._bus.publish(
                 "workload.crashed",
-                f"{name} " + ("was killed for lack of memory (oom)" if event.action == "oom"
-                              else f"exited on its own (exit code "
-                                   f"{event.attributes.get('exitCode')})"),
+                f"{name} " + ("was killed for lack of memory (oom)" if action == "oom"
+                              else f"exited on its own (exit code {exit_code})"),
                 severity=Severity.ERROR, workload=name, gpu=self._config.gpu_of_workload(name),
-                exit_code=event.attributes.get("exitCode"), kind=event.action,
+                exit_code=exit_code, kind=action, **fields,
             )
             max_restarts, window = self.limits(name)
             if self._recent(history.restarts, now, window) >= max_restarts:
                 # The next restart would be one too many: block before Docker makes it.
                 self._trigger(name, history, now)
             return
-        if event.action == "start":
+        if action == "start":
             if self.is_blocked(name) and name not in self._blocking:
                 self._spawn(self._stop_blocked(name))
                 return
@@ -142,12 +152,15 @@ class CrashLoopGuard:
     async def _block(self, name: str, crashes: list[dict[str, Any]],
                      restarts: list[float]) -> None:
         workload = self._workloads[name]
-        assert isinstance(workload, DockerWorkload)
         t0 = time.monotonic()
         errors: list[str] = []
         try:
             try:
-                await asyncio.to_thread(workload.set_restart_policy, "no")
+                # First what keeps the restart from coming, then the rest.
+                if isinstance(workload, DockerWorkload):
+                    await asyncio.to_thread(workload.set_restart_policy, "no")
+                elif isinstance(workload, SystemdWorkload):
+                    await asyncio.to_thread(workload.hold_down)
             except WorkloadError as exc:
                 errors.append(str(exc))
             policy_s = time.monotonic() - t0
@@ -167,19 +180,31 @@ class CrashLoopGuard:
             except WorkloadError as exc:
                 errors.append(str(exc))
                 status = await asyncio.to_thread(workload.status)
+            masked = False
+            if isinstance(workload, SystemdWorkload):
+                try:
+                    await asyncio.to_thread(workload.set_masked, True)
+                    masked = True
+                except WorkloadError as exc:
+                    errors.append(str(exc))
+            held = (f"stopped, {workload.unit} masked for this boot" if masked else "stopped")\
+                if isinstance(workload, SystemdWorkload) else "restart policy set to no, stopped"
             figures = await self._figures(name)
             self._bus.publish(
                 "crashloop.blocked",
                 f"{name} crash-looped ({len(restarts)} restarts, {len(crashes)} crashes within "
-                f"{window:.0f} s): restart policy set to no, stopped, blocked until unblocked",
+                f"{window:.0f} s): {held}, blocked until unblocked",
                 severity=Severity.CRITICAL, workload=name,
                 gpu=self._config.gpu_of_workload(name),
                 crash_times=[c["at"] for c in crashes],
                 exit_codes=[c["exit_code"] for c in crashes],
                 crash_kinds=[c["kind"] for c in crashes],
                 restarts=len(restarts), max_restarts=max_restarts, window_s=window,
-                restart_count=status.restart_count, policy_set_s=round(policy_s, 4),
-                policy_no_at=policy_no_at,
+                # A unit's own count, as its last crash showed it (a stopped unit is
+                # unloaded, and a reloaded one counts from 0).
+                restart_count=crashes[-1].get("n_restarts", status.restart_count)
+                if crashes else status.restart_count, policy_set_s=round(policy_s, 4),
+                policy_no_at=policy_no_at, masked=masked,
                 errors=errors, **figures,
             )
         finally:
@@ -232,8 +257,14 @@ class CrashLoopGuard:
                  "allowed_mib": verdict.allowed_mib, "holders": verdict.holders},
             )
         workload = self._workloads[name]
-        if isinstance(workload, DockerWorkload):
-            await asyncio.to_thread(workload.set_restart_policy, workload.config.restart_policy)
+        try:
+            if isinstance(workload, DockerWorkload):
+                await asyncio.to_thread(workload.set_restart_policy,
+                                        workload.config.restart_policy)
+            elif isinstance(workload, SystemdWorkload):
+                await asyncio.to_thread(workload.set_masked, False)
+        except WorkloadError as exc:
+            raise ConflictError(f"cannot unblock {name}: {exc}", {"workload": name}) from exc
         block = self._state.blocks.pop(name)
         await self._store.save_async(self._state)
         self._history.pop(name, None)

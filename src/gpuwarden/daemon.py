@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,11 +38,13 @@ from .sdnotify import Notifier
 from .service import Service
 from .sinks import DiscordWebhookSink, N8nSink, OutboxSink, severity_named
 from .state import StateStore
+from .systemd_dbus import SystemdBus, SystemdBusError
 from .watchdog import LeakDetector, Watchdog
 from .workloads.base import Workload
 from .workloads.docker import DockerClientFactory, DockerWorkload
-from .workloads.process import ProcessWorkload
+from .workloads.process import ProcessWorkload, TransientUnitWorkload
 from .workloads.supervisor import WorkloadSupervisor
+from .workloads.systemd import SystemdWorkload, UnitLifecycle
 
 if TYPE_CHECKING:
     from .discord_bot import DiscordFrontEnd
@@ -57,16 +60,48 @@ class DaemonState(enum.Enum):
     CLOSED = "closed"
 
 
-def build_workloads(config: Config, owners: OwnerIndex) -> dict[str, Workload]:
+def under_systemd() -> bool:
+    """Whether this process is a service's main process under systemd's system manager,
+    with the system bus there. INVOCATION_ID alone is inherited by anything a service
+    runs (a CI job's test daemons), hence the parent check."""
+    return bool(os.environ.get("INVOCATION_ID")) and os.getppid() == 1 \
+        and os.path.isdir("/run/systemd/system") \
+        and os.path.exists("/run/dbus/system_bus_socket")
+
+
+def process_runner(config: Config) -> str:
+    """"systemd" (transient units) or "child", as `[daemon] process_runner` decides."""
+    runner = config.daemon.process_runner
+    if runner == "auto":
+        return "systemd" if under_systemd() else "child"
+    return runner
+
+
+def build_workloads(config: Config, owners: OwnerIndex,
+                    systemd: SystemdBus | None = None) -> dict[str, Workload]:
+    """The workload objects; `systemd` is needed for units and transient units."""
     workloads: dict[str, Workload] = {}
     log_dir = config.daemon.state_dir / "logs"
     clients = DockerClientFactory(config.docker)  # one engine, one client for every container
+    transient = process_runner(config) == "systemd"
     for name, wl in config.workloads.items():
-        if wl.kind == "process":
+        if wl.kind == "process" and transient:
+            assert systemd is not None
+            workloads[name] = TransientUnitWorkload(name, wl, bus=systemd, owners=owners)
+        elif wl.kind == "process":
             workloads[name] = ProcessWorkload(name, wl, log_dir=log_dir, owners=owners)
+        elif wl.kind == "systemd":
+            assert systemd is not None
+            workloads[name] = SystemdWorkload(name, wl, bus=systemd, owners=owners)
         else:
             workloads[name] = DockerWorkload(name, wl, client=clients, owners=owners)
     return workloads
+
+
+def needs_systemd(config: Config) -> bool:
+    return any(w.kind == "systemd" or (w.kind == "process" and
+                                       process_runner(config) == "systemd")
+               for w in config.workloads.values())
 
 
 class Daemon:
@@ -96,6 +131,8 @@ class Daemon:
         self._sink_http: httpx.AsyncClient | None = None
         self.metrics = Metrics()
         self._docker_events: DockerEventWatcher | None = None
+        self._systemd: SystemdBus | None = None
+        self._units: dict[str, tuple[str, UnitLifecycle]] = {}  # unit -> workload, lifecycle
         self._restore_task: asyncio.Task[None] | None = None
         self.service: Service | None = None
 
@@ -112,7 +149,9 @@ class Daemon:
         persisted = store.load()
         owners = OwnerIndex()
         self._backend = open_backend(cfg)
-        self._workloads = build_workloads(cfg, owners)
+        if needs_systemd(cfg):
+            self._systemd = SystemdBus()
+        self._workloads = build_workloads(cfg, owners, self._systemd)
         leaks = LeakDetector(cfg.thresholds.sustain, cfg.watchdog, cfg.release.tolerance_mib,
                              self.bus)
         watchdog = Watchdog(cfg.thresholds, self.bus, leaks, cfg.watchdog.tier_reminder)
@@ -142,14 +181,16 @@ class Daemon:
                                           self.service.sample_blocking,
                                           lambda: self.service.workload_statuses
                                           if self.service else {})
-        if any(w.kind == "docker" for w in self._workloads.values()):
+        if any(w.kind in ("docker", "systemd") for w in self._workloads.values()):
             self._crashloop = CrashLoopGuard(cfg, self._workloads, supervisor, persisted,
                                              store, self.bus, self.service.sample_blocking,
                                              self._switcher)
             self.service.crashloop = self._crashloop
+        if any(w.kind == "docker" for w in self._workloads.values()):
             self._docker_events = DockerEventWatcher(cfg.docker, self._on_docker_event,
                                                      self._on_docker_connection)
             self._docker_events.start(loop)
+        await self._watch_units()
 
         await self._tick()
         await self._listen(cfg.daemon.socket)
@@ -207,6 +248,40 @@ class Daemon:
             self._restore_task is not None and self._restore_task.done()
         ):
             self._guard.spawn(self._guard.on_started(name, "docker event"))
+
+    async def _watch_units(self) -> None:
+        """Unit changes (D-Bus signals) of kind = "systemd" workloads, to the guards."""
+        units = {w.unit: (n, UnitLifecycle(w.unit)) for n, w in self._workloads.items()
+                 if isinstance(w, SystemdWorkload)}
+        if self._systemd is None or not units:
+            return
+        self._units = units
+        loop = asyncio.get_running_loop()
+
+        def forward(unit: str, _interface: str, changed: dict[str, Any]) -> None:
+            loop.call_soon_threadsafe(self._on_unit_change, unit, changed)
+        try:
+            await asyncio.to_thread(self._systemd.watch, list(units), forward)
+            for unit, (_, lifecycle) in units.items():
+                lifecycle.update(await asyncio.to_thread(self._systemd.properties, unit))
+        except SystemdBusError as exc:
+            # Fail closed: the units read as unknown, and no switch can prove them down.
+            self.bus.publish("systemd.error", f"cannot watch units over D-Bus: {exc}",
+                             severity=Severity.ERROR, units=list(units), detail=str(exc))
+
+    def _on_unit_change(self, unit: str, changed: dict[str, Any]) -> None:
+        name, lifecycle = self._units[unit]
+        for action, details in lifecycle.update(changed):
+            if self._crashloop is not None:
+                # When the main process ended, as systemd saw it; else now.
+                at = details["exited_at"] if action == "die" and details["exited_at"] \
+                    else time.time()
+                self._crashloop.observe(name, action, at, details["exit_code"],
+                                        unit=unit, result=details["result"],
+                                        n_restarts=details["n_restarts"])
+            if action == "start" and self._guard is not None and \
+                    self._restore_task is not None and self._restore_task.done():
+                self._guard.spawn(self._guard.on_started(name, "unit change"))
 
     def _on_docker_connection(self, connected: bool, detail: str) -> None:
         if connected:
@@ -356,10 +431,11 @@ class Daemon:
         if self._storms is not None:
             self._storms.end_quiet(everything=True)
             logging.getLogger("gpuwarden.http").removeFilter(self._storms.http_filter)
-        # Process workloads are our children: they end with us, stopped by us (not by
-        # systemd's final SIGKILL), and audited. Containers stay up.
-        children = [w for w in self._workloads.values()
-                    if w.kind == "process" and w.status().running]
+        # Process workloads that are our children end with us, stopped by us (not by
+        # systemd's final SIGKILL), and audited. Containers, units and transient units
+        # stay up, to be found again by the next start.
+        children = [w for w in self._workloads.values() if isinstance(w, ProcessWorkload)
+                    and (await asyncio.to_thread(w.status)).running]
         stops = [asyncio.to_thread(w.stop) for w in children]
         for workload, res in zip(children, await asyncio.gather(*stops, return_exceptions=True),
                                  strict=True):
@@ -369,9 +445,9 @@ class Daemon:
                 self.bus.publish("workload.stopped", f"{workload.name} stopped: gpuwarden is "
                                  "stopping", requested_by="daemon", workload=workload.name,
                                  gpu=self.config.gpu_of_workload(workload.name))
-        for workload in self._workloads.values():
+        for each in self._workloads.values():
             try:
-                workload.close()
+                each.close()
             except Exception as exc:
                 errors.append(exc)
         for sink in self._sinks:  # the Discord channel's first: it posts through the bot
@@ -387,6 +463,8 @@ class Daemon:
             await self._http.aclose()
         if self._backend is not None:
             await asyncio.to_thread(self._backend.close)
+        if self._systemd is not None:
+            await asyncio.to_thread(self._systemd.close)
         for error in errors:
             self.bus.publish("daemon.stopping", f"error during shutdown: {error}",
                              severity=Severity.ERROR, error=str(error))

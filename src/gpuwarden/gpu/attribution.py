@@ -2,8 +2,10 @@
 
 NVML and the simulated ledger both report host PIDs. A PID belongs to a workload
 when its cgroup names the workload's Docker container (how NVML PIDs inside
-containers are attributed), or when it descends from, or shares a session with, a
-workload's root process (a process workload started in its own session).
+containers are attributed) or its systemd unit (`.../ollama.service`, and the
+transient unit of a process workload under systemd), or when it descends from, or
+shares a session with, a workload's root process (a process workload started as
+the daemon's child, in its own session).
 """
 
 from __future__ import annotations
@@ -19,15 +21,29 @@ __all__ = ["AttributedSample", "OwnerIndex", "ProcessOwner", "container_id_of", 
 _CONTAINER_ID = re.compile(r"(?<![0-9a-f])([0-9a-f]{64})(?![0-9a-f])")
 
 
-def container_id_of(pid: int) -> str | None:
-    """The Docker container id in /proc/PID/cgroup (v1 or v2, cgroupfs or systemd driver)."""
+def _cgroup_text(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/cgroup", encoding="ascii", errors="replace") as fh:
-            text = fh.read()
+            return fh.read()
     except OSError:
         return None
-    match = _CONTAINER_ID.search(text)
+
+
+def container_id_of(pid: int, cgroup: str | None = None) -> str | None:
+    """The Docker container id in /proc/PID/cgroup (v1 or v2, cgroupfs or systemd driver)."""
+    text = _cgroup_text(pid) if cgroup is None else cgroup
+    match = _CONTAINER_ID.search(text or "")
     return match.group(1) if match else None
+
+
+def cgroup_components(cgroup: str) -> set[str]:
+    """Every path component of every hierarchy in a /proc/PID/cgroup text: a unit's
+    processes, its sub-cgroups included, all name `ollama.service` in theirs."""
+    parts: set[str] = set()
+    for line in cgroup.splitlines():
+        path = line.split(":", 2)[-1]
+        parts.update(p for p in path.split("/") if p)
+    return parts
 
 
 def parent_of(pid: int) -> int | None:
@@ -98,7 +114,12 @@ class OwnerIndex:
 
     def __init__(self) -> None:
         self._containers: dict[str, str] = {}
+        self._units: dict[str, str] = {}
         self._roots: dict[int, str] = {}
+
+    def set_unit(self, workload: str, unit: str) -> None:
+        self._units = {**{u: w for u, w in self._units.items() if w != workload},
+                       unit: workload}
 
     def set_container(self, workload: str, container_id: str | None) -> None:
         containers = {cid: w for cid, w in self._containers.items() if w != workload}
@@ -113,11 +134,15 @@ class OwnerIndex:
         self._roots = roots
 
     def owner_of(self, pid: int) -> str | None:
-        containers, roots = self._containers, self._roots
-        if containers:
-            cid = container_id_of(pid)
+        containers, units, roots = self._containers, self._units, self._roots
+        if containers or units:
+            cgroup = _cgroup_text(pid) or ""
+            cid = container_id_of(pid, cgroup) if containers else None
             if cid is not None and cid in containers:
                 return containers[cid]
+            if units:
+                for part in cgroup_components(cgroup) & units.keys():
+                    return units[part]
         if not roots:
             return None
         try:

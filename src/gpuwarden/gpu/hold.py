@@ -1,13 +1,15 @@
 """Hold simulated VRAM: `python -m gpuwarden.gpu.hold --ledger DIR --name NAME --mib N`.
 
-Writes the claim `<ledger>[/gpu<N>]/<name>.mib` and keeps it open until the process
-ends (SIGTERM, SIGINT, or `--exit-after`). With `--leak` the claim keeps counting
+Writes the claim `<ledger>[/gpu<N>]/<name>.mib` and keeps it open (and flocked, so a
+daemon running as another user finds it too) until the process ends (SIGTERM,
+SIGINT, or `--exit-after`). With `--leak` the claim keeps counting
 after the process is gone, until the file is deleted: a driver that never frees.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import signal
 import sys
@@ -35,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     claim = folder / f"{args.name}.mib"
     claim.write_text(f"{args.mib}{' leak' if args.leak else ''}\n", encoding="ascii")
     fd = os.open(claim, os.O_RDONLY)  # the open descriptor is what holds the VRAM
+    fcntl.flock(fd, fcntl.LOCK_SH)  # ... and the lock is what any user can see of it
 
     def stop(signum: int, frame: FrameType | None) -> None:
         raise SystemExit(0)

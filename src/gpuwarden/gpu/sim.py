@@ -17,6 +17,10 @@ In busybox sh, inside a container with the ledger bind-mounted at /ledger:
 
     echo 6000 > /ledger/llm.mib; exec sleep 1000000 3</ledger/llm.mib
 
+A holder the daemon may not inspect (another user's process: /proc/PID/fd needs the
+same user or CAP_SYS_PTRACE) also takes a shared flock on its claim, which
+/proc/locks shows to everyone: `flock -s 3` after opening it.
+
 A fault for drills: while `<ledger_dir>/HANG` exists, sampling blocks, as a wedged
 NVML call does. The daemon then stops sending WATCHDOG=1 and systemd restarts it.
 """
@@ -88,12 +92,47 @@ def scan_holders(targets: dict[tuple[int, int], Path]) -> dict[Path, list[Holder
             path = targets.get((st.st_dev, st.st_ino))
             if path is not None:
                 holders.setdefault(path, []).append((pid, int(fd)))
+    for inode, pids in _flock_holders().items():
+        path = targets.get(inode)
+        if path is None:
+            continue
+        seen = {pid for pid, _ in holders.get(path, [])}
+        holders.setdefault(path, []).extend((pid, _LOCK_FD) for pid in pids
+                                            if pid not in seen and pid != self_pid)
     return holders
+
+
+_LOCK_FD = -1  # a holder found by its flock, not by an open fd we may read
+
+
+def _flock_holders() -> dict[tuple[int, int], list[int]]:
+    """PIDs with a lock on each (st_dev, st_ino), from /proc/locks (readable by all)."""
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return {}
+    found: dict[tuple[int, int], list[int]] = {}
+    for line in lines:
+        # "1: FLOCK  ADVISORY  READ  1234 08:01:5678 0 EOF"; "->" marks a waiter.
+        fields = line.split()
+        if len(fields) < 6 or "->" in fields[1]:
+            continue
+        try:
+            pid = int(fields[4])
+            major, minor, ino = fields[5].split(":")
+            dev = os.makedev(int(major, 16), int(minor, 16))
+            found.setdefault((dev, int(ino)), []).append(pid)
+        except ValueError:
+            continue
+    return found
 
 
 def still_held(holder: Holder, inode: tuple[int, int]) -> bool:
     """Whether a holder seen before still has the claim open (two syscalls, not a scan)."""
     pid, fd = holder
+    if fd == _LOCK_FD:
+        return pid in _flock_holders().get(inode, [])
     try:
         st = os.stat(f"/proc/{pid}/fd/{fd}")
     except OSError:

@@ -1,26 +1,37 @@
-"""A command gpuwarden starts itself, in its own session and process group.
+"""A command gpuwarden starts: bare-metal ComfyUI from a venv, the GPU acceptance run.
 
-For bare-metal ComfyUI from a venv and for the GPU acceptance run. Stopped with
-SIGTERM to the whole group, then SIGKILL after `stop_timeout`. Output goes to
-`<state_dir>/logs/<name>.log`.
+Two runners, chosen by `[daemon] process_runner`:
+- `ProcessWorkload`, a child in its own session and process group (the demo,
+  development, any host without systemd). Stopped with SIGTERM to the whole group,
+  then SIGKILL after `stop_timeout`. Output goes to `<state_dir>/logs/<name>.log`.
+- `TransientUnitWorkload`, a transient systemd unit (gpuwarden run as a service), so
+  the command is outside gpuwarden's sandbox and cgroup and survives its restarts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import pwd
+import shutil
 import signal
 import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
+
+from dbus_fast import Variant
 
 from ..config import WorkloadConfig
 from ..errors import WorkloadError
 from ..gpu.attribution import OwnerIndex
+from ..systemd_dbus import SystemdBus, SystemdBusError, escape_instance
 from .base import WorkloadState, WorkloadStatus
+from .systemd import unit_status
 
-__all__ = ["ProcessWorkload"]
+__all__ = ["ProcessWorkload", "TransientUnitWorkload", "transient_unit_of"]
 
 
 class ProcessWorkload:
@@ -72,6 +83,7 @@ class ProcessWorkload:
                         argv,
                         cwd=self.config.cwd,
                         env=env,
+                        user=self.config.user,
                         stdin=subprocess.DEVNULL,
                         stdout=log,
                         stderr=subprocess.STDOUT,
@@ -128,3 +140,117 @@ class ProcessWorkload:
 
     def close(self) -> None:
         """Nothing held beyond the child itself, which `stop` ends."""
+
+
+class TransientUnitWorkload:
+    """A process workload under systemd: a transient unit, `gpuwarden-NAME.service`.
+
+    Started through `StartTransientUnit` as `systemd-run` does, so the command runs in
+    a cgroup of its own, as its configured user, with none of gpuwarden's sandbox
+    (no MemoryDenyWriteExecute=, syscall filter or ProtectHome=). It outlives the
+    daemon, which finds it again by name after a restart. Its output goes to the
+    journal (`journalctl -u gpuwarden-NAME`).
+    """
+
+    kind = "process"
+
+    def __init__(self, name: str, config: WorkloadConfig, *, bus: SystemdBus,
+                 owners: OwnerIndex) -> None:
+        if not config.command:
+            raise ValueError(f"workload {name!r} has no command")
+        self.name = name
+        self.config = config
+        self.unit = transient_unit_of(name)
+        self._bus = bus
+        self._stop_requested = False
+        self._lock = threading.Lock()
+        owners.set_unit(name, self.unit)
+
+    def status(self) -> WorkloadStatus:
+        try:
+            props = self._bus.properties(self.unit)
+        except SystemdBusError as exc:
+            return WorkloadStatus(WorkloadState.UNKNOWN, f"systemd unreachable: {exc}")
+        return self._status_of(props)
+
+    def _status_of(self, props: dict[str, Any]) -> WorkloadStatus:
+        status = unit_status(self.unit, props)
+        if status.state is WorkloadState.MISSING:
+            # A transient unit that ended well is unloaded at once; a failed one stays.
+            return WorkloadStatus(WorkloadState.STOPPED, "not running")
+        if status.running:
+            return status
+        return dataclasses.replace(status, crashed=not self._stop_requested)
+
+    def _properties(self) -> list[tuple[str, Variant]]:
+        cfg = self.config
+        argv = list(cfg.command or ())
+        path = argv[0] if os.path.isabs(argv[0]) else shutil.which(
+            argv[0], path=cfg.env.get("PATH", os.environ.get("PATH")))
+        if path is None:
+            raise WorkloadError(f"workload {self.name!r}: {argv[0]!r} is not on PATH; "
+                                "give its absolute path in command")
+        user = cfg.user or pwd.getpwuid(os.getuid()).pw_name  # never root by default
+        props: list[tuple[str, Variant]] = [
+            ("Description", Variant("s", f"gpuwarden workload {self.name}")),
+            ("Type", Variant("s", "exec")),  # the start job fails if exec fails
+            ("ExecStart", Variant("a(sasb)", [[path, argv, False]])),
+            ("User", Variant("s", user)),
+            ("SyslogIdentifier", Variant("s", self.name)),
+            ("TimeoutStopUSec", Variant("t", int(cfg.stop_timeout * 1_000_000))),
+        ]
+        if cfg.cwd is not None:
+            props.append(("WorkingDirectory", Variant("s", str(cfg.cwd))))
+        if cfg.env:
+            props.append(("Environment", Variant("as", [f"{k}={v}"
+                                                        for k, v in cfg.env.items()])))
+        return props
+
+    def start(self) -> WorkloadStatus:
+        with self._lock:
+            try:
+                props = self._bus.properties(self.unit)
+                if props.get("ActiveState") == "active":
+                    return self._status_of(props)
+                self._stop_requested = False
+                if props.get("ActiveState") == "failed":
+                    self._bus.reset_failed(self.unit)  # a failed unit keeps its name taken
+                result = self._bus.start_transient(self.unit, self._properties(), 30.0)
+            except SystemdBusError as exc:
+                hint = (" (gpuwarden's polkit rule does not allow it: run scripts/install.sh"
+                        " again after adding the workload)" if exc.access_denied else "")
+                raise WorkloadError(f"workload {self.name!r}: cannot start {self.unit}: "
+                                    f"{exc}{hint}") from exc
+            status = self.status()
+            if result != "done" or not status.running:
+                raise WorkloadError(
+                    f"workload {self.name!r}: {self.unit} did not start (job {result}, "
+                    f"{status.detail}); see journalctl -u {self.unit}")
+            return status
+
+    def stop(self) -> WorkloadStatus:
+        with self._lock:
+            self._stop_requested = True
+            try:
+                # systemd sends SIGKILL itself after TimeoutStopUSec (= stop_timeout).
+                result = self._bus.stop_unit(self.unit, self.config.stop_timeout + 10)
+                if result == "pending":
+                    self._bus.kill_unit(self.unit, signal.SIGKILL)
+            except SystemdBusError as exc:
+                if exc.no_such_unit:
+                    return self.status()  # not running: nothing to stop
+                raise WorkloadError(f"workload {self.name!r}: cannot stop {self.unit}: "
+                                    f"{exc}") from exc
+            status = self.status()
+            if status.running or status.state is WorkloadState.UNKNOWN:
+                raise WorkloadError(f"workload {self.name!r}: {self.unit} still running "
+                                    f"after stop ({status.detail})")
+            return status
+
+    def close(self) -> None:
+        """The unit outlives the daemon on purpose; the bus is closed by the daemon."""
+
+
+def transient_unit_of(workload: str) -> str:
+    """The transient unit a process workload runs as under systemd."""
+    return f"gpuwarden-{escape_instance(workload)}.service"
