@@ -22,7 +22,7 @@ from gpuwarden.polkit_rule import polkit_rule
 from gpuwarden.systemd_dbus import escape_instance, unit_object_path
 from gpuwarden.workloads.systemd import UnitLifecycle, mask_unit_of, unit_status
 
-from .conftest import run_cli, write_toml
+from .conftest import DaemonProcess, SimNode, run_cli, two_process_modes, write_toml
 
 
 def problems(path: Path) -> list[str]:
@@ -162,3 +162,26 @@ def test_a_flocked_claim_names_its_holder_for_any_reader(tmp_path: Path) -> None
         time.sleep(0.05)
     with open(claim) as fh:  # nothing else holds it now
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_without_a_reachable_systemd_a_unit_is_unknown_and_nothing_starts(
+        node: SimNode) -> None:
+    config = node.write(**two_process_modes(node, **{
+        "daemon": {"default_mode": "idle"},
+        "workloads.ollama": {"kind": "systemd", "unit": "ollama.service"}}))
+    daemon = DaemonProcess(config, node.socket, env={
+        "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={node.root / 'no-bus'}"})
+    try:
+        daemon.wait_ready()
+        (error,) = daemon.events("systemd.error")
+        assert error["severity"] == "error" and "ollama.service" in error["units"]
+        status = daemon.client.get("/v1/status").json()
+        ollama = next(w for w in status["workloads"] if w["name"] == "ollama")
+        assert ollama["state"] == "unknown" and "systemd unreachable" in ollama["detail"]
+        # Fail closed: the switch cannot start it, says why, and leaves nothing running.
+        resp = daemon.client.post("/v1/mode", json={"mode": "llm"})
+        assert resp.status_code != 200, resp.text
+        assert "ollama.service" in resp.text and "system bus" in resp.text
+        assert daemon.client.get("/v1/status").json()["gpus"][0]["used_mib"] == 0
+    finally:
+        daemon.stop()

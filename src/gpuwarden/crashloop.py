@@ -240,6 +240,8 @@ class CrashLoopGuard:
             NotFoundError: no such workload.
             ConflictError: it is not blocked, or the GPU holds memory nobody accounts
                 for (the figures and holders are in the error's detail).
+            WorkloadError: its restart policy or unit mask could not be restored (the
+                block stays).
         """
         if name not in self._workloads:
             raise NotFoundError(f"unknown workload {name!r} "
@@ -257,14 +259,11 @@ class CrashLoopGuard:
                  "allowed_mib": verdict.allowed_mib, "holders": verdict.holders},
             )
         workload = self._workloads[name]
-        try:
-            if isinstance(workload, DockerWorkload):
-                await asyncio.to_thread(workload.set_restart_policy,
-                                        workload.config.restart_policy)
-            elif isinstance(workload, SystemdWorkload):
-                await asyncio.to_thread(workload.set_masked, False)
-        except WorkloadError as exc:
-            raise ConflictError(f"cannot unblock {name}: {exc}", {"workload": name}) from exc
+        # A WorkloadError here (the container gone, systemd refusing) leaves the block.
+        if isinstance(workload, DockerWorkload):
+            await asyncio.to_thread(workload.set_restart_policy, workload.config.restart_policy)
+        elif isinstance(workload, SystemdWorkload):
+            await asyncio.to_thread(workload.set_masked, False)
         block = self._state.blocks.pop(name)
         await self._store.save_async(self._state)
         self._history.pop(name, None)

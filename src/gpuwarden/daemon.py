@@ -256,18 +256,38 @@ class Daemon:
         if self._systemd is None or not units:
             return
         self._units = units
+        try:
+            await self._subscribe_units()
+        except SystemdBusError as exc:
+            # Fail closed: the units read as unknown, and no switch can prove them down.
+            self.bus.publish("systemd.error", f"cannot watch units over D-Bus: {exc}; "
+                             "retrying", severity=Severity.ERROR, units=list(units),
+                             detail=str(exc))
+            self._spawn(self._resubscribe_units())
+
+    async def _subscribe_units(self) -> None:
+        assert self._systemd is not None
         loop = asyncio.get_running_loop()
 
         def forward(unit: str, _interface: str, changed: dict[str, Any]) -> None:
             loop.call_soon_threadsafe(self._on_unit_change, unit, changed)
-        try:
-            await asyncio.to_thread(self._systemd.watch, list(units), forward)
-            for unit, (_, lifecycle) in units.items():
-                lifecycle.update(await asyncio.to_thread(self._systemd.properties, unit))
-        except SystemdBusError as exc:
-            # Fail closed: the units read as unknown, and no switch can prove them down.
-            self.bus.publish("systemd.error", f"cannot watch units over D-Bus: {exc}",
-                             severity=Severity.ERROR, units=list(units), detail=str(exc))
+
+        await asyncio.to_thread(self._systemd.watch, list(self._units), forward)
+        for unit, (_, lifecycle) in self._units.items():
+            lifecycle.update(await asyncio.to_thread(self._systemd.properties, unit))
+
+    async def _resubscribe_units(self) -> None:
+        delay = 2.0
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self._subscribe_units()
+            except SystemdBusError:
+                delay = min(delay * 2, 60.0)
+                continue
+            self.bus.publish("systemd.error", "watching units over D-Bus again",
+                             units=list(self._units), recovered=True)
+            return
 
     def _on_unit_change(self, unit: str, changed: dict[str, Any]) -> None:
         name, lifecycle = self._units[unit]

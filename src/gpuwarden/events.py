@@ -79,8 +79,8 @@ def alert_group(name: str, fields: dict[str, Any]) -> tuple[str, bool] | None:
         return f"vram.leak:{where}:{fields.get('kind')}", bool(fields.get("recovered"))
     if name == "gpu.error":
         return f"gpu.error:{where}", bool(fields.get("recovered"))
-    if name == "docker.error":
-        return "docker.error", bool(fields.get("recovered"))
+    if name in ("docker.error", "systemd.error"):
+        return name, bool(fields.get("recovered"))
     if name in ("crashloop.blocked", "crashloop.unblocked"):
         return f"crashloop:{fields.get('workload')}", name == "crashloop.unblocked"
     if name in ("sink.failing", "sink.recovered"):

@@ -139,7 +139,7 @@ class SystemdBus:
             try:
                 bus = MessageBus(bus_address=self._address, bus_type=BusType.SYSTEM)
                 await asyncio.wait_for(bus.connect(), self._call_timeout)
-            except (OSError, TimeoutError, Exception) as exc:
+            except Exception as exc:  # refused, no socket, auth, timeout
                 raise SystemdBusError(f"cannot reach the system bus: {exc}") from exc
             bus.add_message_handler(self._on_message)
             self._bus = bus
