@@ -6,9 +6,15 @@
 #                                      (config and state are kept; --purge removes them too)
 #   scripts/install.sh --prefix DIR    install under DIR (paths in the unit point there)
 #   DESTDIR=DIR scripts/install.sh     stage into DIR (paths in the unit stay final)
+#   --purge                            with --uninstall: also the config, state and user
+#   --no-enable                        install without enabling or starting the unit
 #   --operator USER                    add USER to the gpuwarden group (status, mode, ...)
 #   --wheelhouse DIR                   install offline from wheels in DIR (pip wheel ...)
 #   PYTHON=/usr/bin/python3.11         the Python the venv is based on
+#
+# It also installs the crash-loop guard's mask oneshots for unit workloads and, where
+# polkit is, a polkit rule letting the service user manage exactly the units of its
+# workloads (gpuwarden polkit-rule); run it again after adding or renaming one.
 #
 # With --prefix or DESTDIR nothing outside that folder is touched: no user is
 # created and systemctl is not called. The config is never overwritten; it is
@@ -36,7 +42,7 @@ while [ $# -gt 0 ]; do
     --operator=*) operators+=("${1#--operator=}"); shift ;;
     --wheelhouse) wheelhouse="${2:?--wheelhouse needs a folder}"; shift 2 ;;
     --wheelhouse=*) wheelhouse="${1#--wheelhouse=}"; shift ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
     *) echo "install.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done

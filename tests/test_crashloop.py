@@ -70,6 +70,9 @@ def test_crash_loop_is_blocked_and_unblock_needs_a_clear_gpu(
     doc = daemon.status()
     assert doc["gpus"][0]["used_mib"] <= 4 * LEAK_MIB
     assert [w["blocked"] for w in doc["workloads"] if w["name"] == "comfyui"] == [True]
+    # Plain status points at the unblock, not at `mode image` (which would be refused).
+    plain = run_cli("--config", str(config), "status").stdout
+    assert "DEGRADED: comfyui of mode image not running (`gpuwarden unblock comfyui`" in plain
 
     # The block survives a daemon restart.
     assert daemon.stop() == 0

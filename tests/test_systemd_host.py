@@ -162,6 +162,7 @@ def test_every_journalctl_query_in_the_readme_runs(host: SystemdHost) -> None:
     # The first lists each switch with who asked, from the audit fields.
     rows = [line.split("\t") for line in outputs[0].splitlines() if line]
     assert ["cli:alice", "llm", "image"] in [row[1:] for row in rows], outputs[0]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", row[0]) for row in rows), rows
     # No crash loop or alert happened: the others run and find nothing.
     assert "crashloop" not in outputs[1] and "TO=alert" not in outputs[2]
 

@@ -153,8 +153,14 @@ def format_status(doc: dict[str, Any]) -> str:
         else:
             down = _down_in_mode(doc, gpu.get("mode"))
             if down:
+                # A blocked workload cannot be started by `mode`: say what can.
+                held = sorted(w["name"] for w in doc["workloads"]
+                              if w.get("blocked") and w["name"] in down)
+                hint = (f"`gpuwarden unblock {held[0]}` once the crash is fixed, or switch "
+                        "to another mode" if held else
+                        f"`gpuwarden mode {gpu['mode']}` starts what is down")
                 lines.append(f"  DEGRADED: {', '.join(down)} of mode {gpu['mode']} not running"
-                             f" (`gpuwarden mode {gpu['mode']}` starts what is down)")
+                             f" ({hint})")
         if gpu.get("last_failure"):
             failure = gpu["last_failure"]
             back = f" (rolled back to {failure['rolled_back_to']})" \

@@ -656,9 +656,12 @@ class ModeSwitcher:
             "workloads": sorted(released), "release_s": round(seconds, 4),
             "used_mib": verdict.used_mib, "allowed_mib": verdict.allowed_mib}
         if verdict.clear:
+            # Say whose VRAM is free: the mode's own workloads may hold theirs.
+            what = (f"VRAM of {', '.join(sorted(released))} free after" if released
+                    else "no VRAM held outside the mode, checked in")
             self._bus.publish("release.verified",
-                              f"GPU {gpu}: VRAM free after {seconds * 1000:.0f} ms",
-                              **common, **fields)
+                              f"GPU {gpu}: {what} {seconds * 1000:.0f} ms "
+                              f"({verdict.used_mib} MiB in use)", **common, **fields)
         else:
             self._bus.publish(
                 "release.timeout",

@@ -29,7 +29,7 @@ from ..errors import WorkloadError
 from ..gpu.attribution import OwnerIndex
 from ..systemd_dbus import SystemdBus, SystemdBusError, escape_instance
 from .base import WorkloadState, WorkloadStatus
-from .systemd import unit_status
+from .systemd import UnitWorkload, unit_status
 
 __all__ = ["ProcessWorkload", "TransientUnitWorkload", "transient_unit_of"]
 
@@ -142,7 +142,7 @@ class ProcessWorkload:
         """Nothing held beyond the child itself, which `stop` ends."""
 
 
-class TransientUnitWorkload:
+class TransientUnitWorkload(UnitWorkload):
     """A process workload under systemd: a transient unit, `gpuwarden-NAME.service`.
 
     Started through `StartTransientUnit` as `systemd-run` does, so the command runs in
@@ -158,20 +158,9 @@ class TransientUnitWorkload:
                  owners: OwnerIndex) -> None:
         if not config.command:
             raise ValueError(f"workload {name!r} has no command")
-        self.name = name
-        self.config = config
-        self.unit = transient_unit_of(name)
-        self._bus = bus
+        super().__init__(name, config, transient_unit_of(name), bus=bus, owners=owners)
         self._stop_requested = False
         self._lock = threading.Lock()
-        owners.set_unit(name, self.unit)
-
-    def status(self) -> WorkloadStatus:
-        try:
-            props = self._bus.properties(self.unit)
-        except SystemdBusError as exc:
-            return WorkloadStatus(WorkloadState.UNKNOWN, f"systemd unreachable: {exc}")
-        return self._status_of(props)
 
     def _status_of(self, props: dict[str, Any]) -> WorkloadStatus:
         status = unit_status(self.unit, props)
@@ -197,6 +186,7 @@ class TransientUnitWorkload:
             ("ExecStart", Variant("a(sasb)", [[path, argv, False]])),
             ("User", Variant("s", user)),
             ("SyslogIdentifier", Variant("s", self.name)),
+            # systemd itself sends SIGKILL this long after SIGTERM.
             ("TimeoutStopUSec", Variant("t", int(cfg.stop_timeout * 1_000_000))),
         ]
         if cfg.cwd is not None:
@@ -211,44 +201,19 @@ class TransientUnitWorkload:
             try:
                 props = self._bus.properties(self.unit)
                 if props.get("ActiveState") == "active":
-                    return self._status_of(props)
+                    return self._status_of(props)  # found again after a daemon restart
                 self._stop_requested = False
                 if props.get("ActiveState") == "failed":
                     self._bus.reset_failed(self.unit)  # a failed unit keeps its name taken
                 result = self._bus.start_transient(self.unit, self._properties(), 30.0)
             except SystemdBusError as exc:
-                hint = (" (gpuwarden's polkit rule does not allow it: run scripts/install.sh"
-                        " again after adding the workload)" if exc.access_denied else "")
-                raise WorkloadError(f"workload {self.name!r}: cannot start {self.unit}: "
-                                    f"{exc}{hint}") from exc
-            status = self.status()
-            if result != "done" or not status.running:
-                raise WorkloadError(
-                    f"workload {self.name!r}: {self.unit} did not start (job {result}, "
-                    f"{status.detail}); see journalctl -u {self.unit}")
-            return status
+                raise self._fail("start of", exc) from exc
+            return self._started(result)
 
     def stop(self) -> WorkloadStatus:
         with self._lock:
             self._stop_requested = True
-            try:
-                # systemd sends SIGKILL itself after TimeoutStopUSec (= stop_timeout).
-                result = self._bus.stop_unit(self.unit, self.config.stop_timeout + 10)
-                if result == "pending":
-                    self._bus.kill_unit(self.unit, signal.SIGKILL)
-            except SystemdBusError as exc:
-                if exc.no_such_unit:
-                    return self.status()  # not running: nothing to stop
-                raise WorkloadError(f"workload {self.name!r}: cannot stop {self.unit}: "
-                                    f"{exc}") from exc
-            status = self.status()
-            if status.running or status.state is WorkloadState.UNKNOWN:
-                raise WorkloadError(f"workload {self.name!r}: {self.unit} still running "
-                                    f"after stop ({status.detail})")
-            return status
-
-    def close(self) -> None:
-        """The unit outlives the daemon on purpose; the bus is closed by the daemon."""
+            return super().stop()
 
 
 def transient_unit_of(workload: str) -> str:

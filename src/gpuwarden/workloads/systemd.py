@@ -23,7 +23,7 @@ from ..gpu.attribution import OwnerIndex
 from ..systemd_dbus import SystemdBus, SystemdBusError, escape_instance
 from .base import WorkloadState, WorkloadStatus
 
-__all__ = ["SystemdWorkload", "UnitLifecycle", "mask_unit_of", "unit_status"]
+__all__ = ["SystemdWorkload", "UnitLifecycle", "UnitWorkload", "mask_unit_of", "unit_status"]
 
 _CLD_EXITED, _CLD_KILLED, _CLD_DUMPED = 1, 2, 3
 # A unit's Result= after an end it did not ask for. "timeout" (a stop that took too
@@ -73,39 +73,40 @@ def unit_status(unit: str, props: dict[str, Any]) -> WorkloadStatus:
     )
 
 
-class SystemdWorkload:
-    kind = "systemd"
+class UnitWorkload:
+    """What a unit workload and a transient one share: state, stop and error messages
+    over the manager's D-Bus API. Subclasses say how it starts."""
 
-    def __init__(self, name: str, config: WorkloadConfig, *, bus: SystemdBus,
+    kind: str
+
+    def __init__(self, name: str, config: WorkloadConfig, unit: str, *, bus: SystemdBus,
                  owners: OwnerIndex) -> None:
-        if not config.unit:
-            raise ValueError(f"workload {name!r} has no unit")
         self.name = name
         self.config = config
-        self.unit = config.unit
+        self.unit = unit
         self._bus = bus
-        owners.set_unit(name, self.unit)
+        owners.set_unit(name, unit)
 
     def status(self) -> WorkloadStatus:
         try:
-            return unit_status(self.unit, self._bus.properties(self.unit))
+            props = self._bus.properties(self.unit)
         except SystemdBusError as exc:
             return WorkloadStatus(WorkloadState.UNKNOWN, f"systemd unreachable: {exc}")
+        return self._status_of(props)
+
+    def _status_of(self, props: dict[str, Any]) -> WorkloadStatus:
+        return unit_status(self.unit, props)
 
     def _fail(self, what: str, exc: SystemdBusError) -> WorkloadError:
         hint = ""
         if exc.access_denied:
-            hint = (f" (gpuwarden's polkit rule does not allow {self.unit}: run "
-                    "scripts/install.sh again after adding the workload)")
+            hint = (" (gpuwarden's polkit rule does not allow it: run scripts/install.sh "
+                    "again after adding or renaming a workload)")
         elif exc.name == "org.freedesktop.systemd1.UnitMasked":
             hint = " (masked: a crash-loop block masks it until `gpuwarden unblock`)"
         return WorkloadError(f"workload {self.name!r}: {what} {self.unit} failed: {exc}{hint}")
 
-    def start(self) -> WorkloadStatus:
-        try:
-            result = self._bus.start_unit(self.unit, self.config.ready_timeout)
-        except SystemdBusError as exc:
-            raise self._fail("start of", exc) from exc
+    def _started(self, result: str) -> WorkloadStatus:
         status = self.status()
         if result != "done" or not status.running:
             raise WorkloadError(
@@ -114,14 +115,15 @@ class SystemdWorkload:
         return status
 
     def stop(self) -> WorkloadStatus:
-        """StopUnit, waited for `stop_timeout`; then SIGKILL to the whole cgroup."""
+        """StopUnit, waited for `stop_timeout` (the unit's own TimeoutStopSec= may
+        SIGKILL sooner); then SIGKILL to the whole cgroup."""
         try:
             result = self._bus.stop_unit(self.unit, self.config.stop_timeout)
             if result == "pending":
                 self._bus.kill_unit(self.unit, signal.SIGKILL)
                 self._wait_down(10.0)
         except SystemdBusError as exc:
-            if not exc.no_such_unit:
+            if not exc.no_such_unit:  # not loaded: not running, nothing to stop
                 raise self._fail("stop of", exc) from exc
         status = self.status()
         if status.running or status.state is WorkloadState.UNKNOWN:
@@ -136,6 +138,26 @@ class SystemdWorkload:
             if props.get("ActiveState") in ("inactive", "failed"):
                 return
             time.sleep(0.05)
+
+    def close(self) -> None:
+        """The bus is shared and closed by the daemon; the unit outlives it."""
+
+
+class SystemdWorkload(UnitWorkload):
+    kind = "systemd"
+
+    def __init__(self, name: str, config: WorkloadConfig, *, bus: SystemdBus,
+                 owners: OwnerIndex) -> None:
+        if not config.unit:
+            raise ValueError(f"workload {name!r} has no unit")
+        super().__init__(name, config, config.unit, bus=bus, owners=owners)
+
+    def start(self) -> WorkloadStatus:
+        try:
+            result = self._bus.start_unit(self.unit, self.config.ready_timeout)
+        except SystemdBusError as exc:
+            raise self._fail("start of", exc) from exc
+        return self._started(result)
 
     def hold_down(self) -> None:
         """Queue a stop without waiting: it cancels a restart `Restart=` has pending
@@ -155,9 +177,6 @@ class SystemdWorkload:
         if result != "done":
             raise WorkloadError(f"workload {self.name!r}: {helper} ended with {result}; "
                                 f"see journalctl -u {helper}")
-
-    def close(self) -> None:
-        """The bus is shared and closed by the daemon."""
 
 
 @dataclass
