@@ -95,7 +95,10 @@ def test_every_endpoint(api: Any) -> None:
     assert [e["id"] for e in later["events"]] == ids[-2:]
 
     unblock = client.post("/v1/workloads/comfyui/unblock", headers=auth())
-    assert unblock.status_code == 404  # no Docker workloads: nothing can be blocked
+    # Process workloads do not restart on their own: none is ever blocked.
+    assert unblock.status_code == 409 and "is not blocked" in unblock.json()["error"]
+    unknown = client.post("/v1/workloads/nosuch/unblock", headers=auth())
+    assert unknown.status_code == 404 and "unknown workload 'nosuch'" in unknown.json()["error"]
 
     spec = client.get("/v1/openapi.json", headers=auth()).json()
     assert spec["openapi"].startswith("3.1")

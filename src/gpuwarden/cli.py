@@ -9,22 +9,20 @@ config, 3 daemon unreachable, 4 `mode --timeout` ran out while the switch goes o
 from __future__ import annotations
 
 import argparse
-import asyncio
-import base64
 import json
-import logging
 import os
-import secrets
-import string
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import httpx
-
-from .config import Config, config_path, config_warnings, load_config, socket_path
+from . import __version__
+from .config_file import DEFAULT_SOCKET, config_path, socket_path
+from .control_client import GROUP_HINT, ControlClient, Response
 from .errors import ConfigError, DaemonUnreachable, GpuwardenError
+
+if TYPE_CHECKING:  # the model (pydantic) is imported only by the verbs that validate
+    from .config import Config
 
 __all__ = ["ControlClient", "main"]
 
@@ -34,53 +32,8 @@ EXIT_INTERRUPTED = 130
 _ANSWER_TIMEOUT = 30.0
 # How often `mode` asks how its switch is going.
 _POLL_S = 0.1
-
-
-class ControlClient:
-    """Talks HTTP to the daemon over its Unix socket, or over TCP with a token."""
-
-    def __init__(self, *, socket: Path | None = None, url: str | None = None,
-                 token: str | None = None, timeout: float = 30.0) -> None:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        if url:
-            self.where = url
-            self._client = httpx.Client(base_url=url, headers=headers, timeout=timeout)
-        else:
-            assert socket is not None
-            self.where = str(socket)
-            self._client = httpx.Client(
-                transport=httpx.HTTPTransport(uds=str(socket)), base_url="http://gpuwarden",
-                headers=headers, timeout=timeout,
-            )
-
-    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            return self._client.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            if _caused_by(exc, PermissionError):
-                raise DaemonUnreachable(
-                    f"permission denied on {self.where}: the control socket is for root "
-                    f"and the gpuwarden group ({_GROUP_HINT})") from exc
-            raise DaemonUnreachable(
-                f"no gpuwarden daemon answers at {self.where} ({exc}); "
-                "is it running? (systemctl status gpuwarden)"
-            ) from exc
-
-    def close(self) -> None:
-        self._client.close()
-
-
-_GROUP_HINT = ("an admin adds you with: sudo scripts/install.sh --operator $USER, or "
-               "sudo usermod -aG gpuwarden $USER; then log in again")
-
-
-def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, kind):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+# How often `events --follow` asks for new events while there are none.
+_FOLLOW_S = 1.0
 
 
 def _die(message: str, code: int) -> NoReturn:
@@ -89,11 +42,13 @@ def _die(message: str, code: int) -> NoReturn:
 
 
 def _config_or_exit(path: str | None) -> Config:
+    from .config import load_config
+
     try:
         return load_config(path)
     except ConfigError as exc:
         if "Permission denied" in str(exc):
-            _die(f"{exc}\n  (operators need the gpuwarden group: {_GROUP_HINT})", EXIT_USAGE)
+            _die(f"{exc}\n  (operators need the gpuwarden group: {GROUP_HINT})", EXIT_USAGE)
         _die(str(exc), EXIT_USAGE)
 
 
@@ -109,19 +64,19 @@ def _client(args: argparse.Namespace, timeout: float | None = None) -> ControlCl
         present = True
     if not present:
         # No config anywhere: the daemon's default socket is the best guess.
-        return ControlClient(socket=Config().daemon.socket, timeout=timeout)
+        return ControlClient(socket=DEFAULT_SOCKET, timeout=timeout)
     try:
         where = socket_path(args.config)
     except ConfigError as exc:
         if "Permission denied" in str(exc):
             _die(f"permission denied reading {exc.source}: gpuwarden's config and control "
-                 f"socket are for root and the gpuwarden group ({_GROUP_HINT})",
+                 f"socket are for root and the gpuwarden group ({GROUP_HINT})",
                  EXIT_UNREACHABLE)
         _die(str(exc), EXIT_USAGE)
     return ControlClient(socket=where, timeout=timeout)
 
 
-def _json_or_die(resp: httpx.Response) -> dict[str, Any]:
+def _json_or_die(resp: Response) -> dict[str, Any]:
     try:
         body = resp.json()
     except ValueError:
@@ -360,16 +315,56 @@ def cmd_unblock(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _event_line(event: dict[str, Any]) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(event["time"])))
+    who = f"  ({event['requested_by']})" if event.get("requested_by") else ""
+    return (f"{event['id']:>6} {when} {event['severity']:<8} {event['event']:<24} "
+            f"{event['message']}{who}")
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    import fnmatch
+
+    client = _client(args)
+    since = args.since
+    while True:
+        resp = client.request("GET", "/v1/events", params={"since": str(since),
+                                                            "limit": "1000"})
+        body = _json_or_die(resp)
+        if resp.status_code != 200:
+            _die(body.get("error", f"HTTP {resp.status_code}"), EXIT_FAILED)
+        for event in body["events"]:
+            since = max(since, int(event["id"]))
+            if args.type and not any(fnmatch.fnmatchcase(event["event"], pattern)
+                                     for pattern in args.type):
+                continue
+            print(json.dumps(event, sort_keys=True) if args.json else _event_line(event),
+                  flush=True)
+        if not args.follow:
+            return EXIT_OK
+        if not body["events"]:
+            try:
+                time.sleep(_FOLLOW_S)
+            except KeyboardInterrupt:
+                return EXIT_OK
+
+
 def new_signing_key() -> tuple[str, str]:
     """A Standard Webhooks secret whose key is printable: (whsec_<base64>, the key as
     text). n8n's Crypto node takes an HMAC key as text, so it can verify with the
     second form what gpuwarden signs with the first."""
+    import base64
+    import secrets
+    import string
+
     alphabet = string.ascii_letters + string.digits
     key = "".join(secrets.choice(alphabet) for _ in range(32))  # 190 bits
     return "whsec_" + base64.b64encode(key.encode()).decode(), key
 
 
 def cmd_secret(args: argparse.Namespace) -> int:
+    import secrets
+
     if args.kind == "token":
         print(secrets.token_urlsafe(32))
         return EXIT_OK
@@ -411,6 +406,8 @@ def cmd_polkit_rule(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from .config import config_warnings, load_config
+
     path = args.path or args.config
     try:
         config = load_config(path)
@@ -424,6 +421,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
+    import asyncio
+
     from .daemon import run_daemon
 
     config = _config_or_exit(args.config)
@@ -446,6 +445,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _setup_logging() -> None:
+    import logging
+
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -478,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpuwarden", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="PATH", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--version", action="version", version=f"gpuwarden {__version__}")
     parser.set_defaults(url=None, token=None, timeout=None)
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
@@ -506,6 +508,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="lift a crash-loop block (refused unless VRAM is clear)")
     p.add_argument("workload", metavar="WORKLOAD")
     p.set_defaults(func=cmd_unblock)
+    p = sub.add_parser("events", parents=[common, client],
+                       help="recent events (the daemon keeps the last 1000); --follow tails")
+    p.add_argument("--follow", "-f", action="store_true",
+                   help="keep printing new events until Ctrl-C")
+    p.add_argument("--since", type=int, default=0, metavar="ID",
+                   help="only events after this id")
+    p.add_argument("--type", action="append", metavar="GLOB",
+                   help="only these event names (shell pattern, e.g. 'mode.*'; repeatable)")
+    p.add_argument("--json", action="store_true", help="one JSON document per line")
+    p.set_defaults(func=cmd_events)
     p = sub.add_parser("secret", help="make a new signing secret or token")
     p.add_argument("kind", choices=["whsec", "token"],
                    help="whsec: a Standard Webhooks signing secret on stdout, and the same "

@@ -13,7 +13,6 @@ import contextvars
 import ipaddress
 import os
 import re
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -37,6 +36,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from .config_file import DEFAULT_CONFIG_PATH, DEFAULT_SOCKET, config_path, read_toml
 from .errors import ConfigError
 
 __all__ = [
@@ -49,10 +49,8 @@ __all__ = [
     "config_warnings",
     "load_config",
     "parse_duration",
-    "socket_path",
 ]
 
-DEFAULT_CONFIG_PATH = Path("/etc/gpuwarden/config.toml")
 IDLE_MODE = "idle"
 
 # Directory that relative `*_file` secrets resolve against while a config loads:
@@ -157,7 +155,7 @@ class _Section(BaseModel):
 class DaemonConfig(_Section):
     sample_interval: PositiveSeconds = 1.0
     state_dir: Path = Path("/var/lib/gpuwarden")
-    socket: Path = Path("/run/gpuwarden/gpuwarden.sock")
+    socket: Path = DEFAULT_SOCKET
     socket_group: str | None = "gpuwarden"
     default_mode: str = IDLE_MODE
     roll_back_failed_start: bool = True
@@ -611,46 +609,6 @@ def _format_error(err: Any) -> str:
     return f"{path}: {msg}"
 
 
-def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
-    """--config PATH, else $GPUWARDEN_CONFIG, else /etc/gpuwarden/config.toml."""
-    if explicit:
-        return Path(explicit)
-    env = os.environ.get("GPUWARDEN_CONFIG")
-    return Path(env) if env else DEFAULT_CONFIG_PATH
-
-
-def _read_toml(file: Path) -> dict[str, Any]:
-    """The file's TOML document; ConfigError when it is unreadable or not TOML."""
-    try:
-        with file.open("rb") as fh:
-            return tomllib.load(fh)
-    except OSError as exc:
-        raise ConfigError([f"cannot read {file}: {exc.strerror or exc}"], str(file)) from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"not valid TOML: {exc}"], str(file)) from exc
-
-
-def socket_path(path: str | os.PathLike[str] | None = None) -> Path:
-    """Where the daemon's control socket is, from `[daemon] socket` alone.
-
-    A client needs only this: the rest of the config (secrets the caller may not be
-    able to read, sections a newer daemon added) is the daemon's business.
-
-    Raises:
-        ConfigError: the file is unreadable or not TOML, or the key is not a string.
-    """
-    file = config_path(path)
-    env = os.environ.get("GPUWARDEN_DAEMON__SOCKET")
-    data = _read_toml(file)
-    daemon = data.get("daemon", {})
-    value = env or (daemon.get("socket") if isinstance(daemon, dict) else None)
-    if value is None:
-        return DaemonConfig().socket
-    if not isinstance(value, str) or not value:
-        raise ConfigError(["daemon.socket: must be a path"], str(file))
-    return Path(value)
-
-
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     """Read, override from the environment, and validate the configuration.
 
@@ -659,7 +617,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
             error's `problems` names every one by key path.
     """
     file = config_path(path)
-    data = _read_toml(file)
+    data = read_toml(file)
     token = _secret_base.set(file.resolve().parent)
     try:
         config = Config(**data)

@@ -13,7 +13,7 @@ from typing import Any
 
 from .config import IDLE_MODE, Config
 from .crashloop import CrashLoopGuard
-from .errors import NotFoundError
+from .errors import ConflictError, NotFoundError
 from .events import Event, EventBus, Severity
 from .gpu.attribution import AttributedSample, OwnerIndex
 from .gpu.backend import GpuBackend
@@ -248,7 +248,8 @@ class Service:
                                 f"(workloads: {', '.join(sorted(self._workloads))})",
                                 {"workload": workload})
         if self.crashloop is None:
-            raise NotFoundError(f"workload {workload!r} is not blocked (no Docker workloads)",
+            raise ConflictError(f"workload {workload!r} is not blocked (only Docker and "
+                                "systemd workloads restart on their own)",
                                 {"workload": workload})
         result = await self.crashloop.unblock(workload, requested_by)
         await self.refresh()

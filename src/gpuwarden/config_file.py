@@ -1,0 +1,67 @@
+"""Finding and reading the config file, without validating it: what the CLI's client
+verbs need (the socket path), and the first step of `load_config`.
+
+Kept free of pydantic, so that `gpuwarden status` costs a few milliseconds.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["DEFAULT_CONFIG_PATH", "DEFAULT_SOCKET", "config_path", "read_toml", "socket_path"]
+
+DEFAULT_CONFIG_PATH = Path("/etc/gpuwarden/config.toml")
+DEFAULT_SOCKET = Path("/run/gpuwarden/gpuwarden.sock")
+
+
+def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """--config PATH, else $GPUWARDEN_CONFIG, else /etc/gpuwarden/config.toml."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("GPUWARDEN_CONFIG")
+    return Path(env) if env else DEFAULT_CONFIG_PATH
+
+
+def read_toml(file: Path) -> dict[str, Any]:
+    """The file's TOML document; ConfigError when it is unreadable, not UTF-8 (naming
+    the line) or not TOML."""
+    try:
+        raw = file.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"cannot read {file}: {exc.strerror or exc}"], str(file)) from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError([f"line {line}: not UTF-8 (byte 0x{raw[exc.start]:02x}); save "
+                           "the file as UTF-8"], str(file)) from exc
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"not valid TOML: {exc}"], str(file)) from exc
+
+
+def socket_path(path: str | os.PathLike[str] | None = None) -> Path:
+    """Where the daemon's control socket is, from `[daemon] socket` alone.
+
+    A client needs only this: the rest of the config (secrets the caller may not be
+    able to read, sections a newer daemon added) is the daemon's business.
+
+    Raises:
+        ConfigError: the file is unreadable or not TOML, or the key is not a string.
+    """
+    file = config_path(path)
+    env = os.environ.get("GPUWARDEN_DAEMON__SOCKET")
+    data = read_toml(file)
+    daemon = data.get("daemon", {})
+    value = env or (daemon.get("socket") if isinstance(daemon, dict) else None)
+    if value is None:
+        return DEFAULT_SOCKET
+    if not isinstance(value, str) or not value:
+        raise ConfigError(["daemon.socket: must be a path"], str(file))
+    return Path(value)

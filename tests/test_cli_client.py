@@ -1,0 +1,84 @@
+"""The CLI's client verbs: light to start, independent of the rest of the config,
+`events` and `--version`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from gpuwarden import __version__
+
+from .conftest import PYTHON, SimNode, run_cli, two_process_modes
+
+
+def test_the_client_verbs_import_neither_the_config_model_nor_an_http_library() -> None:
+    probe = subprocess.run([PYTHON, "-c", (
+        "import sys, gpuwarden.cli\n"
+        "heavy = [m for m in ('pydantic', 'pydantic_settings', 'httpx', 'asyncio', "
+        "'gpuwarden.config', 'aiohttp', 'docker') if m in sys.modules]\n"
+        "print(heavy)")], capture_output=True, text=True, timeout=60)
+    assert probe.stdout.strip() == "[]", probe.stdout + probe.stderr
+
+
+def test_version() -> None:
+    out = run_cli("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"gpuwarden {__version__}"
+
+
+def test_status_mode_and_events_need_only_the_socket_from_the_config(
+        node: SimNode, start_daemon, tmp_path: Path) -> None:
+    config = node.write(**two_process_modes(node))
+    start_daemon(config, node.socket).wait_mode("llm")
+    # The operator's copy has a typo, a secret file nobody can read and a bad
+    # threshold: none of it is the client's business.
+    broken = tmp_path / "operator.toml"
+    broken.write_text(config.read_text() + "\n[thresholds]\nwran = 0.8\nwarn = 80\n"
+                      "[discord]\ntoken_file = \"/nonexistent/discord.token\"\n")
+    assert run_cli("check-config", str(broken)).returncode == 2
+    status = run_cli("--config", str(broken), "status", "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["gpus"][0]["mode"] == "llm"
+    switched = run_cli("--config", str(broken), "mode", "image")
+    assert switched.returncode == 0 and "llm -> image" in switched.stdout, switched.stderr
+
+    everything = run_cli("--config", str(broken), "events", "--json")
+    assert everything.returncode == 0, everything.stderr
+    docs = [json.loads(line) for line in everything.stdout.splitlines()]
+    ids = [d["id"] for d in docs]
+    assert ids == sorted(ids) and {"daemon.started", "mode.switch.completed"} <= \
+        {d["event"] for d in docs}
+    switches = run_cli("--config", str(broken), "events", "--type", "mode.switch.*")
+    lines = switches.stdout.splitlines()
+    assert lines and all(" mode.switch." in line for line in lines), switches.stdout
+    assert any("mode.switch.completed" in line and "(cli:" in line for line in lines)
+    later = run_cli("--config", str(broken), "events", "--since", str(ids[-2]), "--json")
+    assert [json.loads(line)["id"] for line in later.stdout.splitlines()] == ids[-1:]
+
+
+def test_events_follow_prints_new_events_as_they_come(node: SimNode,
+                                                      start_daemon) -> None:
+    config = node.write(**two_process_modes(node))
+    start_daemon(config, node.socket).wait_mode("llm")
+    follow = subprocess.Popen([PYTHON, "-m", "gpuwarden.cli", "--config", str(config),
+                               "events", "--follow", "--type", "mode.switch.completed",
+                               "--json"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert follow.stdout is not None
+        first = json.loads(follow.stdout.readline())  # the start's switch to llm
+        assert first["to"] == "llm"
+        assert run_cli("--config", str(config), "mode", "image").returncode == 0
+        second = json.loads(follow.stdout.readline())
+        assert second["to"] == "image" and second["id"] > first["id"]
+    finally:
+        follow.terminate()
+        follow.wait(timeout=30)
+
+
+def test_unblock_names_an_unknown_workload(node: SimNode, start_daemon) -> None:
+    config = node.write(**two_process_modes(node))
+    start_daemon(config, node.socket).wait_mode("llm")
+    unknown = run_cli("--config", str(config), "unblock", "nosuch")
+    assert unknown.returncode == 1 and "unknown workload 'nosuch'" in unknown.stderr
+    unblocked = run_cli("--config", str(config), "unblock", "comfyui")
+    assert unblocked.returncode == 1 and "is not blocked" in unblocked.stderr
