@@ -208,12 +208,12 @@ class DaemonProcess:
     def wait_samples(self, count: int, timeout: float = 30) -> None:
         """Wait until the daemon has read the GPUs `count` more times: for "still only one
         event after more samples", counted in samples, not guessed in seconds."""
-        seen = {self.status()["sampled_at"]}
+        seen = {self.status()["sampled_at_monotonic"]}
         deadline = time.monotonic() + timeout
         while len(seen) <= count:
             assert time.monotonic() < deadline, f"fewer than {count} samples in {timeout}s"
             time.sleep(0.02)
-            seen.add(self.status()["sampled_at"])
+            seen.add(self.status()["sampled_at_monotonic"])
 
     def wait_mode(self, mode: str, gpu: int = 0, timeout: float = 20) -> dict[str, Any]:
         deadline = time.monotonic() + timeout

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 from gpuwarden import __version__
+from gpuwarden.control_client import ControlClient
 
 from .conftest import PYTHON, SimNode, run_cli, two_process_modes
 
@@ -82,3 +84,31 @@ def test_unblock_names_an_unknown_workload(node: SimNode, start_daemon) -> None:
     assert unknown.returncode == 1 and "unknown workload 'nosuch'" in unknown.stderr
     unblocked = run_cli("--config", str(config), "unblock", "comfyui")
     assert unblocked.returncode == 1 and "is not blocked" in unblocked.stderr
+
+
+def test_a_kept_alive_connection_the_daemon_closed_is_opened_again(
+        node: SimNode, start_daemon) -> None:
+    config = node.write(**two_process_modes(node, api={"idle_timeout": 0.5}))
+    start_daemon(config, node.socket).wait_mode("llm")
+    client = ControlClient(socket=node.socket, timeout=30)
+    try:
+        assert client.request("GET", "/v1/status").status_code == 200
+        peers_before = _connections_to(node.socket)
+        deadline = time.monotonic() + 30
+        while _connections_to(node.socket) >= peers_before:  # the daemon closed it
+            assert time.monotonic() < deadline, "the idle connection stayed open"
+            time.sleep(0.1)
+        # The next request finds the old connection closed and uses a new one.
+        resp = client.request("POST", "/v1/mode", json={"mode": "image"})
+        assert resp.status_code == 200 and resp.json()["ok"], resp.text
+        assert len([e for e in client.request("GET", "/v1/events").json()["events"]
+                    if e["event"] == "mode.switch.started" and e["to"] == "image"]) == 1
+    finally:
+        client.close()
+
+
+def _connections_to(path: Path) -> int:
+    """Established connections on the Unix socket at `path` (from /proc/net/unix)."""
+    with open("/proc/net/unix") as fh:
+        return sum(1 for line in fh if line.rstrip().endswith(str(path))
+                   and line.split()[5] == "03")

@@ -1,19 +1,20 @@
 """The CLI's HTTP client for the daemon: its Unix socket, or a URL with a token.
 
-Standard library only (http.client), so that a client verb starts in milliseconds:
-`watch -n1 gpuwarden status` must cost less than the daemon it watches. One
-keep-alive connection serves every request of a command.
+A small HTTP/1.1 client over a plain socket, so that a client verb starts in
+milliseconds: `watch -n1 gpuwarden status` must cost less than the daemon it
+watches, and http.client alone (with the email package it parses headers with)
+would double the CLI's start-up. It speaks just what the daemon's server sends:
+Content-Length or chunked bodies, keep-alive. One connection serves every request
+of a command; TLS (`https://` URLs) is loaded only when asked for.
 """
 
 from __future__ import annotations
 
-import http.client
 import json as jsonlib
 import socket as socketlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 from .errors import DaemonUnreachable
 
@@ -21,12 +22,15 @@ __all__ = ["ControlClient", "Response"]
 
 GROUP_HINT = ("an admin adds you with: sudo scripts/install.sh --operator $USER, or "
               "sudo usermod -aG gpuwarden $USER; then log in again")
+_MAX_HEADER = 64 * 1024
 
 
-@dataclass(frozen=True, slots=True)
 class Response:
-    status_code: int
-    body: bytes
+    __slots__ = ("body", "status_code")
+
+    def __init__(self, status_code: int, body: bytes) -> None:
+        self.status_code = status_code
+        self.body = body
 
     @property
     def text(self) -> str:
@@ -37,20 +41,108 @@ class Response:
         return jsonlib.loads(self.body)
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float) -> None:
-        super().__init__("gpuwarden", timeout=timeout)
-        self._path = path
+class _ProtocolError(Exception):
+    """The other end did not answer as an HTTP/1.1 server does."""
 
-    def connect(self) -> None:
-        sock = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
-        sock.settimeout(self.timeout)
+
+class _StaleConnection(Exception):
+    """A kept-alive connection turned out closed by the daemon (its idle timeout)
+    before it answered: the request can be sent again on a new one."""
+
+
+class _Connection:
+    """One HTTP/1.1 connection, opened on first use and again after a close."""
+
+    def __init__(self, *, unix: Path | None = None, host: str = "", port: int = 0,
+                 tls: bool = False, timeout: float) -> None:
+        self._unix, self._host, self._port, self._tls = unix, host, port, tls
+        self._timeout = timeout
+        self._sock: socketlib.socket | None = None
+        self._buffer = b""
+
+    def _open(self) -> socketlib.socket:
+        if self._unix is not None:
+            sock = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+            sock.settimeout(self._timeout)
+            try:
+                sock.connect(str(self._unix))
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+        sock = socketlib.create_connection((self._host, self._port), self._timeout)
+        if self._tls:
+            import ssl
+
+            sock = ssl.create_default_context().wrap_socket(sock,
+                                                            server_hostname=self._host)
+        return sock
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        self._sock, self._buffer = None, b""
+
+    def _fill(self) -> None:
+        assert self._sock is not None
+        chunk = self._sock.recv(65536)
+        if not chunk:
+            raise ConnectionResetError("the daemon closed the connection")
+        self._buffer += chunk
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self._buffer:
+            if len(self._buffer) > _MAX_HEADER:
+                raise _ProtocolError("header line too long")
+            self._fill()
+        line, self._buffer = self._buffer.split(b"\r\n", 1)
+        return line
+
+    def _exactly(self, size: int) -> bytes:
+        while len(self._buffer) < size:
+            self._fill()
+        data, self._buffer = self._buffer[:size], self._buffer[size:]
+        return data
+
+    def exchange(self, head: bytes, body: bytes) -> Response:
+        reused = self._sock is not None
+        if self._sock is None:
+            self._sock = self._open()
         try:
-            sock.connect(str(self._path))
-        except BaseException:
-            sock.close()
+            self._sock.sendall(head + body)
+            status_line = self._line().split(b" ", 2)
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            if reused:
+                raise _StaleConnection() from exc
             raise
-        self.sock = sock
+        if len(status_line) < 2 or not status_line[0].startswith(b"HTTP/1."):
+            raise _ProtocolError(f"not an HTTP answer: {b' '.join(status_line)[:80]!r}")
+        status = int(status_line[1])
+        headers: dict[bytes, bytes] = {}
+        while line := self._line():
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+        if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
+            parts = []
+            while size := int(self._line().split(b";")[0], 16):
+                parts.append(self._exactly(size))
+                self._line()
+            while self._line():  # trailers
+                pass
+            data = b"".join(parts)
+        elif b"content-length" in headers:
+            data = self._exactly(int(headers[b"content-length"]))
+        else:  # until the server closes
+            while True:
+                try:
+                    self._fill()
+                except ConnectionResetError:
+                    break
+            data, self._buffer = self._buffer, b""
+            self.close()
+        if headers.get(b"connection", b"").lower() == b"close":
+            self.close()
+        return Response(status, data)
 
 
 class ControlClient:
@@ -58,7 +150,7 @@ class ControlClient:
 
     def __init__(self, *, socket: Path | None = None, url: str | None = None,
                  token: str | None = None, timeout: float = 30.0) -> None:
-        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._token = token
         self._prefix = ""
         if url:
             self.where = url
@@ -66,42 +158,38 @@ class ControlClient:
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise DaemonUnreachable(f"--url {url!r}: expected http://HOST:PORT or "
                                         "https://HOST:PORT")
+            tls = parts.scheme == "https"
             self._prefix = parts.path.rstrip("/")
-            if parts.scheme == "https":
-                self._conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                    parts.hostname, parts.port, timeout=timeout)
-            else:
-                self._conn = http.client.HTTPConnection(parts.hostname, parts.port,
-                                                        timeout=timeout)
+            self._host = parts.netloc
+            self._conn = _Connection(host=parts.hostname, tls=tls, timeout=timeout,
+                                     port=parts.port or (443 if tls else 80))
         else:
             assert socket is not None
             self.where = str(socket)
-            self._conn = _UnixConnection(socket, timeout)
+            self._host = "gpuwarden"
+            self._conn = _Connection(unix=socket, timeout=timeout)
 
     def request(self, method: str, path: str, *, json: Any = None,
                 params: dict[str, str] | None = None) -> Response:
-        target = self._prefix + path + (f"?{urlencode(params)}" if params else "")
-        headers = dict(self._headers)
-        body = None
+        target = quote(self._prefix + path, safe="/%:@") + (
+            f"?{urlencode(params)}" if params else "")
+        body = b"" if json is None else jsonlib.dumps(json).encode()
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {self._host}",
+                 "Accept: application/json", f"Content-Length: {len(body)}"]
         if json is not None:
-            body = jsonlib.dumps(json).encode()
-            headers["Content-Type"] = "application/json"
-        for attempt in (1, 2):
+            lines.append("Content-Type: application/json")
+        if self._token:
+            lines.append(f"Authorization: Bearer {self._token}")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
+        try:
             try:
-                self._conn.request(method, target, body=body, headers=headers)
-                resp = self._conn.getresponse()
-                return Response(resp.status, resp.read())
-            except (http.client.RemoteDisconnected, BrokenPipeError,
-                    ConnectionResetError) as exc:
-                # A keep-alive connection the daemon closed (idle_timeout): once more,
-                # on a new one. A second failure is the daemon's.
-                self._conn.close()
-                if attempt == 2:
-                    raise self._unreachable(exc) from exc
-            except (OSError, http.client.HTTPException) as exc:
-                self._conn.close()
-                raise self._unreachable(exc) from exc
-        raise AssertionError("unreachable")
+                return self._conn.exchange(head, body)
+            except _StaleConnection:
+                self._conn.close()  # once more, on a new connection
+                return self._conn.exchange(head, body)
+        except (OSError, _ProtocolError, ValueError) as exc:
+            self._conn.close()
+            raise self._unreachable(exc) from exc
 
     def _unreachable(self, exc: BaseException) -> DaemonUnreachable:
         if isinstance(exc, PermissionError):
@@ -109,7 +197,7 @@ class ControlClient:
                 f"permission denied on {self.where}: the control socket is for root "
                 f"and the gpuwarden group ({GROUP_HINT})")
         reason = "no answer in time" if isinstance(exc, TimeoutError) else (
-            exc.strerror if isinstance(exc, OSError) and exc.strerror else repr(exc))
+            exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc))
         return DaemonUnreachable(f"no gpuwarden daemon answers at {self.where} ({reason}); "
                                  "is it running? (systemctl status gpuwarden)")
 

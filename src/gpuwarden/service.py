@@ -153,7 +153,10 @@ class Service:
         }
         doc: dict[str, Any] = {
             "backend": self._backend.name,
-            "sampled_at": None if sample is None else sample.node.taken_at,
+            # Unix seconds, like every other time in the document; the monotonic clock
+            # of the daemon's host is kept for telling samples apart.
+            "sampled_at": None if sample is None else round(sample.node.taken_at_wall, 3),
+            "sampled_at_monotonic": None if sample is None else sample.node.taken_at,
             "fault": None if sample is None or sample.node.fault is None else {
                 "fault": str(sample.node.fault), "detail": sample.node.fault_detail},
             "gpus": gpus,

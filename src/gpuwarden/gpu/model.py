@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 __all__ = ["MIB", "GpuFault", "GpuProcess", "GpuSample", "NodeSample"]
 
@@ -82,8 +83,10 @@ class NodeSample:
     gpus: tuple[GpuSample, ...]
     fault: GpuFault | None = None
     fault_detail: str = ""
-    taken_at: float = 0.0
+    taken_at: float = 0.0  # time.monotonic() at the start of the pass
     duration_s: float = 0.0
+    # Unix time the pass ended, for people and for other machines' clocks.
+    taken_at_wall: float = field(default_factory=time.time)
 
     def gpu(self, index: int) -> GpuSample | None:
         for sample in self.gpus:
