@@ -110,8 +110,40 @@ def test_bad_environment_override_is_named(tmp_path: Path,
     monkeypatch.setenv("GPUWARDEN_RELEASE__TIMEOUT", "soon")
     monkeypatch.setenv("GPUWARDEN_THRESHOLDS__WARNN", "0.5")
     problems = problems_of(path)
-    assert any(p.startswith("release.timeout:") for p in problems)
-    assert "thresholds.warnn: unknown key" in problems
+    # Blamed on the variable that set it, not on the file.
+    assert any(p.startswith("GPUWARDEN_RELEASE__TIMEOUT (environment, for release.timeout"
+                            "): not a duration") for p in problems), problems
+    assert "GPUWARDEN_THRESHOLDS__WARNN (environment, for thresholds.warnn): unknown key" \
+        in problems
+    monkeypatch.delenv("GPUWARDEN_RELEASE__TIMEOUT")
+    monkeypatch.delenv("GPUWARDEN_THRESHOLDS__WARNN")
+    monkeypatch.setenv("GPUWARDEN_MODES", "[not json")
+    (problem,) = problems_of(path)
+    assert problem.startswith("GPUWARDEN_MODES (environment, for modes): cannot be read")
+    assert "EnvSettingsSource" not in problem and "JSON" in problem
+
+
+def test_every_time_takes_a_duration_and_a_percentage_gets_a_hint(tmp_path: Path) -> None:
+    path = write_toml(tmp_path / "c.toml", {
+        "daemon": {"sample_interval": "2s"},
+        "release": {"timeout": "1m30s", "poll_interval": "100ms"},
+        "workloads.w": {"kind": "process", "command": ["x"], "stop_timeout": "1m"}})
+    config = load_config(path)
+    assert config.daemon.sample_interval == 2.0 and config.release.timeout == 90.0
+    assert config.release.poll_interval == pytest.approx(0.1)
+    assert config.workloads["w"].stop_timeout == 60.0
+    path = write_toml(tmp_path / "p.toml", {"thresholds": {"warn": 80, "alert": 90}})
+    problems = problems_of(path)
+    assert "thresholds.warn: a fraction of VRAM, not a percentage (got 80; write 0.80)" \
+        in problems, problems
+
+
+def test_a_config_that_is_not_utf8_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b"[daemon]\n# caf\xe9 au lait\nsample_interval = 1\n")
+    result = run_cli("check-config", str(path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "line 2: not UTF-8 (byte 0xe9)" in result.stderr
 
 
 def test_secrets_from_files_and_credentials_directory(tmp_path: Path,
@@ -213,3 +245,23 @@ def test_a_signing_secret_file_with_anything_more_is_refused(tmp_path: Path) -> 
     (problem,) = problems_of(bad)
     assert problem.startswith("n8n.signing_secret: not whsec_<base64>")
     assert whsec.strip()[6:] not in problem  # the value is not shown
+
+
+def test_one_run_names_the_typo_the_bad_value_and_what_lies_behind_them(
+        tmp_path: Path) -> None:
+    path = write_toml(tmp_path / "c.toml", {
+        "thresholds": {"wran": 0.8, "warn": 0.95, "alert": 0.9},
+        "workloads.a": {"kind": "process", "command": ["x"], "stop_timeout": "soon"},
+        "workloads.b": {"kind": "process"},
+        "modes.m": {"workloads": ["a", "b", "ghost"]},
+    })
+    problems = problems_of(path)
+    assert problems[:3] == [
+        "thresholds.wran: unknown key",
+        "workloads.a.stop_timeout: not a duration: 'soon' (use e.g. 90s, 45m, 1h30m)",
+        "workloads.b: kind = 'process' needs command = ['argv0', ...]"]
+    # Found behind them in the same run: the order of the thresholds and the missing
+    # workload; not "no workload named 'b'", which only repeats the problem above.
+    assert "thresholds.warn: must be below thresholds.alert (0.95 >= 0.9)" in problems
+    assert "modes.m.workloads: no workload named 'ghost'" in problems
+    assert not any("'b'" in p for p in problems[3:]), problems

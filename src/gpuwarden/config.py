@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextvars
+import copy
 import ipaddress
 import os
 import re
@@ -83,8 +84,10 @@ def parse_duration(value: object) -> object:
     return total
 
 
+# Every time accepts a number of seconds or a duration ("2s", "45m", "1h30m").
 Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
-PositiveSeconds = Annotated[float, Field(gt=0)]
+PositiveSeconds = Duration
+NonNegativeSeconds = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
 
 
 def _read_secret(path: Path, key: str) -> SecretStr:
@@ -177,7 +180,7 @@ class SimConfig(_Section):
     total_mib: int = Field(20480, gt=0)
     count: int = Field(1, ge=1, le=16)
     ledger_dir: Path = Path("/run/gpuwarden/sim")
-    release_delay: float = Field(0.15, ge=0)
+    release_delay: NonNegativeSeconds = 0.15
     name: str = "gpuwarden simulated GPU"
 
 
@@ -248,7 +251,7 @@ class WorkloadConfig(_Section):
     user: str | None = None
     release: Literal["ollama", "comfyui", "none"] = "none"
     url: str | None = None
-    stop_timeout: float = Field(30.0, ge=0)
+    stop_timeout: NonNegativeSeconds = 30.0
     ready_timeout: PositiveSeconds = 120.0
     restart_policy: Annotated[str, BeforeValidator(_check_restart_policy)] = "no"
     priority: int = 0
@@ -335,7 +338,7 @@ class ApiConfig(_Section):
     # Failed authentications one client address may make in a burst, refilled at
     # auth_failure_rate per second; past it, 429 with Retry-After.
     auth_failure_burst: int = Field(10, ge=1)
-    auth_failure_rate: PositiveSeconds = 1.0
+    auth_failure_rate: float = Field(1.0, gt=0)  # per second, not a time
 
     @model_validator(mode="after")
     def _secret(self) -> ApiConfig:
@@ -590,6 +593,8 @@ _SECRET_KEYS = ("url", "token", "secret", "password")
 
 
 def _format_error(err: Any) -> str:
+    """'key.path: what is wrong', or, for a key set from the environment,
+    'GPUWARDEN_KEY__PATH (environment, for key.path): what is wrong'."""
     path = ".".join(str(part) for part in err["loc"]) or "(top level)"
     msg = str(err["msg"]).removeprefix("Value error, ")
     # A section's own check names its key first ("token_file: cannot read ..."): that
@@ -597,16 +602,43 @@ def _format_error(err: Any) -> str:
     key = re.match(r"([a-z][a-z0-9_]*): ", msg)
     if err["type"] == "value_error" and key and path != "(top level)":
         path, msg = f"{path}.{key.group(1)}", msg[key.end():]
-    if err["type"] == "extra_forbidden":
-        return f"{path}: unknown key"
-    if err["type"] == "missing":
-        return f"{path}: required key is missing"
+    variable = _env_variable(path)
+    where = path if variable is None else f"{variable} (environment, for {path})"
+    return f"{where}: {_describe(err, path, msg)}"
+
+
+def _env_problem(error: str) -> str:
+    """A setting from the environment that could not even be parsed (pydantic-settings
+    says only which section), named by its variables."""
+    found = re.search(r'field "([^"]+)"', error)
+    section = found.group(1) if found else ""
+    prefix = f"GPUWARDEN_{section.upper()}"
+    names = sorted(n for n in os.environ if section and n.upper().startswith(prefix))
+    return (f"{', '.join(names) or 'a GPUWARDEN_ variable'} (environment, for "
+            f"{section or 'a section'}): cannot be read; a list or table is written as "
+            "JSON, e.g. GPUWARDEN_MODES__LLM__WORKLOADS='[\"ollama\"]'")
+
+
+def _env_variable(path: str) -> str | None:
+    """The environment variable that set the key at `path`, if one did."""
+    wanted = "GPUWARDEN_" + path.upper().replace(".", "__")
+    return next((name for name in os.environ if name.upper() == wanted), None)
+
+
+def _describe(err: Any, path: str, msg: str) -> str:
     value = err.get("input")
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    if err["type"] == "missing":
+        return "required key is missing"
     if any(word in path.lower() for word in _SECRET_KEYS):
-        return f"{path}: {msg}"
-    if isinstance(value, str | int | float | bool) and err["type"] not in ("value_error",):
-        return f"{path}: {msg} (got {value!r})"
-    return f"{path}: {msg}"
+        return msg  # never the value
+    if err["type"] in ("less_than_equal", "less_than") and path.startswith("thresholds.") \
+            and isinstance(value, int | float) and 1 < value <= 100:
+        return f"a fraction of VRAM, not a percentage (got {value!r}; write {value / 100:.2f})"
+    if isinstance(value, str | int | float | bool) and err["type"] != "value_error":
+        return f"{msg} (got {value!r})"
+    return msg
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
@@ -614,21 +646,70 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
 
     Raises:
         ConfigError: the file is unreadable or not TOML, or any key is invalid; the
-            error's `problems` names every one by key path.
+            error's `problems` names every one by key path, all in one pass.
     """
     file = config_path(path)
     data = read_toml(file)
     token = _secret_base.set(file.resolve().parent)
     try:
-        config = Config(**data)
-    except ValidationError as exc:
-        problems = [_format_error(err) for err in exc.errors()]
-        raise ConfigError(problems, str(file)) from exc
+        config, problems = _validate(data)
     except SettingsError as exc:
-        raise ConfigError([f"environment override: {exc}"], str(file)) from exc
+        raise ConfigError([_env_problem(str(exc))], str(file)) from exc
     finally:
         _secret_base.reset(token)
-    problems = _cross_check(config)
-    if problems:
+    if config is None or problems:
         raise ConfigError(problems, str(file))
     return config
+
+
+def _validate(data: dict[str, Any]) -> tuple[Config | None, list[str]]:
+    """The config and every problem with it. A key that fails validation is reported,
+    set aside and validation goes on without it, so that one run names the typo, the
+    bad value *and* the cross-section problems behind them (thresholds out of order,
+    a mode naming a workload that does not exist). Cross-section problems about what
+    was set aside (a mode naming a workload whose table was invalid) are left out:
+    they would only repeat the first problem."""
+    problems: list[str] = []
+    dropped: set[str] = set()  # names of the workloads and modes set aside
+    current = copy.deepcopy(data)
+    for _ in range(_MAX_PASSES):
+        try:
+            config = Config(**current)
+        except ValidationError as exc:
+            removed = False
+            for err in exc.errors():
+                problem = _format_error(err)
+                if problem not in problems:
+                    problems.append(problem)
+                removed |= _set_aside(current, tuple(err["loc"]), dropped)
+            if not removed:
+                return None, problems
+            continue
+        follow_ons = [p for p in _cross_check(config)
+                      if not any(f"{name!r}" in p for name in dropped)]
+        return config, problems + [p for p in follow_ons if p not in problems]
+    return None, problems
+
+
+_MAX_PASSES = 8
+
+
+def _set_aside(data: dict[str, Any], loc: tuple[Any, ...], dropped: set[str]) -> bool:
+    """Remove the deepest key of `loc` present in `data` (a missing key: its table);
+    True if something was removed."""
+    parents: list[tuple[dict[str, Any], str]] = []
+    node: Any = data
+    for part in loc:
+        if not isinstance(node, dict) or str(part) not in node:
+            break
+        parents.append((node, str(part)))
+        node = node[str(part)]
+    if not parents:
+        return False
+    table, key = parents[-1]
+    del table[key]
+    if len(loc) >= 2 and loc[0] in ("workloads", "modes") and len(parents) == 2:
+        dropped.add(str(loc[1]))
+    return True
+
+
