@@ -371,3 +371,25 @@ def test_a_process_behind_a_wrapper_script_gets_its_stop_grace(tmp_path: Path) -
     workload.stop()
     assert done.read_text() == "graceful"
     assert not workload.status().running
+
+
+def test_the_demo_removes_its_temporary_folder_at_exit() -> None:
+    demo = subprocess.Popen([PYTHON, "-m", "gpuwarden.cli", "demo"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert demo.stderr is not None
+        banner = demo.stderr.readline()
+        assert "removed at exit" in banner, banner
+        config = Path(banner.split("config in ")[1].split(" (removed")[0])
+        deadline = time.monotonic() + 30
+        while run_cli("--config", str(config), "status").returncode != 0:
+            assert time.monotonic() < deadline, "the demo never answered"
+            time.sleep(0.2)
+        demo.send_signal(signal.SIGINT)
+        demo.communicate(timeout=30)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    assert demo.returncode == 0
+    assert not config.parent.exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -75,6 +76,8 @@ workloads = ["comfyui"]
 
 
 def run_demo(folder: Path | None) -> int:
+    """Run the demo in `folder`, or in a temporary folder removed at exit."""
+    temporary = folder is None
     folder = (folder or Path(tempfile.mkdtemp(prefix="gpuwarden-demo-"))).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.toml"
@@ -85,7 +88,8 @@ def run_demo(folder: Path | None) -> int:
     cli = f"{script if script.exists() else f'{sys.executable} -m gpuwarden.cli'} " \
           f"--config {path}"
     print(
-        f"gpuwarden demo: simulated 20 GiB GPU, config in {path}\n"
+        f"gpuwarden demo: simulated 20 GiB GPU, config in {path}"
+        f"{' (removed at exit; --dir DIR keeps it)' if temporary else ''}\n"
         f"In another terminal:\n"
         f"  {cli} status\n"
         f"  {cli} mode image\n"
@@ -100,3 +104,6 @@ def run_demo(folder: Path | None) -> int:
         return asyncio.run(run_daemon(config))
     except KeyboardInterrupt:
         return 0
+    finally:
+        if temporary:
+            shutil.rmtree(folder, ignore_errors=True)
