@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,8 @@ def problems_of(path: Path, env: dict[str, str] | None = None,
 def test_example_config_validates_and_documents_every_section() -> None:
     config = load_config(EXAMPLE)
     assert config.thresholds.warn == 0.80
-    assert config.modes["image"].lease == 45 * 60
+    assert config.modes["image"].lease is None  # commented out: a choice, not a default
+    assert config.workloads["comfyui"].expected_mib is not None
     assert config.workloads["ollama"].release == "ollama"
     assert set(config.all_modes()) == {"llm", "image", "idle"}
     text = EXAMPLE.read_text()
@@ -265,3 +267,39 @@ def test_one_run_names_the_typo_the_bad_value_and_what_lies_behind_them(
     assert "thresholds.warn: must be below thresholds.alert (0.95 >= 0.9)" in problems
     assert "modes.m.workloads: no workload named 'ghost'" in problems
     assert not any("'b'" in p for p in problems[3:]), problems
+
+
+def test_every_value_the_example_shows_is_the_default_unless_marked_example() -> None:
+    """config.example.toml says it lists each key with its default: for the singleton
+    sections, every value set there is the model's default, or marked `# example`."""
+    import tomllib
+
+    from gpuwarden.config import Config
+
+    doc = tomllib.loads(EXAMPLE.read_text())
+    marked: set[tuple[str, str]] = set()
+    table = ""
+    for line in EXAMPLE.read_text().splitlines():
+        if header := re.match(r"\[([a-z0-9_.]+)\]", line):
+            table = header.group(1)
+        elif (key := re.match(r"([a-z_]+) = .*# example", line)):
+            marked.add((table, key.group(1)))
+    defaults = Config()
+    checked = 0
+    for section, keys in doc.items():
+        if section in ("workloads", "modes"):
+            continue  # a typical host's tables, documented as such
+        tables = {f"{section}.{k}": v for k, v in keys.items() if isinstance(v, dict)}
+        tables[section] = {k: v for k, v in keys.items() if not isinstance(v, dict)}
+        for name, values in tables.items():
+            model = defaults
+            for part in name.split("."):
+                model = getattr(model, part)
+            for key, value in values.items():
+                if (name, key) in marked:
+                    continue
+                shown = getattr(type(model)(**{key: value}), key)
+                assert shown == getattr(model, key), f"[{name}] {key} = {value!r} is not " \
+                    f"the default ({getattr(model, key)!r}): fix it or mark it # example"
+                checked += 1
+    assert checked > 40
