@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from gpuwarden import __version__
+from gpuwarden.cli import format_status
 from gpuwarden.control_client import ControlClient
 
 from .conftest import PYTHON, SimNode, run_cli, two_process_modes
@@ -112,3 +113,60 @@ def _connections_to(path: Path) -> int:
     with open("/proc/net/unix") as fh:
         return sum(1 for line in fh if line.rstrip().endswith(str(path))
                    and line.split()[5] == "03")
+
+
+def _on_a_terminal(argv: list[str], env: dict[str, str] | None = None) -> str:
+    """What `argv` prints with its stdout on a pseudo-terminal."""
+    import os
+    import pty
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(argv, stdout=follower, stderr=subprocess.PIPE,
+                            env={**os.environ, **(env or {})})
+    os.close(follower)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the pty closes once the program exits
+            break
+        if not chunk:
+            break
+        out += chunk
+    proc.wait(timeout=30)
+    os.close(leader)
+    return out.decode(errors="replace")
+
+
+def test_status_for_people_last_switch_readings_alignment_and_colour(
+        node: SimNode, start_daemon) -> None:
+    config = node.write(**two_process_modes(node))
+    daemon = start_daemon(config, node.socket)
+    daemon.wait_mode("llm")
+    assert run_cli("--config", str(config), "mode", "image").returncode == 0
+    stray = node.hold("stray", 500)
+    try:
+        daemon.wait_samples(2)
+        plain = run_cli("--config", str(config), "status").stdout
+        assert "\033[" not in plain  # not a terminal: no colour
+        assert "mode image since" in plain
+        (switch,) = [line for line in plain.splitlines() if "last switch" in line]
+        assert "llm -> image" in switch and "by cli:" in switch and switch.endswith(" s")
+        rows = [line for line in plain.splitlines() if line.lstrip().startswith("pid ")]
+        assert len(rows) == 2 and len({row.index("(") for row in rows}) == 1, rows
+        doc = json.loads(run_cli("--config", str(config), "status", "--json").stdout)
+        assert doc["gpus"][0]["last_switch"]["to"] == "image"
+        assert abs(doc["sampled_at"] - time.time()) < 60  # Unix time, not monotonic
+        # A card's readings (the sim has none) are shown when the backend has them.
+        doc["gpus"][0].update(utilization_pct=87, temperature_c=64, power_w=412.4)
+        assert "  util 87 %   64 °C   412 W" in format_status(doc).splitlines()
+
+        coloured = _on_a_terminal([PYTHON, "-m", "gpuwarden.cli", "--config", str(config),
+                                   "status"])
+        assert "tier \033[32mok\033[0m" in coloured, coloured
+        assert "\033[" not in _on_a_terminal(
+            [PYTHON, "-m", "gpuwarden.cli", "--config", str(config), "status"],
+            {"NO_COLOR": "1"})
+    finally:
+        stray.kill()
+        stray.wait()

@@ -91,15 +91,41 @@ def _bar(fraction: float, width: int = 20) -> str:
     return "[" + "#" * filled + "." * (width - filled) + "]"
 
 
+_TIER_COLOURS = {"ok": "green", "warn": "yellow", "alert": "red", "critical": "bold red"}
+_ANSI = {"green": "32", "yellow": "33", "red": "31", "bold red": "1;31"}
+# Set by main(): colour only on a terminal, and never with NO_COLOR (no-color.org).
+_colour = False
+
+
+def paint(text: str, colour: str) -> str:
+    """`text` in `colour` when colour is on (a TTY without NO_COLOR), else as it is."""
+    if not _colour or not colour or not text:
+        return text
+    return f"\033[{_ANSI[colour]}m{text}\033[0m"
+
+
 def format_status(doc: dict[str, Any]) -> str:
     lines: list[str] = []
     if doc.get("fault"):
         lines.append(f"GPUs unreadable: {doc['fault']['fault']} ({doc['fault']['detail']})")
     for gpu in doc["gpus"]:
+        since = f" since {_when(gpu['mode_since'])}" if gpu.get("mode_since") else ""
         head = (f"GPU {gpu['index']}  {gpu['name']}  {gpu['used_mib']}/{gpu['total_mib']} MiB "
-                f"{_bar(gpu['used_fraction'])} {gpu['used_fraction']:.0%}  tier {gpu['tier']}"
-                f"  mode {gpu['mode'] or '-'}")
+                f"{_bar(gpu['used_fraction'])} {gpu['used_fraction']:.0%}  tier "
+                f"{paint(gpu['tier'], _TIER_COLOURS.get(gpu['tier'], ''))}"
+                f"  mode {gpu['mode'] or '-'}{since}")
         lines.append(head)
+        readings = [text for value, text in (
+            (gpu.get("utilization_pct"), f"util {gpu.get('utilization_pct')} %"),
+            (gpu.get("temperature_c"), f"{gpu.get('temperature_c')} °C"),
+            (gpu.get("power_w"), f"{gpu.get('power_w') or 0:.0f} W")) if value is not None]
+        if readings:
+            lines.append("  " + "   ".join(readings))
+        last = gpu.get("last_switch")
+        if last:
+            took = f" in {last['total_s']:.2f} s" if last.get("total_s") is not None else ""
+            lines.append(f"  last switch {last['from']} -> {last['to']} {_when(last['at'])}"
+                         f" by {last.get('requested_by') or '?'}{took}")
         if gpu.get("fault"):
             lines.append(f"  FAULT: {gpu['fault']['fault']} ({gpu['fault']['detail']})")
         if gpu.get("transition"):
@@ -125,8 +151,9 @@ def format_status(doc: dict[str, Any]) -> str:
             owner = proc["workload"] or "UNOWNED"
             command = proc["command"] if proc.get("visible", True) else \
                 "not in /proc: exited, or another PID namespace"
-            lines.append(f"  pid {proc['pid']:>7}  {proc['used_mib'] or 0:>7} MiB  {owner}"
-                         f"  ({command})")
+            lines.append(f"  pid {proc['pid']:>7}  {proc['used_mib'] or 0:>7} MiB  "
+                         f"{paint(f'{owner:<16}', 'yellow' if owner == 'UNOWNED' else '')}"
+                         f" ({command})")
     lines.append("workloads:")
     for wl in doc["workloads"]:
         blocked = "  BLOCKED" if wl["blocked"] else ""
@@ -137,7 +164,10 @@ def format_status(doc: dict[str, Any]) -> str:
             when = f", {_when(stopped['at'])}" if stopped.get("at") else ""
             why = f"  {stopped['reason']}{when}"
         lines.append(f"  {wl['name']:<16} {wl['kind']:<8} {wl['state']:<9} gpu {gpu}"
-                     f"{blocked}{why}")
+                     f"{paint(blocked, 'red')}{why}")
+    alert = doc.get("last_alert")
+    if alert:
+        lines.append(f"last alert {_when(alert['time'])}: {alert['message']}")
     bot = doc.get("discord")
     if bot and bot.get("state") not in ("connected", "disabled"):
         lines.append(f"discord bot {bot['state'].upper()} {_when(bot['since'])}"
@@ -179,12 +209,24 @@ def _when(unix: float, now: float | None = None) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     client = _client(args)
-    resp = client.request("GET", "/v1/status")
-    body = _json_or_die(resp)
-    if resp.status_code != 200:
-        _die(body.get("error", f"HTTP {resp.status_code}"), EXIT_FAILED)
-    print(json.dumps(body, indent=2, sort_keys=True) if args.json else format_status(body))
-    return EXIT_OK
+    while True:
+        resp = client.request("GET", "/v1/status")
+        body = _json_or_die(resp)
+        if resp.status_code != 200:
+            _die(body.get("error", f"HTTP {resp.status_code}"), EXIT_FAILED)
+        text = json.dumps(body, indent=2, sort_keys=True) if args.json else format_status(body)
+        if not args.watch:
+            print(text)
+            return EXIT_OK
+        # Redrawn in place: home, the document, then clear what the last one left below.
+        header = f"every {args.watch:g} s: gpuwarden status   (Ctrl-C ends)\n\n"
+        sys.stdout.write("\033[H" + header + text.replace("\n", "\033[K\n") + "\033[K\033[J")
+        sys.stdout.flush()
+        try:
+            time.sleep(args.watch)
+        except KeyboardInterrupt:
+            sys.stdout.write("\n")
+            return EXIT_OK
 
 
 def cmd_mode(args: argparse.Namespace) -> int:
@@ -492,6 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", parents=[common, client],
                        help="GPUs, tier, mode, workloads, blocks")
     p.add_argument("--json", action="store_true", help="the stable JSON document")
+    p.add_argument("--watch", type=_seconds, default=None, metavar="SECONDS",
+                   help="redraw in place every SECONDS until Ctrl-C")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("mode", parents=[common, client], help="show the mode, or switch to MODE")
     p.add_argument("mode", nargs="?", metavar="MODE")
@@ -542,8 +586,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _colour
     parser = build_parser()
     args = parser.parse_args(argv)
+    _colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     try:
         code: int = args.func(args)
     except DaemonUnreachable as exc:

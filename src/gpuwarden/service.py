@@ -203,6 +203,8 @@ class Service:
             "temperature_c": gpu.temp_c,
             "power_w": gpu.power_w,
             "mode": st.mode,
+            "mode_since": st.mode_since,
+            "last_switch": self._last_switch(index),
             "transition": None if transition is None else {
                 "id": transition.id, "from": transition.from_mode, "to": transition.to_mode,
                 "step": transition.step, "requested_by": transition.requested_by,
@@ -210,6 +212,18 @@ class Service:
             "last_failure": st.failure,
             "processes": processes,
         }
+
+    def _last_switch(self, gpu: int) -> dict[str, Any] | None:
+        """The last completed switch on `gpu` this daemon made: when, from, to, by whom,
+        how long (None before the first, or once it left the event ring)."""
+        event = self.bus.last(lambda e: e.name == "mode.switch.completed"
+                              and e.fields.get("gpu") == gpu)
+        if event is None:
+            return None
+        timings = event.fields.get("timings") or {}
+        return {"at": event.time, "from": event.fields.get("from"),
+                "to": event.fields.get("to"), "requested_by": event.requested_by,
+                "total_s": timings.get("total_s") if isinstance(timings, dict) else None}
 
     def modes(self) -> dict[str, Any]:
         """Each GPU's mode and the modes it may take."""
