@@ -72,6 +72,7 @@ if [ "$action" = "uninstall" ]; then
     "$root$unitdir/gpuwarden-unmask@.service" "$root$polkit_rule"
   rm -rf "$root$unitdir/gpuwarden.service.d" "$root$opt"
   if [ -L "$root$prefix/usr/local/bin/gpuwarden" ]; then rm -f "$root$prefix/usr/local/bin/gpuwarden"; fi
+  rm -f "$root$prefix/usr/local/share/man/man1/gpuwarden.1"
   if [ "$purge" = 1 ]; then
     rm -rf "$root$etc" "$root$prefix/var/lib/gpuwarden"
     if [ "$staged" = 0 ] && getent passwd gpuwarden >/dev/null; then
@@ -128,6 +129,11 @@ else
   "$root$opt/venv/bin/python" -m pip install -q --upgrade "$src"
 fi
 install -m 0644 "$src/README.md" "$root$opt/README.md"
+install -d "$root$opt/docs"
+install -m 0644 "$src"/docs/*.md "$root$opt/docs/"
+# The man page, where man finds local pages.
+install -d "$root$prefix/usr/local/share/man/man1"
+install -m 0644 "$src/man/gpuwarden.1" "$root$prefix/usr/local/share/man/man1/gpuwarden.1"
 # The CLI on everyone's PATH (operators included).
 install -d "$root$prefix/usr/local/bin"
 ln -sfn "$opt/venv/bin/gpuwarden" "$root$prefix/usr/local/bin/gpuwarden"

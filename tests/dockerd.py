@@ -1,4 +1,4 @@
-"""A private, real Docker engine for the test session (DESIGN.md, Testing).
+"""A private, real Docker engine for the test session (README, "Quick start").
 
 Debian's dockerd on a socket under a temp folder, vfs storage, no bridge, no
 iptables; a test image made with `docker import` from a tarball holding a static
@@ -105,7 +105,7 @@ class PrivateDockerd:
 
 def holder_script(name: str, mib: int, *, leak: bool = False, exit_after: float | None = None,
                   exit_code: int = 1) -> str:
-    """busybox sh: hold `mib` of simulated VRAM as /ledger/<name>.mib (DESIGN.md's recipe).
+    """busybox sh: hold `mib` of simulated VRAM as /ledger/<name>.mib (the README's ledger recipe).
 
     SIGTERM ends it at once (PID 1 ignores signals it does not trap). With `exit_after`
     it crashes with `exit_code` after that long: a crash-looping workload.

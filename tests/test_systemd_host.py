@@ -103,6 +103,10 @@ def test_install_on_a_host_without_docker_starts_after_ready(host: SystemdHost) 
         "700 root root /etc/gpuwarden/credentials",
         "600 root root /etc/gpuwarden/credentials/n8n.token"], perms
     assert "[modes.llm]" in host.run("cat /etc/gpuwarden/config.toml", user="gpuwarden").stdout
+    # The man page and the docs the unit names are where it says.
+    assert host.run("test -f /usr/local/share/man/man1/gpuwarden.1 && "
+                    "test -f /opt/gpuwarden/docs/architecture.md").returncode == 0
+    assert "man:gpuwarden(1)" in host.run("systemctl show -p Documentation gpuwarden").stdout
     # The installed unit with its drop-ins, as this systemd sees it, still rates <= 4.0;
     # every test here runs the service under that sandbox.
     security = host.run("systemd-analyze security gpuwarden --no-pager", check=False).stdout
@@ -218,7 +222,7 @@ def test_workloads_outlive_a_stop_and_uninstall_leaves_nothing(host: SystemdHost
     assert host.run("pgrep -c -x sleep").stdout.strip() == "1"
     host.run("/src/scripts/install.sh --uninstall --purge")
     left = host.run("ls -d /opt/gpuwarden /etc/gpuwarden /var/lib/gpuwarden "
-                    "/usr/local/bin/gpuwarden "
+                    "/usr/local/bin/gpuwarden /usr/local/share/man/man1/gpuwarden.1 "
                     "/etc/systemd/system/gpuwarden.service* 2>/dev/null; "
                     "getent passwd gpuwarden; getent group gpuwarden", check=False)
     assert left.stdout.strip() == "", left.stdout

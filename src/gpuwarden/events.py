@@ -34,7 +34,7 @@ class Severity(enum.IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One fact worth auditing. `name` is a stable dotted name (DESIGN.md, events)."""
+    """One fact worth auditing. `name` is a stable dotted name (docs/events.md)."""
 
     id: int
     name: str

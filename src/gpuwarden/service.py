@@ -118,7 +118,7 @@ class Service:
     # -- queries ---------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        """The status document (DESIGN.md): GPUs, tiers, modes, workloads, blocks."""
+        """The status document (README, "The CLI"): GPUs, tiers, modes, workloads, blocks."""
         sample = self._snapshot
         gpus: list[dict[str, Any]] = []
         if sample is not None:

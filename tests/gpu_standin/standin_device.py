@@ -4,7 +4,7 @@ These machines have no NVIDIA GPU, yet the acceptance script and the sample benc
 have code paths that only run against NVML and PyTorch. Putting this folder first on
 PYTHONPATH and `GPUWARDEN_STANDIN_GPU` naming a shared folder gives every process (the
 daemon, its workloads, the script) one simulated card that behaves like the measured
-H200 (DESIGN.md, "Facts measured on real hardware"):
+H200 (figures measured on a real card):
 
 - total 143771 MiB; memory v2 reports 615 MiB driver-reserved apart from `used`;
 - a process's VRAM is its CUDA context (500 MiB, taken at `torch.cuda.init`) plus what

@@ -1,6 +1,6 @@
 """A simulated GPU whose VRAM is held by real, live processes.
 
-The ledger (a contract, DESIGN.md): `<ledger_dir>/*.mib` are claims on GPU 0 and
+The ledger (a contract; README, "The simulated GPU's ledger"): `<ledger_dir>/*.mib` are claims on GPU 0 and
 `<ledger_dir>/gpu<N>/*.mib` claims on GPU N. A claim's content is a decimal MiB
 count, optionally followed by the word `leak`. A claim counts as used VRAM while any
 process keeps the file open and for `release_delay` seconds after the last holder
