@@ -170,3 +170,24 @@ def test_status_for_people_last_switch_readings_alignment_and_colour(
     finally:
         stray.kill()
         stray.wait()
+
+
+def test_a_switch_on_a_terminal_shows_each_step_as_it_happens(node: SimNode,
+                                                               start_daemon) -> None:
+    config = node.write(**two_process_modes(node, **{"gpu.sim": {"release_delay": 1.5}}))
+    start_daemon(config, node.socket).wait_mode("llm")
+    shown = _on_a_terminal([PYTHON, "-m", "gpuwarden.cli", "--config", str(config),
+                            "mode", "image"])
+    lines = [line.strip() for line in shown.splitlines() if line.strip()]
+    assert lines[0].startswith("GPU 0: llm -> image (id "), shown
+    steps = [line.split("  ", 1)[1].split()[0] for line in lines[1:-1]]
+    # In the order they happened, each with its time.
+    assert steps[:3] == ["releasing", "stopping", "stopped"], shown
+    assert steps[3] == "verifying" and steps[-3:] == ["released", "starting", "started"]
+    # The release took 1.5 s: what was still held was shown while it was waited for.
+    assert any("MiB still held" in line for line in lines), shown
+    assert lines[-1].startswith("GPU 0: llm -> image in "), shown
+    # Without a terminal: one final line, as before.
+    plain = run_cli("--config", str(config), "mode", "llm")
+    assert plain.returncode == 0 and plain.stdout.strip().splitlines() == [
+        plain.stdout.strip()] and "image -> llm in " in plain.stdout

@@ -295,7 +295,7 @@ async def _unblock(request: web.Request) -> web.Response:
     return web.json_response(result)
 
 
-async def _events(request: web.Request) -> web.Response:
+async def _events(request: web.Request) -> web.StreamResponse:
     problems = []
     values = {}
     for name, default, low, high in (("since", "0", 0, None), ("limit", "500", 1, 1000)):
@@ -308,9 +308,43 @@ async def _events(request: web.Request) -> web.Response:
     if problems:
         raise _invalid(problems)
     since, limit = values["since"], values["limit"]
+    if "text/event-stream" in request.headers.get("Accept", ""):
+        return await _event_stream(request, since if "since" in request.query else None)
     events = request.app[SERVICE].events_since(since, limit)
     return web.json_response({"events": [e.to_dict() for e in events]},
                              dumps=lambda o: json.dumps(o, default=str))
+
+
+# A comment line this often keeps proxies from closing a quiet stream and lets a
+# follower see that the daemon is still there.
+_HEARTBEAT_S = 15.0
+
+
+async def _event_stream(request: web.Request, since: int | None) -> web.StreamResponse:
+    """Server-sent events: those after `since` (without it, only new ones), then each
+    as it is published, until the client goes or the daemon stops. The first line
+    names the newest event id at the moment the stream began."""
+    bus = request.app[SERVICE].bus
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                       "Cache-Control": "no-store"})
+    await resp.prepare(request)
+    last = bus.last_id() if since is None else since
+    await resp.write(f": events after {last}\n\n".encode())
+    try:
+        while not bus.streams_closed:
+            events = bus.since(last, 1000)
+            for event in events:
+                data = json.dumps(event.to_dict(), default=str)
+                await resp.write(f"id: {event.id}\nevent: {event.name}\ndata: {data}\n\n"
+                                 .encode())
+                last = event.id
+            if not events:
+                await bus.wait_after(last, _HEARTBEAT_S)
+                if bus.last_id() <= last and not bus.streams_closed:
+                    await resp.write(b": still here\n\n")
+    except (ConnectionResetError, ConnectionError):
+        pass  # the follower went away
+    return resp
 
 
 def build_app(service: Service, api: ApiConfig, metrics: Metrics, auth: ApiAuth,

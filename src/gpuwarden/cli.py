@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -30,8 +31,6 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_STILL_SWITCHING = 0, 1,
 EXIT_INTERRUPTED = 130
 # Seconds a client verb waits for one answer from the daemon (not for a whole switch).
 _ANSWER_TIMEOUT = 30.0
-# How often `mode` asks how its switch is going.
-_POLL_S = 0.1
 # How often `events --follow` asks for new events while there are none.
 _FOLLOW_S = 1.0
 
@@ -109,7 +108,8 @@ def format_status(doc: dict[str, Any]) -> str:
     if doc.get("fault"):
         lines.append(f"GPUs unreadable: {doc['fault']['fault']} ({doc['fault']['detail']})")
     for gpu in doc["gpus"]:
-        since = f" since {_when(gpu['mode_since'])}" if gpu.get("mode_since") else ""
+        since = f" since {_when(gpu['mode_since']).removeprefix('at ')}" \
+            if gpu.get("mode_since") else ""
         head = (f"GPU {gpu['index']}  {gpu['name']}  {gpu['used_mib']}/{gpu['total_mib']} MiB "
                 f"{_bar(gpu['used_fraction'])} {gpu['used_fraction']:.0%}  tier "
                 f"{paint(gpu['tier'], _TIER_COLOURS.get(gpu['tier'], ''))}"
@@ -252,18 +252,24 @@ def cmd_mode(args: argparse.Namespace) -> int:
     if args.gpu is not None:
         payload["gpu"] = args.gpu
     # Always asked without waiting: the daemon answers as soon as the switch is under
-    # way (or refused), and the CLI follows it by id, so it can stop waiting on its own
-    # terms (--timeout, Ctrl-C) and still say which switch goes on.
+    # way (or refused), and the CLI follows it through the event stream, so it can stop
+    # waiting on its own terms (--timeout, Ctrl-C) and still say which switch goes on.
+    # The stream opens first: every event of the switch comes after it.
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    events = None if args.no_wait else client.follow(deadline=deadline)
     try:
+        if events is not None:
+            next(events)  # the stream is open
         resp = client.request("POST", "/v1/mode", json=payload, params={"wait": "false"})
     except KeyboardInterrupt:
         print(f"gpuwarden: interrupted; the switch to {args.mode} may still go on: see "
               "`gpuwarden mode`", file=sys.stderr)
         return EXIT_INTERRUPTED
     body = _json_or_die(resp)
-    if resp.status_code == 202 and not args.no_wait:
+    if resp.status_code == 202 and events is not None:
+        progress = sys.stdout.isatty() and not args.json
         try:
-            done = _follow_switch(client, body, args.timeout)
+            done = _follow_switch(client, events, body, progress)
         except KeyboardInterrupt:
             _still_switching(body, "interrupted", args.json)
             return EXIT_INTERRUPTED
@@ -293,22 +299,62 @@ def cmd_mode(args: argparse.Namespace) -> int:
     return EXIT_OK if ok else EXIT_FAILED
 
 
-def _follow_switch(client: ControlClient, pending: dict[str, Any],
-                   timeout: float | None) -> dict[str, Any] | None:
-    """Wait for a switch under way to end: its result, or None once `timeout` ran out."""
-    deadline = None if timeout is None else time.monotonic() + timeout
+# The events that end a switch: its result is then read once.
+_SWITCH_ENDS = ("mode.switch.completed", "mode.switch.failed", "mode.reconcile")
+
+
+def _follow_switch(client: ControlClient, events: Iterator[dict[str, Any] | None],
+                   pending: dict[str, Any], progress: bool) -> dict[str, Any] | None:
+    """Follow a switch under way through the event stream to its end: its result, or
+    None once the stream's deadline (--timeout) passed. With `progress`, each step is
+    printed as it happens."""
+    t0 = time.monotonic()
+    if progress:
+        print(f"GPU {pending['gpu']}: {pending['from']} -> {pending['to']} "
+              f"(id {pending['id']})", flush=True)
+    for event in events:
+        if event is None or event.get("transition_id") != pending["id"]:
+            continue
+        if event["event"] == "mode.switch.step":
+            pending["step"] = event["step"]
+        if progress and (line := _progress_line(event)):
+            print(f"  {time.monotonic() - t0:6.2f} s  {line}", flush=True)
+        if event["event"] in _SWITCH_ENDS:
+            return _result_of(client, pending["id"])
+    return None
+
+
+def _result_of(client: ControlClient, transition_id: str) -> dict[str, Any]:
+    """A switch's result, once its end was published (recorded a moment after)."""
+    deadline = time.monotonic() + _ANSWER_TIMEOUT
     while True:
-        resp = client.request("GET", f"/v1/switches/{pending['id']}")
+        resp = client.request("GET", f"/v1/switches/{transition_id}")
         doc = _json_or_die(resp)
         if resp.status_code != 200:
-            _die(f"cannot follow switch {pending['id']}: {doc.get('error')}", EXIT_FAILED)
-        if doc.get("done"):
+            _die(f"cannot read switch {transition_id}: {doc.get('error')}", EXIT_FAILED)
+        if doc.get("done") or time.monotonic() > deadline:
             return doc
-        pending["step"] = doc.get("step")
-        if deadline is not None and time.monotonic() >= deadline:
-            return None
-        time.sleep(_POLL_S if deadline is None else
-                   max(0.0, min(_POLL_S, deadline - time.monotonic())))
+        time.sleep(0.01)
+
+
+def _progress_line(event: dict[str, Any]) -> str | None:
+    """One line for a switch's event, or None for those not worth one."""
+    name = event["event"]
+    if name == "mode.switch.step":
+        if event.get("left_mib") is not None:
+            return f"verifying    {event['left_mib']} MiB still held"
+        step = str(event["step"])
+        return {"releasing": "releasing    (graceful: Ollama unload, ComfyUI /free)",
+                "verifying": "verifying    the release"}.get(step, step)
+    if name == "release.verified":
+        return f"released     ({event.get('used_mib')} MiB in use)"
+    if name in ("workload.stopped", "workload.started", "workload.refused"):
+        verb = name.split(".")[1]
+        return f"{verb:<12} {event.get('workload')}" + (
+            " (ready)" if verb == "started" else "")
+    if name == "release.timeout":
+        return f"NOT released: {event.get('message')}"
+    return None
 
 
 def _still_switching(pending: dict[str, Any], why: str, as_json: bool) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json as jsonlib
 import socket as socketlib
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
@@ -56,9 +58,13 @@ class _Connection:
     def __init__(self, *, unix: Path | None = None, host: str = "", port: int = 0,
                  tls: bool = False, timeout: float) -> None:
         self._unix, self._host, self._port, self._tls = unix, host, port, tls
-        self._timeout = timeout
+        self._timeout = self.timeout = timeout
         self._sock: socketlib.socket | None = None
         self._buffer = b""
+
+    def endpoint(self) -> dict[str, Any]:
+        """Where this connection goes, to open another one there."""
+        return {"unix": self._unix, "host": self._host, "port": self._port, "tls": self._tls}
 
     def _open(self) -> socketlib.socket:
         if self._unix is not None:
@@ -104,31 +110,42 @@ class _Connection:
         data, self._buffer = self._buffer[:size], self._buffer[size:]
         return data
 
+    def _head(self) -> tuple[int, dict[bytes, bytes]]:
+        status_line = self._line().split(b" ", 2)
+        if len(status_line) < 2 or not status_line[0].startswith(b"HTTP/1."):
+            raise _ProtocolError(f"not an HTTP answer: {b' '.join(status_line)[:80]!r}")
+        headers: dict[bytes, bytes] = {}
+        while line := self._line():
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+        return int(status_line[1]), headers
+
+    def _chunk(self) -> bytes | None:
+        """The next chunk of a chunked body; None at its end."""
+        size = int(self._line().split(b";")[0], 16)
+        if not size:
+            while self._line():  # trailers
+                pass
+            return None
+        data = self._exactly(size)
+        self._line()
+        return data
+
     def exchange(self, head: bytes, body: bytes) -> Response:
         reused = self._sock is not None
         if self._sock is None:
             self._sock = self._open()
         try:
             self._sock.sendall(head + body)
-            status_line = self._line().split(b" ", 2)
+            status, headers = self._head()
         except (ConnectionResetError, BrokenPipeError) as exc:
             if reused:
                 raise _StaleConnection() from exc
             raise
-        if len(status_line) < 2 or not status_line[0].startswith(b"HTTP/1."):
-            raise _ProtocolError(f"not an HTTP answer: {b' '.join(status_line)[:80]!r}")
-        status = int(status_line[1])
-        headers: dict[bytes, bytes] = {}
-        while line := self._line():
-            name, _, value = line.partition(b":")
-            headers[name.strip().lower()] = value.strip()
         if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
             parts = []
-            while size := int(self._line().split(b";")[0], 16):
-                parts.append(self._exactly(size))
-                self._line()
-            while self._line():  # trailers
-                pass
+            while (part := self._chunk()) is not None:
+                parts.append(part)
             data = b"".join(parts)
         elif b"content-length" in headers:
             data = self._exactly(int(headers[b"content-length"]))
@@ -143,6 +160,45 @@ class _Connection:
         if headers.get(b"connection", b"").lower() == b"close":
             self.close()
         return Response(status, data)
+
+    def lines(self, head: bytes, deadline: float | None) -> Iterator[bytes]:
+        """Send `head` on a new connection and yield the answer's lines as they come,
+        until it ends or `deadline` (time.monotonic()) passes. An answer other than
+        200 is raised as _Refused with its body."""
+        self.close()
+        self._sock = sock = self._open()
+        sock.sendall(head)
+        status, headers = self._head()
+        chunked = headers.get(b"transfer-encoding", b"").lower() == b"chunked"
+        if status != 200:
+            length = int(headers.get(b"content-length", b"0"))
+            raise _Refused(Response(status, b"" if chunked else self._exactly(length)))
+        pending = b""
+        while True:
+            if deadline is not None:
+                sock.settimeout(max(0.01, min(self._timeout, deadline - time.monotonic())))
+            try:
+                if chunked:
+                    data = self._chunk()
+                else:
+                    self._fill()
+                    data, self._buffer = self._buffer, b""
+            except TimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return
+                raise
+            if data is None:
+                return
+            pending += data
+            while b"\n" in pending:
+                line, pending = pending.split(b"\n", 1)
+                yield line.rstrip(b"\r")
+
+
+class _Refused(Exception):
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.status_code)
+        self.response = response
 
 
 class ControlClient:
@@ -169,18 +225,23 @@ class ControlClient:
             self._host = "gpuwarden"
             self._conn = _Connection(unix=socket, timeout=timeout)
 
-    def request(self, method: str, path: str, *, json: Any = None,
-                params: dict[str, str] | None = None) -> Response:
+    def _head_bytes(self, method: str, path: str, params: dict[str, str] | None,
+                    body: bytes, *, json: bool = False,
+                    accept: str = "application/json") -> bytes:
         target = quote(self._prefix + path, safe="/%:@") + (
             f"?{urlencode(params)}" if params else "")
-        body = b"" if json is None else jsonlib.dumps(json).encode()
-        lines = [f"{method} {target} HTTP/1.1", f"Host: {self._host}",
-                 "Accept: application/json", f"Content-Length: {len(body)}"]
-        if json is not None:
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {self._host}", f"Accept: {accept}",
+                 f"Content-Length: {len(body)}"]
+        if json:
             lines.append("Content-Type: application/json")
         if self._token:
             lines.append(f"Authorization: Bearer {self._token}")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
+
+    def request(self, method: str, path: str, *, json: Any = None,
+                params: dict[str, str] | None = None) -> Response:
+        body = b"" if json is None else jsonlib.dumps(json).encode()
+        head = self._head_bytes(method, path, params, body, json=json is not None)
         try:
             try:
                 return self._conn.exchange(head, body)
@@ -190,6 +251,44 @@ class ControlClient:
         except (OSError, _ProtocolError, ValueError) as exc:
             self._conn.close()
             raise self._unreachable(exc) from exc
+
+    def follow(self, *, since: int | None = None,
+               deadline: float | None = None) -> Iterator[dict[str, Any] | None]:
+        """Follow the daemon's events as they are published (server-sent events on a
+        connection of their own): each event's document, and None once the stream is
+        open, at each heartbeat, and when `deadline` passed (then it ends).
+
+        Raises:
+            DaemonUnreachable: no daemon, or the stream broke.
+            RefusedError-like: the answer was not 200 (raised as DaemonUnreachable
+                with the daemon's message).
+        """
+        params = {} if since is None else {"since": str(since)}
+        head = self._head_bytes("GET", "/v1/events", params, b"",
+                                accept="text/event-stream")
+        stream = _Connection(**self._conn.endpoint(), timeout=max(self._conn.timeout, 20.0))
+        data: list[str] = []
+        try:
+            for line in stream.lines(head, deadline):
+                if line.startswith(b":"):
+                    yield None
+                elif line.startswith(b"data:"):
+                    data.append(line[5:].strip().decode("utf-8"))
+                elif not line and data:
+                    yield jsonlib.loads("\n".join(data))
+                    data = []
+            yield None  # the deadline passed, or the daemon ended the stream
+        except _Refused as refused:
+            try:
+                message = refused.response.json().get("error", refused.response.text)
+            except ValueError:
+                message = refused.response.text
+            raise DaemonUnreachable(f"{self.where} refused the event stream "
+                                    f"({refused.response.status_code}): {message}") from None
+        except (OSError, _ProtocolError, ValueError) as exc:
+            raise self._unreachable(exc) from exc
+        finally:
+            stream.close()
 
     def _unreachable(self, exc: BaseException) -> DaemonUnreachable:
         if isinstance(exc, PermissionError):

@@ -441,6 +441,7 @@ class Daemon:
         await asyncio.gather(*self._background, return_exceptions=True)
         if self._switcher is not None:
             await self._switcher.close()
+        self.bus.close_streams()  # followers' streams end, so the doors can close
         for door in self._doors:
             await door.runner.cleanup()
         if self._doors:

@@ -107,6 +107,9 @@ class EventBus:
         self._lock = threading.Lock()
         self._subscribers: list[tuple[Severity, Subscriber]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Followers (event streams) waiting for the next event, on the loop.
+        self._waiters: set[asyncio.Future[None]] = set()
+        self.streams_closed = False
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Subscribers run on this loop; events published from other threads hop onto it."""
@@ -140,7 +143,45 @@ class EventBus:
             self._ring.append(event)
             self._audit.write(event)
         self._fan_out(event)
+        self._call_on_loop(self._wake)
         return event
+
+    def _call_on_loop(self, fn: Callable[[], None]) -> None:
+        loop = self._loop
+        if loop is not None and not _on_loop(loop):
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(fn)
+        else:
+            fn()
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, set()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def last_id(self) -> int:
+        """The id of the newest event (0 before the first)."""
+        with self._lock:
+            return self._ring[-1].id if self._ring else 0
+
+    async def wait_after(self, event_id: int, timeout: float) -> None:
+        """Return once there is an event after `event_id`, after `timeout` seconds, or
+        when the streams are closed (the daemon stopping). Call on the bound loop."""
+        if self.last_id() > event_id or self.streams_closed:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.add(waiter)
+        try:
+            if self.last_id() <= event_id:  # an event published meanwhile wakes no one
+                await asyncio.wait([waiter], timeout=timeout)
+        finally:
+            self._waiters.discard(waiter)
+
+    def close_streams(self) -> None:
+        """End every follower's wait, for good: the daemon is stopping."""
+        self.streams_closed = True
+        self._call_on_loop(self._wake)
 
     def _fan_out(self, event: Event) -> None:
         loop = self._loop

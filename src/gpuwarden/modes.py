@@ -441,6 +441,12 @@ class ModeSwitcher:
             transition.step = step
         st.transition = transition
         await self._store.save_async(self._state)
+        if transition is not None and step:
+            # For followers (`gpuwarden mode` on a terminal); debug: not sent on.
+            self._bus.publish("mode.switch.step", f"GPU {gpu}: {transition.from_mode} -> "
+                              f"{transition.to_mode}: {step}", severity=Severity.DEBUG,
+                              requested_by=transition.requested_by, gpu=gpu,
+                              transition_id=transition.id, step=step, **_from_to(transition))
 
     async def _run(self, entry: _Running, plan: _Plan, force: bool, t0: float
                    ) -> SwitchResult:
@@ -649,7 +655,7 @@ class ModeSwitcher:
         `also_free`: workloads about to start, which must hold nothing either (what a
         crashed one left behind)."""
         t = time.monotonic()
-        verdict = await self._verify(gpu, released | also_free)
+        verdict = await self._verify(gpu, released | also_free, tr)
         seconds = timings[timing] = time.monotonic() - t
         common: dict[str, Any] = {
             "requested_by": tr.requested_by, "gpu": gpu, "transition_id": tr.id,
@@ -670,15 +676,27 @@ class ModeSwitcher:
                 holders=verdict.holders, **common, **fields)
         return verdict
 
-    async def _verify(self, gpu: int, released: set[str]) -> Verdict:
-        """Poll the GPU until the released workloads' VRAM is back, or time out."""
+    async def _verify(self, gpu: int, released: set[str],
+                      tr: Transition | None = None) -> Verdict:
+        """Poll the GPU until the released workloads' VRAM is back, or time out. With
+        `tr`, what is left is published about once a second, for followers."""
         rel = self._config.release
         deadline = time.monotonic() + rel.timeout
+        reported = 0.0
         while True:
             sample = await asyncio.to_thread(self._sampler)
             verdict = self._verifier.check(sample, gpu, released)
             if verdict.clear or time.monotonic() >= deadline:
                 return verdict
+            if tr is not None and time.monotonic() - reported >= 1.0:
+                reported = time.monotonic()
+                left = max(0, verdict.used_mib - verdict.allowed_mib)
+                self._bus.publish(
+                    "mode.switch.step", f"GPU {gpu}: waiting for {left} MiB of "
+                    f"{', '.join(sorted(released))}: {verdict.reason}",
+                    severity=Severity.DEBUG, requested_by=tr.requested_by, gpu=gpu,
+                    transition_id=tr.id, step="verifying", left_mib=left,
+                    holders=len(verdict.holders), **_from_to(tr))
             await asyncio.sleep(rel.poll_interval)
 
     async def start_workloads(self, names: list[str], requested_by: str, gpu: int,

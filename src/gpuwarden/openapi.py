@@ -137,13 +137,19 @@ def openapi_document(config: Config) -> dict[str, Any]:
                 "responses": {"200": _json({"type": "object"}, "unblocked"),
                               **_errors(404, 408, 409, 413, 415, 422)}}},
             "/v1/events": {"get": {
-                "summary": "recent events (bounded ring), oldest first", "security": secured,
+                "summary": "recent events (bounded ring), oldest first, or followed live",
+                "security": secured,
                 "parameters": [
                     {"name": "since", "in": "query", "required": False,
                      "schema": {"type": "integer", "minimum": 0}},
                     {"name": "limit", "in": "query", "required": False,
                      "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}],
-                "responses": {"200": _json({"type": "object"}, "events"),
+                "responses": {"200": {
+                    "description": "events; with Accept: text/event-stream, a stream of "
+                                   "them (after `since`, or from now without it) as they "
+                                   "are published, with a comment line every 15 s",
+                    "content": {"application/json": {"schema": {"type": "object"}},
+                                "text/event-stream": {"schema": {"type": "string"}}}},
                               **_errors(422)}}},
             "/v1/openapi.json": {"get": {"summary": "this document", "security": secured,
                                          "responses": {"200": _json({"type": "object"},

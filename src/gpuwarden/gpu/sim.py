@@ -1,12 +1,13 @@
 """A simulated GPU whose VRAM is held by real, live processes.
 
-The ledger (a contract; README, "The simulated GPU's ledger"): `<ledger_dir>/*.mib` are claims on GPU 0 and
-`<ledger_dir>/gpu<N>/*.mib` claims on GPU N. A claim's content is a decimal MiB
-count, optionally followed by the word `leak`. A claim counts as used VRAM while any
-process keeps the file open and for `release_delay` seconds after the last holder
-was seen; a `leak` claim counts until the file is deleted. The processes that keep
-a claim open are its GPU processes, by host PID, found by scanning `/proc/*/fd`
-(the same PIDs NVML would report, also for processes inside containers).
+The ledger (a contract; README, "The simulated GPU's ledger"): `<ledger_dir>/*.mib`
+are claims on GPU 0 and `<ledger_dir>/gpu<N>/*.mib` claims on GPU N. A claim's
+content is a decimal MiB count, optionally followed by the word `leak`. A claim
+counts as used VRAM while any process keeps the file open and for `release_delay`
+seconds after the last holder was seen; a `leak` claim counts until the file is
+deleted. The processes that keep a claim open are its GPU processes, by host PID,
+found by scanning `/proc/*/fd` (the same PIDs NVML would report, also for processes
+inside containers).
 
 Holders are found by a full scan when a claim appears or is rewritten, when a known
 holder goes away, and every 10 s; in between, known holders are re-checked cheaply.
