@@ -31,8 +31,6 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_STILL_SWITCHING = 0, 1,
 EXIT_INTERRUPTED = 130
 # Seconds a client verb waits for one answer from the daemon (not for a whole switch).
 _ANSWER_TIMEOUT = 30.0
-# How often `events --follow` asks for new events while there are none.
-_FOLLOW_S = 1.0
 
 
 def _die(message: str, code: int) -> NoReturn:
@@ -413,28 +411,31 @@ def _event_line(event: dict[str, Any]) -> str:
 def cmd_events(args: argparse.Namespace) -> int:
     import fnmatch
 
+    def show(event: dict[str, Any]) -> None:
+        if args.type and not any(fnmatch.fnmatchcase(event["event"], pattern)
+                                 for pattern in args.type):
+            return
+        print(json.dumps(event, sort_keys=True) if args.json else _event_line(event),
+              flush=True)
+
     client = _client(args)
-    since = args.since
-    while True:
-        resp = client.request("GET", "/v1/events", params={"since": str(since),
-                                                            "limit": "1000"})
-        body = _json_or_die(resp)
-        if resp.status_code != 200:
-            _die(body.get("error", f"HTTP {resp.status_code}"), EXIT_FAILED)
-        for event in body["events"]:
-            since = max(since, int(event["id"]))
-            if args.type and not any(fnmatch.fnmatchcase(event["event"], pattern)
-                                     for pattern in args.type):
-                continue
-            print(json.dumps(event, sort_keys=True) if args.json else _event_line(event),
-                  flush=True)
-        if not args.follow:
-            return EXIT_OK
-        if not body["events"]:
-            try:
-                time.sleep(_FOLLOW_S)
-            except KeyboardInterrupt:
-                return EXIT_OK
+    if args.follow:
+        # The daemon's stream: what the ring holds after --since, then each new event.
+        try:
+            for event in client.follow(since=args.since):
+                if event is not None:
+                    show(event)
+        except KeyboardInterrupt:
+            pass
+        return EXIT_OK
+    resp = client.request("GET", "/v1/events", params={"since": str(args.since),
+                                                        "limit": "1000"})
+    body = _json_or_die(resp)
+    if resp.status_code != 200:
+        _die(body.get("error", f"HTTP {resp.status_code}"), EXIT_FAILED)
+    for event in body["events"]:
+        show(event)
+    return EXIT_OK
 
 
 def new_signing_key() -> tuple[str, str]:
