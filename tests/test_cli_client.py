@@ -36,8 +36,9 @@ def test_status_mode_and_events_need_only_the_socket_from_the_config(
     # The operator's copy has a typo, a secret file nobody can read and a bad
     # threshold: none of it is the client's business.
     broken = tmp_path / "operator.toml"
-    broken.write_text(config.read_text() + "\n[thresholds]\nwran = 0.8\nwarn = 80\n"
-                      "[discord]\ntoken_file = \"/nonexistent/discord.token\"\n")
+    broken.write_bytes(config.read_bytes() + b"\n# caf\xe9 (Latin-1)\n[thresholds]\n"
+                       b"wran = 0.8\nwarn = 80\n"
+                       b"[discord]\ntoken_file = \"/nonexistent/discord.token\"\n")
     assert run_cli("check-config", str(broken)).returncode == 2
     status = run_cli("--config", str(broken), "status", "--json")
     assert status.returncode == 0, status.stderr
@@ -82,7 +83,7 @@ def test_unblock_names_an_unknown_workload(node: SimNode, start_daemon) -> None:
     config = node.write(**two_process_modes(node))
     start_daemon(config, node.socket).wait_mode("llm")
     unknown = run_cli("--config", str(config), "unblock", "nosuch")
-    assert unknown.returncode == 1 and "unknown workload 'nosuch'" in unknown.stderr
+    assert unknown.returncode == 2 and "unknown workload 'nosuch'" in unknown.stderr
     unblocked = run_cli("--config", str(config), "unblock", "comfyui")
     assert unblocked.returncode == 1 and "is not blocked" in unblocked.stderr
 
@@ -175,7 +176,12 @@ def test_status_for_people_last_switch_readings_alignment_and_colour(
 def test_a_switch_on_a_terminal_shows_each_step_as_it_happens(node: SimNode,
                                                                start_daemon) -> None:
     config = node.write(**two_process_modes(node, **{"gpu.sim": {"release_delay": 1.5}}))
-    start_daemon(config, node.socket).wait_mode("llm")
+    daemon = start_daemon(config, node.socket)
+    daemon.wait_mode("llm")
+    deadline = time.monotonic() + 30
+    while daemon.status()["gpus"][0]["used_mib"] != 6000:  # ollama holds its VRAM
+        assert time.monotonic() < deadline, daemon.status()
+        time.sleep(0.05)
     shown = _on_a_terminal([PYTHON, "-m", "gpuwarden.cli", "--config", str(config),
                             "mode", "image"])
     lines = [line.strip() for line in shown.splitlines() if line.strip()]
@@ -191,3 +197,40 @@ def test_a_switch_on_a_terminal_shows_each_step_as_it_happens(node: SimNode,
     plain = run_cli("--config", str(config), "mode", "llm")
     assert plain.returncode == 0 and plain.stdout.strip().splitlines() == [
         plain.stdout.strip()] and "image -> llm in " in plain.stdout
+
+
+def test_a_verb_parses_alike_with_its_parser_alone_or_all_of_them() -> None:
+    from gpuwarden import cli
+
+    full = cli.build_parser()
+    verbs = next(a for a in full._actions if a.__class__.__name__ == "_SubParsersAction")
+    assert tuple(verbs.choices) == cli.VERBS  # the list the light path looks verbs up in
+    for argv in (["status", "--json"], ["--config", "x.toml", "mode", "image", "--force"],
+                 ["events", "--follow", "--type", "mode.*", "--since", "3"],
+                 ["--config=x.toml", "unblock", "ollama"]):
+        only = cli.build_parser(cli._verb_in(argv))
+        assert cli._verb_in(argv) in cli.VERBS
+        whole, alone = vars(full.parse_args(argv)), vars(only.parse_args(argv))
+        assert {k: v for k, v in whole.items() if k != "func"} == \
+            {k: v for k, v in alone.items() if k != "func"}
+        assert whole["func"] is alone["func"]
+    assert cli._verb_in(["--help"]) is None and cli._verb_in(["--version"]) is None
+
+
+def test_the_last_alert_says_whether_it_was_resolved(node: SimNode, start_daemon) -> None:
+    config = node.write(**two_process_modes(node, daemon={"default_mode": "idle"}))
+    daemon = start_daemon(config, node.socket)
+    stray = node.hold("stray", 19000)  # 93 % of the card, held by no workload
+    try:
+        daemon.wait_event("vram.tier", to="alert")
+        alert = daemon.status()["last_alert"]
+        assert alert["severity"] in ("error", "critical") and alert["resolved_at"] is None
+        assert "NOT resolved" in run_cli("--config", str(config), "status").stdout
+    finally:
+        stray.kill()
+        stray.wait()
+    deadline = time.monotonic() + 30
+    while daemon.status()["last_alert"]["resolved_at"] is None:
+        assert time.monotonic() < deadline, daemon.status()["last_alert"]
+        time.sleep(0.1)
+    assert "; resolved at " in run_cli("--config", str(config), "status").stdout

@@ -142,10 +142,12 @@ def test_every_time_takes_a_duration_and_a_percentage_gets_a_hint(tmp_path: Path
 
 def test_a_config_that_is_not_utf8_names_the_line(tmp_path: Path) -> None:
     path = tmp_path / "latin1.toml"
-    path.write_bytes(b"[daemon]\n# caf\xe9 au lait\nsample_interval = 1\n")
+    path.write_bytes(b"[daemon]\n# caf\xe9 au lait\nsample_interval = 1\n"
+                     b"[thresholds]\nwarn = 80\n")
     result = run_cli("check-config", str(path))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "line 2: not UTF-8 (byte 0xe9)" in result.stderr
+    assert "thresholds.warn: a fraction of VRAM" in result.stderr  # the rest is read too
 
 
 def test_secrets_from_files_and_credentials_directory(tmp_path: Path,

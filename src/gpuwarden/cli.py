@@ -165,7 +165,9 @@ def format_status(doc: dict[str, Any]) -> str:
                      f"{paint(blocked, 'red')}{why}")
     alert = doc.get("last_alert")
     if alert:
-        lines.append(f"last alert {_when(alert['time'])}: {alert['message']}")
+        state = f"; resolved {_when(alert['resolved_at'])}" if alert.get("resolved_at") \
+            else paint("; NOT resolved", "red")
+        lines.append(f"last alert {_when(alert['time'])}: {alert['message']}{state}")
     bot = doc.get("discord")
     if bot and bot.get("state") not in ("connected", "disabled"):
         lines.append(f"discord bot {bot['state'].upper()} {_when(bot['since'])}"
@@ -207,6 +209,7 @@ def _when(unix: float, now: float | None = None) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     client = _client(args)
+    first = True
     while True:
         resp = client.request("GET", "/v1/status")
         body = _json_or_die(resp)
@@ -216,15 +219,22 @@ def cmd_status(args: argparse.Namespace) -> int:
         if not args.watch:
             print(text)
             return EXIT_OK
-        # Redrawn in place: home, the document, then clear what the last one left below.
-        header = f"every {args.watch:g} s: gpuwarden status   (Ctrl-C ends)\n\n"
-        sys.stdout.write("\033[H" + header + text.replace("\n", "\033[K\n") + "\033[K\033[J")
+        if sys.stdout.isatty():
+            # Redrawn in place: the first frame clears the screen; later ones go home,
+            # overwrite each line to its end, and clear what the last one left below.
+            clear = "\033[2J" if first else ""
+            header = f"every {args.watch:g} s: gpuwarden status   (Ctrl-C ends)\n\n"
+            sys.stdout.write(clear + "\033[H" + header + text.replace("\n", "\033[K\n")
+                             + "\033[K\033[J")
+        else:  # a pipe or a file: one document after another, no control codes
+            sys.stdout.write(("" if first else "\n") + text + "\n")
         sys.stdout.flush()
+        first = False
         try:
             time.sleep(args.watch)
         except KeyboardInterrupt:
             sys.stdout.write("\n")
-            return EXIT_OK
+            return EXIT_INTERRUPTED
 
 
 def cmd_mode(args: argparse.Namespace) -> int:
@@ -342,7 +352,7 @@ def _progress_line(event: dict[str, Any]) -> str | None:
         if event.get("left_mib") is not None:
             return f"verifying    {event['left_mib']} MiB still held"
         step = str(event["step"])
-        return {"releasing": "releasing    (graceful: Ollama unload, ComfyUI /free)",
+        return {"releasing": "releasing    (each workload's own API, where it has one)",
                 "verifying": "verifying    the release"}.get(step, step)
     if name == "release.verified":
         return f"released     ({event.get('used_mib')} MiB in use)"
@@ -386,6 +396,8 @@ def cmd_unblock(args: argparse.Namespace) -> int:
     client = _client(args)
     resp = client.request("POST", f"/v1/workloads/{args.workload}/unblock")
     body = _json_or_die(resp)
+    if resp.status_code in (404, 422):  # no such workload: bad usage
+        _die(body.get("error", f"HTTP {resp.status_code}"), EXIT_USAGE)
     if resp.status_code != 200:
         print(f"gpuwarden: {body.get('error', f'HTTP {resp.status_code}')}", file=sys.stderr)
         detail = body.get("detail") or {}
@@ -411,9 +423,12 @@ def _event_line(event: dict[str, Any]) -> str:
 def cmd_events(args: argparse.Namespace) -> int:
     import fnmatch
 
+    def wanted(name: str, pattern: str) -> bool:
+        # "mode.switch" means the mode.switch.* family, as "mode.switch.*" does.
+        return fnmatch.fnmatchcase(name, pattern) or name.startswith(pattern + ".")
+
     def show(event: dict[str, Any]) -> None:
-        if args.type and not any(fnmatch.fnmatchcase(event["event"], pattern)
-                                 for pattern in args.type):
+        if args.type and not any(wanted(event["event"], pattern) for pattern in args.type):
             return
         print(json.dumps(event, sort_keys=True) if args.json else _event_line(event),
               flush=True)
@@ -426,7 +441,7 @@ def cmd_events(args: argparse.Namespace) -> int:
                 if event is not None:
                     show(event)
         except KeyboardInterrupt:
-            pass
+            return EXIT_INTERRUPTED
         return EXIT_OK
     resp = client.request("GET", "/v1/events", params={"since": str(args.since),
                                                         "limit": "1000"})
@@ -550,7 +565,43 @@ def _seconds(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Unused:
+    """Stands in for the parser of a verb this call does not use (see build_parser)."""
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def set_defaults(self, **kwargs: Any) -> None:
+        pass
+
+
+VERBS = ("daemon", "demo", "status", "mode", "unblock", "events", "secret",
+         "discord-commands", "polkit-rule", "check-config")
+
+
+def _verb_in(argv: list[str]) -> str | None:
+    """The verb of a command line, when it is plainly there (else None: the whole
+    parser reads it, and says what is wrong or prints the help)."""
+    args = iter(argv)
+    for arg in args:
+        if arg in VERBS:
+            return arg
+        if arg == "--config":
+            next(args, None)
+        elif not arg.startswith("--config="):
+            return None
+    return None
+
+
+def _event_id(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"not an event id (a whole number >= 0): {text!r}")
+    return int(text)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser; with `only`, just that verb's (each sub-parser costs about a
+    millisecond, and `watch -n1 gpuwarden status` should not pay for ten)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
                         help="config file (default: $GPUWARDEN_CONFIG, else "
@@ -572,19 +623,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(url=None, token=None, timeout=None)
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    p = sub.add_parser("daemon", parents=[common], help="run the service (what systemd runs)")
+    def verb(name: str, **kwargs: Any) -> Any:
+        return sub.add_parser(name, **kwargs) if only in (None, name) else _Unused()
+
+    p = verb("daemon", parents=[common], help="run the service (what systemd runs)")
     p.set_defaults(func=cmd_daemon)
-    p = sub.add_parser("demo", parents=[common],
+    p = verb("demo", parents=[common],
                        help="a whole simulated node, no GPU or Docker needed")
     p.add_argument("--dir", help="where to put its config, ledger and state (default: temp)")
     p.set_defaults(func=cmd_demo)
-    p = sub.add_parser("status", parents=[common, client],
+    p = verb("status", parents=[common, client],
                        help="GPUs, tier, mode, workloads, blocks")
     p.add_argument("--json", action="store_true", help="the stable JSON document")
     p.add_argument("--watch", type=_seconds, default=None, metavar="SECONDS",
                    help="redraw in place every SECONDS until Ctrl-C")
     p.set_defaults(func=cmd_status)
-    p = sub.add_parser("mode", parents=[common, client], help="show the mode, or switch to MODE")
+    p = verb("mode", parents=[common, client], help="show the mode, or switch to MODE")
     p.add_argument("mode", nargs="?", metavar="MODE")
     p.add_argument("--gpu", type=int, default=None, help="the GPU (for idle on multi-GPU nodes)")
     p.add_argument("--force", action="store_true",
@@ -595,37 +649,37 @@ def build_parser() -> argparse.ArgumentParser:
     # For `mode`, --timeout bounds the wait for the whole switch (default: until it ends);
     # past it the CLI exits 4 and the switch goes on.
     p.set_defaults(timeout=None)
-    p = sub.add_parser("unblock", parents=[common, client],
+    p = verb("unblock", parents=[common, client],
                        help="lift a crash-loop block (refused unless VRAM is clear)")
     p.add_argument("workload", metavar="WORKLOAD")
     p.set_defaults(func=cmd_unblock)
-    p = sub.add_parser("events", parents=[common, client],
+    p = verb("events", parents=[common, client],
                        help="recent events (the daemon keeps the last 1000); --follow tails")
     p.add_argument("--follow", "-f", action="store_true",
                    help="keep printing new events until Ctrl-C")
-    p.add_argument("--since", type=int, default=0, metavar="ID",
+    p.add_argument("--since", type=_event_id, default=0, metavar="ID",
                    help="only events after this id")
     p.add_argument("--type", action="append", metavar="GLOB",
                    help="only these event names (shell pattern, e.g. 'mode.*'; repeatable)")
     p.add_argument("--json", action="store_true", help="one JSON document per line")
     p.set_defaults(func=cmd_events)
-    p = sub.add_parser("secret", help="make a new signing secret or token")
+    p = verb("secret", help="make a new signing secret or token")
     p.add_argument("kind", choices=["whsec", "token"],
                    help="whsec: a Standard Webhooks signing secret on stdout, and the same "
                         "key as text for n8n's Crypto node on stderr; token: a random "
                         "bearer token")
     p.add_argument("--json", action="store_true", help="whsec as JSON")
     p.set_defaults(func=cmd_secret)
-    p = sub.add_parser("discord-commands", parents=[common],
+    p = verb("discord-commands", parents=[common],
                        help="the slash-command payload that would be synced")
     p.add_argument("--json", action="store_true", help="the exact JSON payload")
     p.set_defaults(func=cmd_discord_commands)
-    p = sub.add_parser("polkit-rule", parents=[common],
+    p = verb("polkit-rule", parents=[common],
                        help="the polkit rule letting the service user manage its workloads' "
                             "units (scripts/install.sh installs it)")
     p.add_argument("--user", default="gpuwarden", help="the service user (default gpuwarden)")
     p.set_defaults(func=cmd_polkit_rule)
-    p = sub.add_parser("check-config", parents=[common],
+    p = verb("check-config", parents=[common],
                        help="validate; exit 0, or 2 with every error by key path")
     p.add_argument("path", nargs="?", metavar="PATH")
     p.set_defaults(func=cmd_check_config)
@@ -634,7 +688,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     global _colour
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(_verb_in(argv))
     args = parser.parse_args(argv)
     _colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     try:

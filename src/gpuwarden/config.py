@@ -649,10 +649,12 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
             error's `problems` names every one by key path, all in one pass.
     """
     file = config_path(path)
-    data = read_toml(file)
+    encoding: list[str] = []
+    data = read_toml(file, encoding)
     token = _secret_base.set(file.resolve().parent)
     try:
         config, problems = _validate(data)
+        problems = encoding + problems
     except SettingsError as exc:
         raise ConfigError([_env_problem(str(exc))], str(file)) from exc
     finally:
@@ -672,23 +674,35 @@ def _validate(data: dict[str, Any]) -> tuple[Config | None, list[str]]:
     problems: list[str] = []
     dropped: set[str] = set()  # names of the workloads and modes set aside
     current = copy.deepcopy(data)
-    for _ in range(_MAX_PASSES):
-        try:
-            config = Config(**current)
-        except ValidationError as exc:
-            removed = False
-            for err in exc.errors():
-                problem = _format_error(err)
-                if problem not in problems:
-                    problems.append(problem)
-                removed |= _set_aside(current, tuple(err["loc"]), dropped)
-            if not removed:
-                return None, problems
-            continue
-        follow_ons = [p for p in _cross_check(config)
-                      if not any(f"{name!r}" in p for name in dropped)]
-        return config, problems + [p for p in follow_ons if p not in problems]
-    return None, problems
+    # A bad value from the environment is set aside by leaving its variable out for
+    # the next pass; the environment is put back as it was before this returns.
+    stashed: dict[str, str] = {}
+    try:
+        for _ in range(_MAX_PASSES):
+            try:
+                config = Config(**current)
+            except ValidationError as exc:
+                removed = False
+                for err in exc.errors():
+                    problem = _format_error(err)
+                    if problem not in problems:
+                        problems.append(problem)
+                    path = ".".join(str(part) for part in err["loc"])
+                    variable = _env_variable(path) if err["type"] != "missing" else None
+                    if variable is not None:
+                        stashed[variable] = os.environ.pop(variable)
+                        removed = True
+                    else:
+                        removed |= _set_aside(current, tuple(err["loc"]), dropped)
+                if not removed:
+                    return None, problems
+                continue
+            follow_ons = [p for p in _cross_check(config)
+                          if not any(f"{name!r}" in p for name in dropped)]
+            return config, problems + [p for p in follow_ons if p not in problems]
+        return None, problems
+    finally:
+        os.environ.update(stashed)
 
 
 _MAX_PASSES = 8

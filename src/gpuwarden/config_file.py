@@ -27,9 +27,12 @@ def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
     return Path(env) if env else DEFAULT_CONFIG_PATH
 
 
-def read_toml(file: Path) -> dict[str, Any]:
-    """The file's TOML document; ConfigError when it is unreadable, not UTF-8 (naming
-    the line) or not TOML."""
+def read_toml(file: Path, problems: list[str] | None = None) -> dict[str, Any]:
+    """The file's TOML document; ConfigError when it is unreadable or not TOML.
+
+    Bytes that are not UTF-8 (a Latin-1 comment, say) are a problem naming their
+    line: raised at once, or, given `problems`, added there and read as U+FFFD so
+    that the rest of the file is still read."""
     try:
         raw = file.read_bytes()
     except OSError as exc:
@@ -38,8 +41,12 @@ def read_toml(file: Path) -> dict[str, Any]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
-        raise ConfigError([f"line {line}: not UTF-8 (byte 0x{raw[exc.start]:02x}); save "
-                           "the file as UTF-8"], str(file)) from exc
+        problem = (f"line {line}: not UTF-8 (byte 0x{raw[exc.start]:02x}); save the file "
+                   "as UTF-8")
+        if problems is None:
+            raise ConfigError([problem], str(file)) from exc
+        problems.append(problem)
+        text = raw.decode("utf-8", errors="replace")
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -57,7 +64,7 @@ def socket_path(path: str | os.PathLike[str] | None = None) -> Path:
     """
     file = config_path(path)
     env = os.environ.get("GPUWARDEN_DAEMON__SOCKET")
-    data = read_toml(file)
+    data = read_toml(file, problems=[])  # an odd byte elsewhere is not the client's concern
     daemon = data.get("daemon", {})
     value = env or (daemon.get("socket") if isinstance(daemon, dict) else None)
     if value is None:

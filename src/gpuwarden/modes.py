@@ -655,18 +655,16 @@ class ModeSwitcher:
         `also_free`: workloads about to start, which must hold nothing either (what a
         crashed one left behind)."""
         t = time.monotonic()
-        verdict = await self._verify(gpu, released | also_free, tr)
+        verdict = await self._verify(gpu, released | also_free, tr, released)
         seconds = timings[timing] = time.monotonic() - t
         common: dict[str, Any] = {
             "requested_by": tr.requested_by, "gpu": gpu, "transition_id": tr.id,
             "workloads": sorted(released), "release_s": round(seconds, 4),
             "used_mib": verdict.used_mib, "allowed_mib": verdict.allowed_mib}
         if verdict.clear:
-            # Say whose VRAM is free: the mode's own workloads may hold theirs.
-            what = (f"VRAM of {', '.join(sorted(released))} free after" if released
-                    else "no VRAM held outside the mode, checked in")
+            # "Free" would mislead: the incoming mode's workloads may hold theirs.
             self._bus.publish("release.verified",
-                              f"GPU {gpu}: {what} {seconds * 1000:.0f} ms "
+                              f"GPU {gpu}: release verified in {seconds * 1000:.0f} ms "
                               f"({verdict.used_mib} MiB in use)", **common, **fields)
         else:
             self._bus.publish(
@@ -676,8 +674,8 @@ class ModeSwitcher:
                 holders=verdict.holders, **common, **fields)
         return verdict
 
-    async def _verify(self, gpu: int, released: set[str],
-                      tr: Transition | None = None) -> Verdict:
+    async def _verify(self, gpu: int, released: set[str], tr: Transition | None = None,
+                      stopped: set[str] | None = None) -> Verdict:
         """Poll the GPU until the released workloads' VRAM is back, or time out. With
         `tr`, what is left is published about once a second, for followers."""
         rel = self._config.release
@@ -691,12 +689,12 @@ class ModeSwitcher:
             if tr is not None and time.monotonic() - reported >= 1.0:
                 reported = time.monotonic()
                 left = max(0, verdict.used_mib - verdict.allowed_mib)
+                after = f" after stopping {', '.join(sorted(stopped))}" if stopped else ""
                 self._bus.publish(
-                    "mode.switch.step", f"GPU {gpu}: waiting for {left} MiB of "
-                    f"{', '.join(sorted(released))}: {verdict.reason}",
-                    severity=Severity.DEBUG, requested_by=tr.requested_by, gpu=gpu,
-                    transition_id=tr.id, step="verifying", left_mib=left,
-                    holders=len(verdict.holders), **_from_to(tr))
+                    "mode.switch.step", f"GPU {gpu}: {left} MiB still held{after}: "
+                    f"{verdict.reason}", severity=Severity.DEBUG,
+                    requested_by=tr.requested_by, gpu=gpu, transition_id=tr.id,
+                    step="verifying", left_mib=left, **_from_to(tr))
             await asyncio.sleep(rel.poll_interval)
 
     async def start_workloads(self, names: list[str], requested_by: str, gpu: int,

@@ -74,7 +74,7 @@ class Service:
             before = self._statuses.get(name)
             if before is not None and before.running and not now.running and now.crashed:
                 self.bus.publish(
-                    "workload.crashed", f"{name} exited on its own ({now.detail})",
+                    "workload.crashed", f"{name} ended on its own ({now.detail})",
                     severity=Severity.ERROR, workload=name,
                     gpu=self.config.gpu_of_workload(name), exit_code=now.exit_code,
                 )
@@ -168,8 +168,7 @@ class Service:
         }
         for section, provider in self.status_sections.items():
             doc[section] = provider()
-        last_alert = self.bus.last(lambda e: e.name == "vram.tier" and e.fields.get("to") != "ok")
-        doc["last_alert"] = None if last_alert is None else last_alert.to_dict()
+        doc["last_alert"] = self._last_alert()
         return doc
 
     def _gpu_status(self, sample: AttributedSample, index: int) -> dict[str, Any]:
@@ -212,6 +211,20 @@ class Service:
             "last_failure": st.failure,
             "processes": processes,
         }
+
+    def _last_alert(self) -> dict[str, Any] | None:
+        """The last alert at error or critical (a tier, a leak, a crash loop, a GPU or
+        receiver failing...), with `resolved_at` once its resolution came."""
+        alert = self.bus.last(lambda e: e.severity >= Severity.ERROR
+                              and bool(e.fields.get("group_key"))
+                              and not e.fields.get("resolved"))
+        if alert is None:
+            return None
+        group = alert.fields["group_key"]
+        latest = self.bus.last(lambda e: e.fields.get("group_key") == group)
+        resolved = latest is not None and latest.id > alert.id and \
+            bool(latest.fields.get("resolved"))
+        return {**alert.to_dict(), "resolved_at": latest.time if resolved and latest else None}
 
     def _last_switch(self, gpu: int) -> dict[str, Any] | None:
         """The last completed switch on `gpu` this daemon made: when, from, to, by whom,

@@ -63,7 +63,7 @@ class ProcessWorkload:
         if self._exited_at is None:
             self._exited_at = time.time()  # within one sample of the exit
         return WorkloadStatus(
-            WorkloadState.STOPPED, f"exited with status {code}", exit_code=code,
+            WorkloadState.STOPPED, _ended(code), exit_code=code,
             crashed=not self._stop_requested, started_at=self._started_at,
             finished_at=self._exited_at,
         )
@@ -140,6 +140,16 @@ class ProcessWorkload:
 
     def close(self) -> None:
         """Nothing held beyond the child itself, which `stop` ends."""
+
+
+def _ended(code: int) -> str:
+    """'exited with status 3', or 'killed by SIGKILL' (Popen's negative codes)."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with status {code}"
 
 
 class TransientUnitWorkload(UnitWorkload):
