@@ -61,7 +61,7 @@ def entries() -> list[tuple[str, str, list[tuple[str, str, str]]]]:
     tables: list[tuple[str, str, list[tuple[str, str, str]]]] = []
     by_name: dict[str, list[tuple[str, str, str]]] = {}
     comment: list[str] = []
-    description = ""
+    description = described = ""
     current: list[tuple[str, str, str]] = []
     seen_keys: set[str] = set()
     for raw in EXAMPLE.read_text(encoding="utf-8").splitlines():
@@ -80,6 +80,10 @@ def entries() -> list[tuple[str, str, list[tuple[str, str, str]]]]:
         if key:
             if comment:
                 description = " ".join(c for c in comment if c)
+                described = key.group(2)
+            elif current:
+                # No comment of its own: it shares the block above the key it follows.
+                description = f"See `{described}`."
             comment = []
             if key.group(2) in seen_keys:
                 continue
@@ -99,6 +103,16 @@ def entries() -> list[tuple[str, str, list[tuple[str, str, str]]]]:
     return tables
 
 
+def _markdown(text: str) -> str:
+    """Comment text as Markdown table-cell text: code spans kept, and outside them
+    nothing read as HTML, emphasis or a cell border."""
+    parts = text.split("`")
+    for i in range(0, len(parts), 2):  # the even parts are outside code spans
+        parts[i] = (parts[i].replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+                    .replace("*", "\\*"))
+    return "`".join(parts).replace("|", "&#124;")
+
+
 def render() -> str:
     out = [HEADER]
     for table, note, keys in entries():
@@ -109,8 +123,7 @@ def render() -> str:
             out.append(f"{note[0].upper()}{note[1:]}.\n")
         out.append("| key | value | meaning |\n| --- | --- | --- |")
         for key, value, description in keys:
-            out.append(f"| `{key}` | {value.replace('|', '&#124;')} | "
-                       f"{description.replace('|', '&#124;')} |")
+            out.append(f"| `{key}` | {value.replace('|', '&#124;')} | {_markdown(description)} |")
     return "\n".join(out) + "\n"
 
 
@@ -157,6 +170,8 @@ def render_api() -> str:
             body = op.get("requestBody")
             if body:
                 schema = body["content"]["application/json"]["schema"]
+                if "$ref" in schema:  # "#/components/schemas/NAME"
+                    schema = doc["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
                 out.append("\nBody (`application/json`):\n\n```json\n"
                            + json.dumps(schema, indent=2, sort_keys=True) + "\n```")
             out.append("\n| answer | meaning |\n| --- | --- |")

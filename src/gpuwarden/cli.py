@@ -1,9 +1,10 @@
-"""The `gpuwarden` command.
+"""gpuwarden owns a shared GPU node: GPU modes with verified VRAM release, VRAM alerts,
+and a crash-loop guard. This command runs the daemon and talks to it.
 
-Client verbs (status, mode, ...) are HTTP clients of the daemon's control socket (or
-`--url` with a token). Exit codes: 0 done, 1 refused or failed, 2 bad usage or
-config, 3 daemon unreachable, 4 `mode --timeout` ran out while the switch goes on,
-130 interrupted (Ctrl-C; a switch already under way goes on).
+The client verbs (status, mode, unblock, events) talk HTTP to the daemon's control
+socket, or to --url with a token. Exit codes: 0 done, 1 refused or failed, 2 bad
+usage or config, 3 daemon unreachable, 4 mode --timeout ran out while the switch
+goes on, 130 interrupted (Ctrl-C; a switch already under way goes on).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
-from .config_file import DEFAULT_SOCKET, config_path, socket_path
+from .config_file import DEFAULT_SOCKET, config_path, duration_seconds, socket_path
 from .control_client import GROUP_HINT, ControlClient, Response
 from .errors import ConfigError, DaemonUnreachable, GpuwardenError
 
@@ -557,9 +558,10 @@ def _setup_logging() -> None:
 
 def _seconds(text: str) -> float:
     try:
-        value = float(text)
+        value = duration_seconds(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not a number of seconds or a duration "
+                                         f"(2s, 1m30s): {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
     return value
@@ -612,9 +614,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     client.add_argument("--token", default=argparse.SUPPRESS,
                         help="API token for --url (default: $GPUWARDEN_TOKEN)")
     client.add_argument("--timeout", type=_seconds, default=argparse.SUPPRESS,
-                        help="seconds to wait for an answer (default 30); for mode MODE, "
-                             "for the whole switch (default: until it ends; past it: exit "
-                             "4, the switch goes on)")
+                        help="seconds (or 2s, 1m) to wait for the daemon's answer (default "
+                             "30); for mode MODE, for the whole switch (default: until it "
+                             "ends; past it: exit 4, and the switch goes on)")
 
     parser = argparse.ArgumentParser(prog="gpuwarden", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -639,19 +641,21 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="redraw in place every SECONDS until Ctrl-C")
     p.set_defaults(func=cmd_status)
     p = verb("mode", parents=[common, client], help="show the mode, or switch to MODE")
-    p.add_argument("mode", nargs="?", metavar="MODE")
+    p.add_argument("mode", nargs="?", metavar="MODE",
+                   help="the mode to switch to; without it, show each GPU's mode")
     p.add_argument("--gpu", type=int, default=None, help="the GPU (for idle on multi-GPU nodes)")
     p.add_argument("--force", action="store_true",
                    help="interrupt ComfyUI jobs instead of refusing to switch")
     p.add_argument("--no-wait", action="store_true", help="return once the switch is under way")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true",
+                   help="the result as one JSON document (no progress)")
     p.set_defaults(func=cmd_mode)
     # For `mode`, --timeout bounds the wait for the whole switch (default: until it ends);
     # past it the CLI exits 4 and the switch goes on.
     p.set_defaults(timeout=None)
     p = verb("unblock", parents=[common, client],
                        help="lift a crash-loop block (refused unless VRAM is clear)")
-    p.add_argument("workload", metavar="WORKLOAD")
+    p.add_argument("workload", metavar="WORKLOAD", help="the blocked workload's name")
     p.set_defaults(func=cmd_unblock)
     p = verb("events", parents=[common, client],
                        help="recent events (the daemon keeps the last 1000); --follow tails")
@@ -663,7 +667,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="only these event names (shell pattern, e.g. 'mode.*'; repeatable)")
     p.add_argument("--json", action="store_true", help="one JSON document per line")
     p.set_defaults(func=cmd_events)
-    p = verb("secret", help="make a new signing secret or token")
+    p = verb("secret", parents=[common], help="make a new signing secret or token")
     p.add_argument("kind", choices=["whsec", "token"],
                    help="whsec: a Standard Webhooks signing secret on stdout, and the same "
                         "key as text for n8n's Crypto node on stderr; token: a random "
@@ -681,7 +685,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_polkit_rule)
     p = verb("check-config", parents=[common],
                        help="validate; exit 0, or 2 with every error by key path")
-    p.add_argument("path", nargs="?", metavar="PATH")
+    p.add_argument("path", nargs="?", metavar="PATH",
+                   help="the file to check (default: --config, $GPUWARDEN_CONFIG, else "
+                        "/etc/gpuwarden/config.toml)")
     p.set_defaults(func=cmd_check_config)
     return parser
 

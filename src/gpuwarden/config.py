@@ -37,7 +37,13 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from .config_file import DEFAULT_CONFIG_PATH, DEFAULT_SOCKET, config_path, read_toml
+from .config_file import (
+    DEFAULT_CONFIG_PATH,
+    DEFAULT_SOCKET,
+    config_path,
+    parse_duration,
+    read_toml,
+)
 from .errors import ConfigError
 
 __all__ = [
@@ -59,30 +65,6 @@ IDLE_MODE = "idle"
 _secret_base: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
     "_secret_base", default=None
 )
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def parse_duration(value: object) -> object:
-    """Seconds from a number or a string such as "90s", "45m", "1h30m"."""
-    if not isinstance(value, str):
-        return value
-    text = value.strip().lower()
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    pos, total = 0, 0.0
-    for match in _DURATION_PART.finditer(text):
-        if match.start() != pos:
-            break
-        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-        pos = match.end()
-    if pos != len(text) or not text:
-        raise ValueError(f"not a duration: {value!r} (use e.g. 90s, 45m, 1h30m)")
-    return total
-
 
 # Every time accepts a number of seconds or a duration ("2s", "45m", "1h30m").
 Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]

@@ -7,16 +7,53 @@ Kept free of pydantic, so that `gpuwarden status` costs a few milliseconds.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["DEFAULT_CONFIG_PATH", "DEFAULT_SOCKET", "config_path", "read_toml", "socket_path"]
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "DEFAULT_SOCKET",
+    "config_path",
+    "duration_seconds",
+    "parse_duration",
+    "read_toml",
+    "socket_path",
+]
 
 DEFAULT_CONFIG_PATH = Path("/etc/gpuwarden/config.toml")
 DEFAULT_SOCKET = Path("/run/gpuwarden/gpuwarden.sock")
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def duration_seconds(text: str) -> float:
+    """Seconds from "2", "90s", "45m", "1h30m" (ValueError for anything else)."""
+    text = text.strip().lower()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    pos, total = 0, 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    if pos != len(text) or not text:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 45m, 1h30m)")
+    return total
+
+
+def parse_duration(value: object) -> object:
+    """For the config model: a string is a duration; anything else is left to the
+    field's own type check."""
+    return duration_seconds(value) if isinstance(value, str) else value
 
 
 def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
