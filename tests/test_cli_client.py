@@ -19,7 +19,8 @@ def test_the_client_verbs_import_neither_the_config_model_nor_an_http_library() 
     probe = subprocess.run([PYTHON, "-c", (
         "import sys, gpuwarden.cli\n"
         "heavy = [m for m in ('pydantic', 'pydantic_settings', 'httpx', 'asyncio', "
-        "'gpuwarden.config', 'aiohttp', 'docker') if m in sys.modules]\n"
+        "'gpuwarden.config', 'aiohttp', 'docker', 'http.client', 'typing', 'tomllib', "
+        "'pathlib', 'shutil') if m in sys.modules]\n"
         "print(heavy)")], capture_output=True, text=True, timeout=60)
     assert probe.stdout.strip() == "[]", probe.stdout + probe.stderr
 
@@ -234,3 +235,32 @@ def test_the_last_alert_says_whether_it_was_resolved(node: SimNode, start_daemon
         assert time.monotonic() < deadline, daemon.status()["last_alert"]
         time.sleep(0.1)
     assert "; resolved at " in run_cli("--config", str(config), "status").stdout
+
+
+def test_the_socket_path_read_line_by_line_agrees_with_the_toml_parser() -> None:
+    import tomllib
+
+    from gpuwarden.config_file import _UNSURE, _plain_socket
+
+    cases = [
+        "", "[daemon]\n", '[daemon]\nsocket = "/run/a.sock"\n',
+        "[daemon]\nsocket = '/run/b.sock'  # literal\n",
+        '[ daemon ]\nsocket="/run/c.sock"\n[api]\nsocket_connections = 3\n',
+        '[api]\nsocket = "/not/this"\n[daemon]\nsample_interval = 1\n',
+        '[daemon.sub]\nsocket = "/not/this"\n',
+        'daemon.socket = "/run/d.sock"\n', 'daemon = { socket = "/run/e.sock" }\n',
+        '[daemon]\n"socket" = "/run/f.sock"\n', '[daemon]\nsocket = "/run/\\u0067.sock"\n',
+        '[daemon]\nsocket.x = "y"\n', '[[daemon]]\nsocket = "/run/h.sock"\n',
+        '["daemon"]\nsocket = "/run/i.sock"\n',
+        'x = """\n[daemon]\nsocket = "/not/this"\n"""\n',
+        '# [daemon]\n# socket = "/not/this"\n[daemon]\n#socket = "/x"\n',
+    ]
+    sure = 0
+    for text in cases:
+        plain = _plain_socket(text)
+        if plain is _UNSURE:
+            continue
+        sure += 1
+        daemon = tomllib.loads(text).get("daemon", {})
+        assert plain == (daemon.get("socket") if isinstance(daemon, dict) else None), text
+    assert sure >= 8  # the plain files really are read without the parser

@@ -14,16 +14,19 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
 from .config_file import DEFAULT_SOCKET, config_path, duration_seconds, socket_path
 from .control_client import GROUP_HINT, ControlClient, Response
 from .errors import ConfigError, DaemonUnreachable, GpuwardenError
 
-if TYPE_CHECKING:  # the model (pydantic) is imported only by the verbs that validate
+# Not typing.TYPE_CHECKING: a client verb imports neither typing nor pydantic (mypy
+# reads this constant the same way).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from typing import Any, NoReturn
+
     from .config import Config
 
 __all__ = ["ControlClient", "main"]
@@ -57,7 +60,7 @@ def _client(args: argparse.Namespace, timeout: float | None = None) -> ControlCl
         return ControlClient(url=args.url, token=token, timeout=timeout)
     explicit = args.config or os.environ.get("GPUWARDEN_CONFIG")
     try:
-        present = bool(explicit) or config_path(None).exists()
+        present = bool(explicit) or os.path.exists(config_path(None))
     except PermissionError:  # there, but not this user's to read: socket_path says so
         present = True
     if not present:
@@ -546,6 +549,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
              "node with your own config (an [api] listener, say), copy that file, edit "
              "it, and run: gpuwarden daemon --config PATH", EXIT_USAGE)
     _setup_logging()
+    from pathlib import Path
+
     return run_demo(Path(args.dir) if args.dir else None)
 
 
@@ -565,6 +570,18 @@ def _seconds(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
     return value
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's formatter, sized without importing shutil (it would for every
+    parser argparse builds, help asked for or not)."""
+
+    def __init__(self, prog: str) -> None:
+        try:
+            columns = int(os.environ.get("COLUMNS", "")) or os.get_terminal_size().columns
+        except (ValueError, OSError):
+            columns = 80
+        super().__init__(prog, width=max(columns - 2, 40))
 
 
 class _Unused:
@@ -604,11 +621,11 @@ def _event_id(text: str) -> int:
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The CLI's parser; with `only`, just that verb's (each sub-parser costs about a
     millisecond, and `watch -n1 gpuwarden status` should not pay for ten)."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = argparse.ArgumentParser(add_help=False, formatter_class=_Formatter)
     common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
                         help="config file (default: $GPUWARDEN_CONFIG, else "
                              "/etc/gpuwarden/config.toml)")
-    client = argparse.ArgumentParser(add_help=False)
+    client = argparse.ArgumentParser(add_help=False, formatter_class=_Formatter)
     client.add_argument("--url", default=argparse.SUPPRESS,
                         help="reach the daemon over HTTP instead of its socket")
     client.add_argument("--token", default=argparse.SUPPRESS,
@@ -619,14 +636,16 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                              "ends; past it: exit 4, and the switch goes on)")
 
     parser = argparse.ArgumentParser(prog="gpuwarden", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=_Formatter)
     parser.add_argument("--config", metavar="PATH", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"gpuwarden {__version__}")
     parser.set_defaults(url=None, token=None, timeout=None)
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     def verb(name: str, **kwargs: Any) -> Any:
-        return sub.add_parser(name, **kwargs) if only in (None, name) else _Unused()
+        if only not in (None, name):
+            return _Unused()
+        return sub.add_parser(name, formatter_class=_Formatter, **kwargs)
 
     p = verb("daemon", parents=[common], help="run the service (what systemd runs)")
     p.set_defaults(func=cmd_daemon)

@@ -140,7 +140,7 @@ class _Section(BaseModel):
 class DaemonConfig(_Section):
     sample_interval: PositiveSeconds = 1.0
     state_dir: Path = Path("/var/lib/gpuwarden")
-    socket: Path = DEFAULT_SOCKET
+    socket: Path = Path(DEFAULT_SOCKET)
     socket_group: str | None = "gpuwarden"
     default_mode: str = IDLE_MODE
     roll_back_failed_start: bool = True
@@ -630,7 +630,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         ConfigError: the file is unreadable or not TOML, or any key is invalid; the
             error's `problems` names every one by key path, all in one pass.
     """
-    file = config_path(path)
+    file = Path(config_path(path))
     encoding: list[str] = []
     data = read_toml(file, encoding)
     token = _secret_base.set(file.resolve().parent)
