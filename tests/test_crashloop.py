@@ -116,7 +116,7 @@ def test_crash_loop_is_blocked_and_unblock_needs_a_clear_gpu(
     assert not containers.running(crashy)
     again = run_cli("--config", str(config), "unblock", "comfyui")
     assert again.returncode == 1 and "not blocked" in again.stderr
-    assert run_cli("--config", str(config), "unblock", "ghost").returncode == 1
+    assert run_cli("--config", str(config), "unblock", "ghost").returncode == 2  # bad usage
 
 
 def test_the_gate_after_the_release_refuses_a_card_filled_during_the_switch(
@@ -165,6 +165,10 @@ def test_the_gate_after_the_release_refuses_a_card_filled_during_the_switch(
         if stray is not None:
             stray.kill()
             stray.wait()
+    deadline = time.monotonic() + 30
+    while daemon.status()["gpus"][0]["used_mib"] > 2000:  # the stray's VRAM is back
+        assert time.monotonic() < deadline, daemon.status()["gpus"][0]
+        time.sleep(0.05)
     result = run_cli("--config", str(config), "mode", "image", "--json")
     assert result.returncode == 0, result.stdout
 

@@ -44,8 +44,12 @@ def test_install_verify_idempotent_and_uninstall(tmp_path: Path) -> None:
     unit = prefix / "etc/systemd/system/gpuwarden.service"
     text = unit.read_text()
     assert f"ExecStart={prefix}/opt/gpuwarden/venv/bin/gpuwarden daemon" in text
-    verify = analyze("verify", str(unit))
+    # --man=no: the unit names man:gpuwarden(1), which verify would look up in this
+    # machine's man database; the staged install has the page under its prefix.
+    verify = analyze("verify", "--man=no", str(unit))
     assert verify.returncode == 0 and verify.stdout + verify.stderr == "", verify.stderr
+    assert "man:gpuwarden(1)" in text
+    assert (prefix / "usr/local/share/man/man1/gpuwarden.1").read_text().startswith(".TH")
     installed = prefix / "opt/gpuwarden/venv/bin/gpuwarden"
     config = prefix / "etc/gpuwarden/config.toml"
     check = subprocess.run([str(installed), "check-config", str(config)], capture_output=True,
@@ -63,7 +67,7 @@ def test_install_verify_idempotent_and_uninstall(tmp_path: Path) -> None:
     dropin = prefix / "etc/systemd/system/gpuwarden.service.d/credentials.conf"
     assert f"LoadCredential=discord.token:{prefix}/etc/gpuwarden/credentials/discord.token" \
         in dropin.read_text()
-    assert analyze("verify", str(unit)).returncode == 0
+    assert analyze("verify", "--man=no", str(unit)).returncode == 0
 
     removed = install("--prefix", str(prefix), "--uninstall")
     assert removed.returncode == 0, removed.stderr

@@ -124,6 +124,16 @@ def holders(doc: dict[str, Any]) -> list[tuple[str | None, int]]:
     return [(p["workload"], p["used_mib"]) for p in doc["gpus"][0]["processes"]]
 
 
+def held_by(host: SystemdHost, mode: str, expected: list[tuple[str, int]]) -> dict[str, Any]:
+    """The status once `mode` is settled and its workload holds its VRAM (a unit or
+    process without a readiness check counts as started before it claims any)."""
+    settled(host, mode)
+    found: dict[str, Any] = host.wait(
+        f"{expected} holding VRAM", lambda: (lambda d: d if holders(d) == expected else None)(
+            host.status()), timeout=60)
+    return found
+
+
 def unit_property(host: SystemdHost, unit: str, prop: str) -> str:
     return host.run(f"systemctl show -p {prop} --value {unit}").stdout.strip()
 
@@ -134,15 +144,13 @@ def events(host: SystemdHost, name: str) -> list[dict[str, Any]]:
 
 def test_ollama_unit_and_a_process_outside_the_sandbox_switch_with_release_proven(
         host: SystemdHost) -> None:
-    doc = settled(host, "llm")
     # The unit's process (another user's) is attributed by its cgroup.
-    assert holders(doc) == [("ollama", 6000)], doc
+    held_by(host, "llm", [("ollama", 6000)])
     assert unit_property(host, "ollama.service", "ActiveState") == "active"
 
     switched = host.run(f"{GW} mode image")
     assert "llm -> image" in switched.stdout, switched.stdout
-    doc = settled(host, "image")
-    assert holders(doc) == [("comfyui", 8000)], doc
+    held_by(host, "image", [("comfyui", 8000)])
     # Ollama was asked to unload its model before its unit was stopped.
     assert "unloaded standin:7b" in host.run("journalctl -u ollama -o cat").stdout
     assert unit_property(host, "ollama.service", "ActiveState") == "inactive"
@@ -158,15 +166,14 @@ def test_ollama_unit_and_a_process_outside_the_sandbox_switch_with_release_prove
     assert completed, "no audited switch"
 
     host.run(f"{GW} mode llm")
-    doc = settled(host, "llm")
-    assert holders(doc) == [("ollama", 6000)], doc
+    held_by(host, "llm", [("ollama", 6000)])
     assert unit_property(host, "gpuwarden-comfyui.service", "ActiveState") in ("inactive", "")
 
 
 def test_a_process_workload_is_readopted_after_kill_9_without_overlap(
         host: SystemdHost) -> None:
     host.run(f"{GW} mode image")
-    settled(host, "image")
+    held_by(host, "image", [("comfyui", 8000)])
     pid = unit_property(host, "gpuwarden-comfyui.service", "MainPID")
     ollama_started = unit_property(host, "ollama.service", "ActiveEnterTimestampMonotonic")
     restarts = int(unit_property(host, "gpuwarden.service", "NRestarts"))
