@@ -324,24 +324,26 @@ async def _event_stream(request: web.Request, since: int | None) -> web.StreamRe
     """Server-sent events: those after `since` (without it, only new ones), then each
     as it is published, until the client goes or the daemon stops. The first line
     names the newest event id at the moment the stream began."""
-    bus = request.app[SERVICE].bus
+    service = request.app[SERVICE]
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                        "Cache-Control": "no-store"})
     await resp.prepare(request)
-    last = bus.last_id() if since is None else since
+    last = service.last_event_id() if since is None else since
     await resp.write(f": events after {last}\n\n".encode())
     try:
-        while not bus.streams_closed:
-            events = bus.since(last, 1000)
+        while True:
+            events = service.events_since(last, 1000)
             for event in events:
                 data = json.dumps(event.to_dict(), default=str)
                 await resp.write(f"id: {event.id}\nevent: {event.name}\ndata: {data}\n\n"
                                  .encode())
                 last = event.id
-            if not events:
-                await bus.wait_after(last, _HEARTBEAT_S)
-                if bus.last_id() <= last and not bus.streams_closed:
-                    await resp.write(b": still here\n\n")
+            if events:
+                continue
+            if not await service.wait_for_events(last, _HEARTBEAT_S):
+                break  # the daemon is stopping
+            if service.last_event_id() <= last:
+                await resp.write(b": still here\n\n")
     except (ConnectionResetError, ConnectionError):
         pass  # the follower went away
     return resp

@@ -269,6 +269,15 @@ class Service:
     def events_since(self, event_id: int, limit: int = 500) -> list[Event]:
         return self.bus.since(event_id, limit)
 
+    def last_event_id(self) -> int:
+        return self.bus.last_id()
+
+    async def wait_for_events(self, after_id: int, timeout: float) -> bool:
+        """Wait (at most `timeout`) for an event after `after_id`; False once the
+        daemon is stopping and followers should let go."""
+        await self.bus.wait_after(after_id, timeout)
+        return not self.bus.streams_closed
+
     # -- actions ---------------------------------------------------------------
 
     async def unblock(self, workload: str, *, requested_by: str) -> dict[str, Any]:

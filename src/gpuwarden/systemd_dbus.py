@@ -220,10 +220,6 @@ class SystemdBus:
 
     # --- what workloads and the daemon use (blocking) --------------------------------
 
-    def connect(self) -> None:
-        """Connect now (later calls reconnect on their own after a drop)."""
-        self._run(self._connected())
-
     def watch(self, units: list[str], on_change: UnitChange) -> None:
         """Call `on_change` (on the bus thread) when a property of `units` changes."""
         async def add() -> None:
