@@ -167,6 +167,17 @@ def format_status(doc: dict[str, Any]) -> str:
             why = f"  {stopped['reason']}{when}"
         lines.append(f"  {wl['name']:<16} {wl['kind']:<8} {wl['state']:<9} gpu {gpu}"
                      f"{paint(blocked, 'red')}{why}")
+    for proxy in doc.get("proxies", []):
+        state = "forwarding" if proxy["up"] else f"{proxy['workload']} not running"
+        waiting = ""
+        if proxy["waiting"]:
+            waiting = (f", {proxy['waiting']} waiting for mode {proxy['mode']} (oldest "
+                       f"{proxy['oldest_wait_s']:.0f} s)"
+                       + (f": {proxy['blocker']}" if proxy.get("blocker") else ""))
+        lines.append(f"proxy {proxy['workload']:<10} {proxy['listen']} -> {proxy['upstream']}"
+                     f"  {state}, {proxy['in_flight']} in flight{waiting}; "
+                     f"{proxy['forwarded']} forwarded, {proxy['cached']} from cache, "
+                     f"{proxy['rejected']} rejected")
     alert = doc.get("last_alert")
     if alert:
         state = f"; resolved {_when(alert['resolved_at'])}" if alert.get("resolved_at") \

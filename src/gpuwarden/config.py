@@ -404,6 +404,30 @@ class N8nConfig(_Section):
         return self
 
 
+class ProxyConfig(_Section):
+    """A demand proxy in front of one workload's HTTP API (`[proxy.<workload>]`)."""
+
+    # Where clients connect: the address they used for the workload itself (move the
+    # workload to another port and set its `url` there).
+    listen: str
+    # The API behind it, which decides what is demand: "ollama" or "comfyui".
+    # Default: the workload's `release`.
+    api: Literal["ollama", "comfyui"] | None = None
+    # The mode a request switches to; needed only when the workload is in several.
+    mode: str | None = None
+    # How long a demand request waits for its mode before it is answered 503.
+    max_wait: Duration = 120.0
+    # Demand requests that may wait at once; one more is answered 503 at once.
+    max_waiting: int = Field(100, ge=1)
+    # Once demand gave this workload's mode the GPU, demand for another mode waits at
+    # least this long while this one still has work; a mode switched to by hand is held
+    # this long in any case.
+    min_dwell: NonNegativeSeconds = 30.0
+    # Demand for a mode of higher priority (its workloads' highest `priority`) may stop
+    # a ComfyUI with jobs running or queued, interrupting them.
+    preempt: bool = False
+
+
 class DeliveryConfig(_Section):
     """Outbound webhooks: a bounded queue per receiver, retries with backoff."""
 
@@ -437,6 +461,7 @@ class Config(BaseSettings):
     discord: DiscordConfig = DiscordConfig()
     n8n: N8nConfig = N8nConfig()
     delivery: DeliveryConfig = DeliveryConfig()
+    proxy: dict[str, ProxyConfig] = {}
 
     @classmethod
     def settings_customise_sources(
@@ -463,6 +488,19 @@ class Config(BaseSettings):
     def modes_on_gpu(self, gpu: int) -> list[str]:
         return [name for name, mode in self.all_modes().items() if mode.gpu == gpu or
                 name == IDLE_MODE]
+
+    def modes_of_workload(self, workload: str) -> list[str]:
+        return [name for name, mode in self.modes.items() if workload in mode.workloads]
+
+    def proxy_mode(self, workload: str) -> str:
+        """The mode a demand request through `workload`'s proxy switches to."""
+        proxy = self.proxy[workload]
+        return proxy.mode or self.modes_of_workload(workload)[0]
+
+    def proxy_api(self, workload: str) -> str:
+        api = self.proxy[workload].api or self.workloads[workload].release
+        assert api in ("ollama", "comfyui"), "validated with the config"
+        return api
 
     def gpu_of_workload(self, workload: str) -> int | None:
         for mode in self.modes.values():
@@ -529,12 +567,74 @@ def _cross_check(config: Config) -> list[str]:
             )
     if config.api.listen is not None:
         problems.extend(_check_listen(config.api))
+    problems.extend(_check_proxies(config))
     api_secret, n8n_secret = config.api.signing_secret, config.n8n.signing_secret
     if (api_secret is not None and n8n_secret is not None
             and api_secret.get_secret_value() == n8n_secret.get_secret_value()):
         # Outbound events signed with it could be replayed inbound as commands.
         problems.append("api.signing_secret: the same as n8n.signing_secret; use two "
                         "secrets (gpuwarden secret whsec), one per direction")
+    return problems
+
+
+def parse_listen(listen: str) -> tuple[str, int] | None:
+    """`HOST:PORT` (host an IP address or localhost, [v6] allowed) as (host, port)."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    host = host.strip("[]")
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return None
+    return host, int(port)
+
+
+def _check_proxies(config: Config) -> list[str]:
+    problems: list[str] = []
+    seen: dict[tuple[str, int], str] = {}
+    api_listen = parse_listen(config.api.listen) if config.api.listen else None
+    for name, proxy in config.proxy.items():
+        key = f"proxy.{name}"
+        workload = config.workloads.get(name)
+        if workload is None:
+            problems.append(f"{key}: no workload named {name!r} (a proxy's table is named "
+                            f"after its workload: {', '.join(sorted(config.workloads))})")
+            continue
+        if not workload.url:
+            problems.append(f"{key}: workload {name!r} has no url to forward to (set "
+                            f"workloads.{name}.url)")
+        if (proxy.api or workload.release) not in ("ollama", "comfyui"):
+            problems.append(f"{key}.api: set \"ollama\" or \"comfyui\" (workload {name!r} "
+                            "has release = \"none\", so its API is not known)")
+        modes = config.modes_of_workload(name)
+        if proxy.mode is not None and proxy.mode not in modes:
+            problems.append(f"{key}.mode: {proxy.mode!r} is not a mode of workload {name!r} "
+                            f"(its modes: {', '.join(modes) or 'none'})")
+        elif proxy.mode is None and len(modes) != 1:
+            problems.append(f"{key}.mode: workload {name!r} is in "
+                            + (f"modes {', '.join(modes)}: say which one demand switches to"
+                               if modes else "no mode: add it to one"))
+        address = parse_listen(proxy.listen)
+        if address is None:
+            problems.append(f"{key}.listen: expected host:port with an IP address or "
+                            f"localhost, got {proxy.listen!r}")
+            continue
+        if address in seen:
+            problems.append(f"{key}.listen: {proxy.listen} is also proxy.{seen[address]}'s")
+        seen[address] = name
+        if api_listen == address:
+            problems.append(f"{key}.listen: {proxy.listen} is also api.listen")
+        try:
+            target = urlsplit(workload.url or "")
+            own = (target.hostname, target.port)
+        except ValueError:  # a bad port in the url: reported on its own key
+            own = None
+        if own == address:
+                problems.append(f"{key}.listen: {proxy.listen} is the workload's own url; "
+                                "move the workload to another port, or the proxy would "
+                                "forward to itself")
     return problems
 
 

@@ -48,6 +48,7 @@ from .workloads.systemd import SystemdWorkload, UnitLifecycle
 
 if TYPE_CHECKING:
     from .discord_bot import DiscordFrontEnd
+    from .proxy import DemandProxies
 
 __all__ = ["Daemon", "DaemonState", "build_workloads", "run_daemon"]
 
@@ -135,6 +136,7 @@ class Daemon:
         self._units: dict[str, tuple[str, UnitLifecycle]] = {}  # unit -> workload, lifecycle
         self._restore_task: asyncio.Task[None] | None = None
         self.service: Service | None = None
+        self._proxies: DemandProxies | None = None
 
     async def setup(self) -> None:
         if self.state is not DaemonState.NEW:
@@ -163,6 +165,7 @@ class Daemon:
         self.service = Service(cfg, self._backend, owners, self._workloads, persisted, self.bus,
                                watchdog)
         self._http = httpx.AsyncClient()
+        self.service.http = self._http
         supervisor = WorkloadSupervisor(self._workloads)
         self.service.supervisor = supervisor
         self._switcher = ModeSwitcher(cfg, self._workloads, supervisor, store, persisted,
@@ -194,6 +197,7 @@ class Daemon:
 
         await self._tick()
         await self._listen(cfg.daemon.socket)
+        await self._start_proxies()
 
         self._scheduler = AsyncIOScheduler()
         self._scheduler.add_job(
@@ -370,6 +374,20 @@ class Daemon:
             # still goes to a receiver that was sent the alert.
             self.bus.subscribe(sink.offer)
 
+    async def _start_proxies(self) -> None:
+        assert self.service is not None
+        if not self.config.proxy:
+            return
+        from .proxy import DemandProxies  # only nodes with proxies load them
+
+        proxies = DemandProxies(self.service, self.bus, self.metrics)
+        try:
+            await proxies.start()
+        except OSError as exc:
+            raise GpuwardenError(f"a demand proxy cannot listen: {exc}") from exc
+        self._proxies = proxies
+        self.service.status_sections["proxies"] = proxies.status
+
     async def _listen(self, path: Path) -> None:
         assert self.service is not None
         api = self.config.api
@@ -430,6 +448,8 @@ class Daemon:
         if self._restore_task is not None:
             self._restore_task.cancel()
             await asyncio.gather(self._restore_task, return_exceptions=True)
+        if self._proxies is not None:  # waiting requests are answered 503 first
+            await self._proxies.close()
         if self._docker_events is not None:
             await asyncio.to_thread(self._docker_events.stop)
         if self._guard is not None:

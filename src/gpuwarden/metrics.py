@@ -21,6 +21,7 @@ _GPU = ("gpu", "uuid", "name")
 _TIERS = {"ok": 0, "warn": 1, "alert": 2, "critical": 3}
 _SWITCH_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 _RELEASE_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2, 5, 10, 30, 60)
+_WAIT_BUCKETS = (0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
 
 
 class Metrics:
@@ -79,6 +80,24 @@ class Metrics:
         self.api_refused = Counter("gpuwarden_api_connections_refused",
                                    "API connections answered 503 because the door was full",
                                    ("door",), registry=r)
+        # The demand proxies (proxy: the workload's name).
+        self.proxy_waiting = Gauge("gpuwarden_proxy_waiting",
+                                   "Demand requests waiting for their mode", ("proxy",),
+                                   registry=r)
+        self.proxy_wait = Histogram("gpuwarden_proxy_wait_seconds",
+                                    "How long demand requests waited before being forwarded",
+                                    ("proxy",), buckets=_WAIT_BUCKETS, registry=r)
+        self.proxy_requests = Counter("gpuwarden_proxy_requests",
+                                      "Requests by outcome (forwarded, cached, local, "
+                                      "rejected, unavailable, error)",
+                                      ("proxy", "outcome"), registry=r)
+        self.proxy_rejected = Counter("gpuwarden_proxy_rejected",
+                                      "Demand requests answered 503, by cause (max_wait, "
+                                      "queue_full, blocked, switch_failed)",
+                                      ("proxy", "cause"), registry=r)
+        self.proxy_switches = Counter("gpuwarden_proxy_demand_switches",
+                                      "Mode switches made for waiting demand",
+                                      ("gpu", "mode"), registry=r)
         # Open connections per door, read when metrics are rendered.
         self.connections: Callable[[], dict[str, int]] = dict
 

@@ -137,6 +137,11 @@ class _Running:
     outgoing: frozenset[str]  # the workloads of the mode being left
     incoming: frozenset[str]  # the workloads of the mode being entered
     released: bool = False  # the outgoing workloads' VRAM is proven back
+    cause: dict[str, Any] | None = None  # what made a front end ask, for the audit
+
+    def audit(self) -> dict[str, Any]:
+        """Event fields every event of this switch carries."""
+        return {} if self.cause is None else {"cause": self.cause}
 
     def begin(self, transition: Transition, outgoing: frozenset[str],
               incoming: frozenset[str]) -> None:
@@ -287,6 +292,7 @@ class ModeSwitcher:
         force: bool = False,
         wait: bool = True,
         reconcile: bool = False,
+        cause: dict[str, Any] | None = None,
     ) -> SwitchResult:
         """Switch a GPU to `mode`, or, when `mode` is already active, start those of its
         workloads that are down (a heal: `mode.reconcile`).
@@ -295,7 +301,8 @@ class ModeSwitcher:
         as `mode.switch.refused`. With `wait=False` returns as soon as the switch is
         under way (`pending`; the outcome is in the events, status and
         `switch_state(id)`). `reconcile` makes a pass over an active mode even when
-        nothing looks down (the daemon's start).
+        nothing looks down (the daemon's start). `cause` (e.g. the request a demand proxy
+        holds) is audited with the switch's events.
 
         Raises:
             NotFoundError: unknown mode.
@@ -318,11 +325,12 @@ class ModeSwitcher:
             other = running.transition
             raise self._refused(transition, index, force, ConflictError(
                 f"a switch to {other.to_mode!r} is already running on GPU {index} "
-                f"(id {other.id})", {"id": other.id, "to": other.to_mode, "gpu": index}))
+                f"(id {other.id})", {"id": other.id, "to": other.to_mode, "gpu": index}),
+                cause)
         loop = asyncio.get_running_loop()
         entry = _Running(transition, index, loop.create_future(),
                          frozenset(self._workloads_of(current)),
-                         frozenset(self._workloads_of(mode)))
+                         frozenset(self._workloads_of(mode)), cause=cause)
         # Claim the GPU before the first await, so a concurrent request sees this one.
         self._running[index] = entry
         t0 = time.monotonic()  # the switch's time includes its planning
@@ -336,7 +344,7 @@ class ModeSwitcher:
                 # ...and one that joined without waiting finds it by id.
                 self._keep(SwitchResult(False, index, current, mode, transition.id,
                                         error=str(exc), detail={"refused": exc.detail}))
-                raise self._refused(transition, index, force, exc) from None
+                raise self._refused(transition, index, force, exc, cause) from None
             entry.future.cancel()
             raise
         if plan is None:  # the mode is active and whole: nothing to do
@@ -356,13 +364,13 @@ class ModeSwitcher:
             self._results.popitem(last=False)
 
     def _refused(self, tr: Transition, gpu: int, force: bool,
-                 exc: RefusedError) -> RefusedError:
+                 exc: RefusedError, cause: dict[str, Any] | None = None) -> RefusedError:
         """Audit a refusal (nothing was changed) and hand it back to be raised."""
         self._bus.publish(
             "mode.switch.refused", f"GPU {gpu}: switch to {tr.to_mode} refused: {exc}",
             severity=Severity.WARNING, requested_by=tr.requested_by, gpu=gpu,
             mode=tr.from_mode, **_from_to(tr), reason=str(exc), figures=exc.detail,
-            force=force,
+            force=force, **({} if cause is None else {"cause": cause}),
         )
         return exc
 
@@ -456,7 +464,7 @@ class ModeSwitcher:
             self._bus.publish(
                 "mode.switch.started", f"GPU {gpu}: {tr.from_mode} -> {tr.to_mode}",
                 requested_by=tr.requested_by, gpu=gpu, transition_id=tr.id, mode=tr.to_mode,
-                **_from_to(tr),
+                **_from_to(tr), **entry.audit(),
             )
         result: SwitchResult | None = None
         try:
@@ -560,14 +568,14 @@ class ModeSwitcher:
                 f"GPU {gpu}: mode {tr.to_mode}: "
                 + ("; ".join(d for d in done if d) or "nothing to start or stop"),
                 requested_by=tr.requested_by, gpu=gpu, transition_id=tr.id, mode=tr.to_mode,
-                started=started, stopped=plan.running_stop, timings=rounded,
+                started=started, stopped=plan.running_stop, timings=rounded, **entry.audit(),
             )
         else:
             self._bus.publish(
                 "mode.switch.completed",
                 f"GPU {gpu}: {tr.from_mode} -> {tr.to_mode} in {timings['total_s']:.2f} s",
                 requested_by=tr.requested_by, gpu=gpu, transition_id=tr.id, mode=tr.to_mode,
-                **_from_to(tr), timings=rounded, started=started,
+                **_from_to(tr), timings=rounded, started=started, **entry.audit(),
             )
         return SwitchResult(True, gpu, tr.from_mode, tr.to_mode, tr.id, rounded,
                             started=started, stopped=plan.running_stop)
@@ -641,7 +649,7 @@ class ModeSwitcher:
             "mode.switch.failed", f"GPU {gpu}: switch to {tr.to_mode} failed: {error}{back}",
             severity=Severity.ERROR, requested_by=tr.requested_by, gpu=gpu, transition_id=tr.id,
             mode=mode, **_from_to(tr), error=error, rolled_back_to=rolled_back_to,
-            timings=rounded,
+            timings=rounded, **entry.audit(),
         )
         return SwitchResult(False, gpu, tr.from_mode, tr.to_mode, tr.id, rounded,
                             error + back, detail)

@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+
+import httpx
 
 from .config import IDLE_MODE, Config
 from .crashloop import CrashLoopGuard
@@ -22,9 +25,22 @@ from .modes import ModeSwitcher, SwitchResult
 from .state import State
 from .watchdog import Watchdog
 from .workloads.base import Workload, WorkloadState, WorkloadStatus
+from .workloads.release import comfyui_queue_size
 from .workloads.supervisor import WorkloadSupervisor, describe_stop
 
-__all__ = ["Service"]
+__all__ = ["ProxyView", "Service"]
+
+
+@dataclass(frozen=True)
+class ProxyView:
+    """What a demand proxy needs to know of its workload's GPU, read in one go."""
+
+    gpu: int
+    mode: str  # the GPU's mode now ("idle" when none)
+    mode_since: float | None  # Unix time it became active
+    switching_to: str | None  # the mode a switch under way heads for
+    running: bool  # the workload runs (as last sampled)
+    blocked: str | None  # why the workload is blocked after a crash loop
 
 
 class Service:
@@ -52,10 +68,11 @@ class Service:
         self.crashloop: CrashLoopGuard | None = None
         self.metrics: Metrics | None = None
         # Extra status sections from other parts (e.g. "discord": the bot's state).
-        self.status_sections: dict[str, Callable[[], dict[str, Any]]] = {}
+        self.status_sections: dict[str, Callable[[], dict[str, Any] | list[dict[str, Any]]]] = {}
         self._snapshot: AttributedSample | None = None
         self._statuses: dict[str, WorkloadStatus] = {}
         self._started_at = time.time()
+        self.http: httpx.AsyncClient | None = None  # the daemon's, for ComfyUI queues
 
     # -- sampling (called by the daemon's scheduler) ---------------------------
 
@@ -278,6 +295,35 @@ class Service:
         await self.bus.wait_after(after_id, timeout)
         return not self.bus.streams_closed
 
+    def proxy_view(self, workload: str) -> ProxyView:
+        """The state of `workload`'s GPU as its demand proxy sees it."""
+        gpu = self.config.gpu_of_workload(workload)
+        assert gpu is not None, "a proxied workload is in a mode (checked with the config)"
+        st = self._state.gpu(gpu)
+        transition = self.switcher.transition_of(gpu) if self.switcher else None
+        status = self._statuses.get(workload)
+        block = self._state.blocks.get(workload)
+        return ProxyView(
+            gpu=gpu, mode=st.mode or IDLE_MODE, mode_since=st.mode_since,
+            switching_to=None if transition is None else transition.to_mode,
+            running=status is not None and status.running,
+            blocked=None if block is None else block.reason,
+        )
+
+    def workload_names(self, mode: str) -> list[str]:
+        return list(self.config.all_modes()[mode].workloads)
+
+    async def queued_jobs(self, workload: str, timeout: float) -> int:
+        """ComfyUI's running plus pending jobs (0 for a workload without a queue).
+
+        Raises:
+            QueueUnreadable: the queue did not answer within `timeout`, or not as a queue.
+        """
+        config = self._workloads[workload].config
+        if config.release != "comfyui" or not config.url or self.http is None:
+            return 0
+        return await comfyui_queue_size(self.http, config.url.rstrip("/"), timeout)
+
     # -- actions ---------------------------------------------------------------
 
     async def unblock(self, workload: str, *, requested_by: str) -> dict[str, Any]:
@@ -296,12 +342,14 @@ class Service:
 
     async def switch_mode(
         self, mode: str, *, gpu: int | None = None, requested_by: str, force: bool = False,
-        wait: bool = True,
+        wait: bool = True, cause: dict[str, Any] | None = None,
     ) -> SwitchResult:
-        """Switch a GPU's mode (see ModeSwitcher.switch for what it refuses and why)."""
+        """Switch a GPU's mode (see ModeSwitcher.switch for what it refuses and why).
+        `cause`: what made a front end ask (the demand proxy's request), audited with
+        the switch's events."""
         assert self.switcher is not None, "the daemon wires the switcher before serving"
         # The switcher refreshes the figures before it gives out a result, so a status
         # read right after shows the new mode's.
         return await self.switcher.switch(
-            mode, gpu=gpu, requested_by=requested_by, force=force, wait=wait
+            mode, gpu=gpu, requested_by=requested_by, force=force, wait=wait, cause=cause
         )

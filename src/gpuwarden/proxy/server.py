@@ -1,0 +1,314 @@
+"""One reverse proxy per workload, at the address its clients already use.
+
+Everything is forwarded as it comes: Ollama's native API and its OpenAI-compatible
+`/v1/*`, ComfyUI's HTTP API and its `/ws` websocket. Bodies stream both ways chunk
+by chunk (NDJSON, server-sent events, uploads, downloads), compressed ones untouched.
+Demand (see `demand.py`) first gets a ticket from its GPU's scheduler, which may make
+it wait for a switch; the rest never waits and never switches anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import logging
+import time
+from email.utils import formatdate
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp import web
+
+from ..config import Config, parse_listen
+from .cache import ReadCache, cache_key
+from .demand import Kind, classify, local_answer, reads_body
+from .scheduler import DemandScheduler, Rejection, Ticket
+
+if TYPE_CHECKING:
+    from ..metrics import Metrics
+    from ..service import Service
+
+__all__ = ["WorkloadProxy"]
+
+log = logging.getLogger(__name__)
+
+# Headers of one hop (RFC 9110, 7.6.1), never forwarded.
+_HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate",
+                         "proxy-authorization", "te", "trailer", "transfer-encoding",
+                         "upgrade", "proxy-connection"})
+# A body read to classify a request (Ollama's JSON, images included) is at most this.
+_CLASSIFY_BODY_LIMIT = 64 << 20
+CACHE_HEADER = "X-Gpuwarden-Cache"
+
+
+class WorkloadProxy:
+    """The proxy of workload `name`: an aiohttp server forwarding to its `url`."""
+
+    def __init__(self, name: str, config: Config, service: Service,
+                 scheduler: DemandScheduler, cache: ReadCache,
+                 metrics: Metrics | None = None) -> None:
+        proxy = config.proxy[name]
+        self.name = name
+        self.listen = proxy.listen
+        self.api = config.proxy_api(name)
+        self.mode = config.proxy_mode(name)
+        url = config.workloads[name].url
+        assert url, "checked with the config"
+        self.upstream = url.rstrip("/")
+        self._upstream_host = urlsplit(self.upstream).netloc
+        self._max_wait = proxy.max_wait
+        self._max_waiting = proxy.max_waiting
+        self._service = service
+        self._scheduler = scheduler
+        self._cache = cache
+        self._metrics = metrics
+        self._session: aiohttp.ClientSession | None = None
+        self._runner: web.AppRunner | None = None
+        self._sockets: set[web.WebSocketResponse] = set()
+        self._writes: set[asyncio.Future[None]] = set()
+        self.counts = {"forwarded": 0, "cached": 0, "local": 0, "rejected": 0,
+                       "unavailable": 0, "error": 0}
+
+    def cache_load(self) -> None:
+        """Index the answers kept by an earlier run (blocking)."""
+        self._cache.load()
+
+    async def start(self) -> None:
+        # No total timeout: a model load, then a long stream, may take many minutes.
+        self._session = aiohttp.ClientSession(
+            auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+            connector=aiohttp.TCPConnector(limit=0),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+        app = web.Application(client_max_size=_CLASSIFY_BODY_LIMIT)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        # A client that goes away cancels its handler: a waiting request leaves the
+        # queue, a forwarded one stops reading from the upstream.
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        address = parse_listen(self.listen)
+        assert address is not None, "checked with the config"
+        await web.TCPSite(self._runner, address[0], address[1]).start()
+
+    async def close(self) -> None:
+        for ws in list(self._sockets):
+            await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"gpuwarden stopping")
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await asyncio.gather(*self._writes, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+
+    def status(self) -> dict[str, Any]:
+        waits = self._scheduler.waiting(proxy=self.name)
+        view = self._service.proxy_view(self.name)
+        return {
+            "workload": self.name, "listen": self.listen, "upstream": self.upstream,
+            "api": self.api, "mode": self.mode,
+            "up": self._up(),
+            "in_flight": self._scheduler.in_flight(self.mode),
+            "waiting": len(waits), "oldest_wait_s": round(waits[0], 3) if waits else None,
+            "blocker": self._scheduler.blocker(self.mode),
+            "active_mode": view.mode, **self.counts,
+        }
+
+    def _count(self, outcome: str) -> None:
+        self.counts[outcome] += 1
+        if self._metrics is not None:
+            self._metrics.proxy_requests.labels(self.name, outcome).inc()
+
+    def _up(self) -> bool:
+        """The upstream runs in the active mode, with no switch under way."""
+        view = self._service.proxy_view(self.name)
+        return view.running and view.switching_to is None and \
+            self.name in self._service.workload_names(view.mode)
+
+    # -- requests ---------------------------------------------------------------
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return await self._websocket(request)
+        body: bytes | None = None
+        if reads_body(self.api, request.method, request.path):
+            body = await request.read()  # small JSON; over 64 MiB is answered 413
+        kind = classify(self.api, request.method, request.path, body)
+        if kind is Kind.DEMAND:
+            return await self._demand(request, body)
+        if self._up():
+            key = cache_key(request.method, request.path_qs, body) \
+                if kind is Kind.READ else None
+            return await self._forward(request, body, key)
+        if kind is Kind.READ:
+            cached = await self._cache.get(cache_key(request.method, request.path_qs, body))
+            if cached is not None:
+                self._count("cached")
+                headers = {**cached.headers, CACHE_HEADER: "stale",
+                           "Age": str(max(0, int(time.time() - cached.stored_at))),
+                           "X-Gpuwarden-Cached-At": formatdate(cached.stored_at, usegmt=True)}
+                return web.Response(status=cached.status, body=cached.body, headers=headers)
+        if kind is Kind.LOCAL:
+            self._count("local")
+            return web.json_response(local_answer(self.api, request.path, body),
+                                     headers={CACHE_HEADER: "local"})
+        self._count("unavailable")
+        return self._unavailable(request)
+
+    async def _demand(self, request: web.Request, body: bytes | None) -> web.StreamResponse:
+        client = request.remote or "unknown"
+        try:
+            ticket = await self._scheduler.admit(
+                self.mode, proxy=self.name, workload=self.name, client=client,
+                request=f"{request.method} {request.path}", max_wait=self._max_wait,
+                max_waiting=self._max_waiting)
+        except Rejection as rejection:
+            self._count("rejected")
+            return web.json_response(rejection.to_dict(), status=503,
+                                     headers={"Retry-After": str(rejection.retry_after)})
+        try:
+            return await self._forward(request, body, None, ticket)
+        finally:
+            ticket.done()
+
+    async def _forward(self, request: web.Request, body: bytes | None, key: str | None,
+                       ticket: Ticket | None = None) -> web.StreamResponse:
+        assert self._session is not None
+        headers = self._upstream_headers(request)
+        data: Any = None
+        if body is not None:
+            headers.pop("Content-Length", None)
+            data = body
+        elif request.body_exists:
+            data = request.content  # streamed, not read into memory
+        try:
+            upstream = await self._session.request(
+                request.method, self.upstream + request.raw_path, headers=headers, data=data,
+                allow_redirects=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"))
+        except (aiohttp.ClientError, OSError) as exc:
+            self._count("error")
+            return web.json_response(
+                {"error": f"{self.name} at {self.upstream} did not answer: {exc!r}",
+                 "workload": self.name}, status=502)
+        try:
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            for name, value in upstream.headers.items():
+                if name.lower() not in _HOP_BY_HOP and name.lower() != "content-length":
+                    response.headers.add(name, value)
+            if upstream.content_length is not None and \
+                    "chunked" not in upstream.headers.get("Transfer-Encoding", ""):
+                response.content_length = upstream.content_length
+            await response.prepare(request)
+            keep = key is not None and upstream.status == 200
+            kept: list[bytes] = []
+            size = 0
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)  # as it comes: no buffering
+                if keep:
+                    size += len(chunk)
+                    if size > self._cache.entry_limit:
+                        keep, kept = False, []
+                    else:
+                        kept.append(chunk)
+            await response.write_eof()
+        finally:
+            upstream.release()
+        self._count("forwarded")
+        if keep and key is not None:
+            # Kept apart from the handler: a client that hangs up once it has its answer
+            # cancels the handler, not the keeping.
+            write = asyncio.ensure_future(self._cache.put(
+                key, upstream.status, dict(upstream.headers), b"".join(kept)))
+            self._writes.add(write)
+            write.add_done_callback(self._writes.discard)
+        return response
+
+    def _upstream_headers(self, request: web.Request) -> dict[str, str]:
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() not in _HOP_BY_HOP and k.lower() != "host"}
+        # The upstream's own name: Ollama bound to loopback refuses other Host names.
+        headers["Host"] = self._upstream_host
+        forwarded = request.headers.get("X-Forwarded-For")
+        remote = request.remote or ""
+        headers["X-Forwarded-For"] = f"{forwarded}, {remote}" if forwarded else remote
+        headers["X-Forwarded-Host"] = request.host
+        headers["X-Forwarded-Proto"] = request.scheme
+        return headers
+
+    def _unavailable(self, request: web.Request) -> web.Response:
+        """503 that says which mode is active and how to ask for this one."""
+        view = self._service.proxy_view(self.name)
+        state = (f"switching to {view.switching_to}" if view.switching_to else
+                 f"mode {view.mode} is active" if self.name not in
+                 self._service.workload_names(view.mode) else f"{self.name} is not running")
+        ask = ("send a generate, chat or embedding request" if self.api == "ollama"
+               else "queue a prompt")
+        message = (f"{self.name} is not running: {state}. To get it, {ask} through this "
+                   f"address (it waits up to {self._max_wait:g} s for mode {self.mode}), "
+                   f"or run: gpuwarden mode {self.mode}")
+        doc = {"error": message, "workload": self.name, "mode": self.mode,
+               "active_mode": view.mode, "switching_to": view.switching_to}
+        if "text/html" in request.headers.get("Accept", ""):
+            page = (f"<!doctype html><title>{html.escape(self.name)}: not running</title>"
+                    f"<h1>{html.escape(self.name)} is not running</h1>"
+                    f"<p>{html.escape(message)}</p>")
+            return web.Response(status=503, text=page, content_type="text/html",
+                                headers={"Retry-After": "10"})
+        return web.json_response(doc, status=503, headers={"Retry-After": "10"})
+
+    # -- websockets ------------------------------------------------------------
+
+    async def _websocket(self, request: web.Request) -> web.StreamResponse:
+        """A websocket (ComfyUI's /ws): relayed frame by frame. Not demand: an open
+        page never holds the GPU; it closes when its upstream stops."""
+        assert self._session is not None
+        if not self._up():
+            self._count("unavailable")
+            return self._unavailable(request)
+        protocols = [p.strip() for p in
+                     request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() in ("cookie", "authorization", "origin", "user-agent")}
+        try:
+            upstream = await self._session.ws_connect(
+                self.upstream + request.raw_path, headers=headers, protocols=protocols,
+                autoping=False, max_msg_size=0)
+        except (aiohttp.ClientError, OSError) as exc:
+            self._count("error")
+            return web.json_response(
+                {"error": f"{self.name} at {self.upstream}: websocket refused: {exc!r}"},
+                status=502)
+        client = web.WebSocketResponse(protocols=protocols, autoping=False, max_msg_size=0)
+        await client.prepare(request)
+        self._sockets.add(client)
+        self._count("forwarded")
+        try:
+            pumps = [asyncio.ensure_future(_relay(upstream, client)),
+                     asyncio.ensure_future(_relay(client, upstream))]
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+        finally:
+            self._sockets.discard(client)
+            await upstream.close()
+            await client.close()
+        return client
+
+
+async def _relay(source: Any, sink: Any) -> None:
+    """Frames from one websocket to the other, until a close or an error."""
+    with contextlib.suppress(ConnectionResetError, aiohttp.ClientError):
+        async for message in source:
+            if message.type == aiohttp.WSMsgType.TEXT:
+                await sink.send_str(message.data)
+            elif message.type == aiohttp.WSMsgType.BINARY:
+                await sink.send_bytes(message.data)
+            elif message.type == aiohttp.WSMsgType.PING:
+                await sink.ping(message.data)
+            elif message.type == aiohttp.WSMsgType.PONG:
+                await sink.pong(message.data)
+            elif message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.ERROR):
+                break
+    with contextlib.suppress(ConnectionResetError, aiohttp.ClientError):
+        await sink.close()
