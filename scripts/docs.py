@@ -29,7 +29,7 @@ MAN_PAGE = ROOT / "man" / "gpuwarden.1"
 _TABLE = re.compile(r"^#?\s*\[([a-z0-9_.]+)\]\s*(?:#\s*(.*))?$")
 _KEY = re.compile(r"^(#\s*)?([a-z_]+) = (.+?)(?:\s+#\s*(.*))?$")
 # A host's own tables, documented once with NAME for the table's name.
-_NAMED = re.compile(r"^(workloads|modes|api\.tokens)\.[a-z0-9_]+")
+_NAMED = re.compile(r"^(workloads|modes|proxy|api\.tokens)\.[a-z0-9_]+")
 
 HEADER = """\
 # Configuration reference

@@ -44,3 +44,23 @@ def test_compose_example_matches_the_example_config() -> None:
     comfy = compose[compose.index("  comfyui:"):]
     assert re.search(r'restart:\s*"no"', comfy)  # no automatic restart for ComfyUI
     assert config.workloads["comfyui"].restart_policy == "no"
+
+
+def test_compose_clients_point_at_the_proxies_and_the_workloads_behind_them() -> None:
+    """Ollama and ComfyUI are published on their workloads' url ports, and Open WebUI
+    and AnythingLLM reach Ollama through its demand proxy, not around it."""
+    import yaml
+
+    from gpuwarden.config import load_config
+
+    compose = yaml.safe_load((ROOT / "examples/docker-compose.yml").read_text())
+    config = load_config(ROOT / "config.example.toml")
+    services = compose["services"]
+    for name in ("ollama", "comfyui"):
+        url = config.workloads[name].url or ""
+        published = services[name]["ports"][0]  # "127.0.0.1:HOSTPORT:CONTAINERPORT"
+        assert url.endswith(":" + published.split(":")[1]), (name, url, published)
+        assert config.proxy[name].listen != url.removeprefix("http://")
+    proxy = "http://" + config.proxy["ollama"].listen
+    assert services["open-webui"]["environment"]["OLLAMA_BASE_URL"] == proxy
+    assert services["anythingllm"]["environment"]["OLLAMA_BASE_PATH"] == proxy

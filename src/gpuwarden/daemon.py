@@ -384,7 +384,10 @@ class Daemon:
         try:
             await proxies.start()
         except OSError as exc:
-            raise GpuwardenError(f"a demand proxy cannot listen: {exc}") from exc
+            raise GpuwardenError(
+                f"a demand proxy cannot listen: {exc}. Is the workload itself still on "
+                "that address? Move it to another port (its url) and leave the proxy "
+                "the address clients use ([proxy.NAME] listen)") from exc
         self._proxies = proxies
         self.service.status_sections["proxies"] = proxies.status
 
