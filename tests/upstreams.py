@@ -4,9 +4,12 @@ workloads holding simulated VRAM (the demand proxy's tests and bench/proxy.py).
 
     upstreams.py ollama  --port P --ledger DIR --mib N [--tokens 20 --token-delay 0.01]
     upstreams.py comfyui --port P --ledger DIR --mib N [--job-seconds 2]
+    (both) [--start-delay S] [--stop-delay S]: a model load before it answers, and a
+    shutdown that takes that long after SIGTERM
 
 Ollama: `/`, `/api/version`, `/api/tags`, `/api/show`, `/api/ps`, streaming NDJSON
 `/api/generate` and `/api/chat` (or one JSON with `stream: false`), `/api/embed`,
+`options.num_predict` tokens (and `options.standin_token_delay` between them),
 `keep_alive: 0` unload (gives the model's VRAM back; the next request loads it),
 `/v1/models`, `/v1/chat/completions` (server-sent events with `stream: true`), and
 `/api/blobs/{digest}` uploads. ComfyUI: its page, `/system_stats`, `/object_info`,
@@ -105,6 +108,9 @@ def ollama_app(vram: Vram, tokens: int, token_delay: float) -> web.Application:
             return web.json_response({"model": doc.get("model"), "created_at": now_iso(),
                                       "response": "", "done": True, "done_reason": "unload"})
         vram.load()
+        options = doc.get("options") or {}
+        count = int(options.get("num_predict", tokens))
+        delay = float(options.get("standin_token_delay", token_delay))
 
         def chunk(i: int, done: bool) -> dict[str, Any]:
             text = "" if done else f"tok{i} "
@@ -115,12 +121,12 @@ def ollama_app(vram: Vram, tokens: int, token_delay: float) -> web.Application:
             else:
                 body["response"] = text
             if done:
-                body.update(done_reason="stop", eval_count=tokens, total_duration=1)
+                body.update(done_reason="stop", eval_count=count, total_duration=1)
             return body
 
         if doc.get("stream") is False:
-            text = "".join(f"tok{i} " for i in range(tokens))
-            last = chunk(tokens, True)
+            text = "".join(f"tok{i} " for i in range(count))
+            last = chunk(count, True)
             if chat:
                 last["message"]["content"] = text
             else:
@@ -128,10 +134,11 @@ def ollama_app(vram: Vram, tokens: int, token_delay: float) -> web.Application:
             return web.json_response(last)
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
-        for i in range(tokens):
+        for i in range(count):
             await resp.write(json.dumps(chunk(i, False)).encode() + b"\n")
-            await asyncio.sleep(token_delay)
-        await resp.write(json.dumps(chunk(tokens, True)).encode() + b"\n")
+            if delay:
+                await asyncio.sleep(delay)
+        await resp.write(json.dumps(chunk(count, True)).encode() + b"\n")
         await resp.write_eof()
         return resp
 
@@ -235,6 +242,7 @@ class Comfy:
                 await self.wake.wait()
             job = self.pending.pop(0)
             self.running = job
+            job["started_at"] = time.time()
             self.interrupt.clear()
             self.vram.load()
             await self.broadcast({"type": "executing", "data": {"prompt_id": job["id"],
@@ -256,7 +264,9 @@ class Comfy:
                                        "outputs": {} if interrupted else {"9": {"images": [
                                            {"filename": f"{job['id']}.png", "type": "output"}]}},
                                        "status": {"status_str": status, "completed":
-                                                  not interrupted}}
+                                                  not interrupted},
+                                       "started_at": job["started_at"],
+                                       "finished_at": time.time()}
             self.running = None
             await self.broadcast({"type": "executing", "data": {"prompt_id": job["id"],
                                                                 "node": None}})
@@ -366,6 +376,7 @@ class Comfy:
 async def serve(args: argparse.Namespace) -> None:
     vram = Vram(args.ledger, args.kind, args.mib)
     vram.load()  # a model loaded at start, as after a warm-up
+    await asyncio.sleep(args.start_delay)
     background: list[asyncio.Task[None]] = []
     if args.kind == "ollama":
         app = ollama_app(vram, args.tokens, args.token_delay)
@@ -382,6 +393,7 @@ async def serve(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    await asyncio.sleep(args.stop_delay)
     for task in background:
         task.cancel()
     await runner.cleanup()
@@ -398,6 +410,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=20)
     parser.add_argument("--token-delay", type=float, default=0.01)
     parser.add_argument("--job-seconds", type=float, default=2.0)
+    parser.add_argument("--start-delay", type=float, default=0.0)
+    parser.add_argument("--stop-delay", type=float, default=0.0)
     asyncio.run(serve(parser.parse_args()))
 
 

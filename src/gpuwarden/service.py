@@ -72,6 +72,8 @@ class Service:
         self._snapshot: AttributedSample | None = None
         self._statuses: dict[str, WorkloadStatus] = {}
         self._started_at = time.time()
+        self._mode_workloads = {name: tuple(mode.workloads)
+                                for name, mode in config.all_modes().items()}
         self.http: httpx.AsyncClient | None = None  # the daemon's, for ComfyUI queues
 
     # -- sampling (called by the daemon's scheduler) ---------------------------
@@ -310,8 +312,13 @@ class Service:
             blocked=None if block is None else block.reason,
         )
 
-    def workload_names(self, mode: str) -> list[str]:
-        return list(self.config.all_modes()[mode].workloads)
+    def workload_names(self, mode: str) -> tuple[str, ...]:
+        return self._mode_workloads[mode]
+
+    def block_of(self, workload: str) -> str | None:
+        """Why `workload` is blocked after a crash loop (None: it is not)."""
+        block = self._state.blocks.get(workload)
+        return None if block is None else block.reason
 
     async def queued_jobs(self, workload: str, timeout: float) -> int:
         """ComfyUI's running plus pending jobs (0 for a workload without a queue).

@@ -308,7 +308,7 @@ class DemandScheduler:
     def _blocks_of(self, mode: str) -> str | None:
         blocked = []
         for name in self._service.workload_names(mode):
-            reason = self._service.proxy_view(name).blocked
+            reason = self._service.block_of(name)
             if reason is not None:
                 blocked.append(f"{name} is blocked after a crash loop ({reason}); "
                                f"gpuwarden unblock {name}")
