@@ -8,7 +8,10 @@ tests/upstreams.py as process workloads behind their demand proxies.
 
 1. Overhead, proxy against direct, on the same stand-in in one run (alternated):
    added latency p50/p99 of a non-streamed chat; time to first chunk and NDJSON
-   lines per second of a stream; requests/s at 16 concurrent clients.
+   lines per second of a stream; requests/s at 16 concurrent clients. The stand-in
+   answers at once, so these are the hop's own cost; time to first chunk and
+   requests/s are also measured with a 50 ms prompt evaluation and a 20 ms answer,
+   closer to the smallest real model.
 2. Demand switch: a chat through the proxy while image mode is active and idle, from
    the request to its first byte, against the switch's own total (stop, verified
    release, start and readiness) from its event.
@@ -157,10 +160,12 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def chat_body(tokens: int, delay: float = 0.0, stream: bool = True) -> dict[str, Any]:
+def chat_body(tokens: int, delay: float = 0.0, stream: bool = True,
+              first: float = 0.0) -> dict[str, Any]:
     return {"model": "standin:7b", "stream": stream,
             "messages": [{"role": "user", "content": "hi"}],
-            "options": {"num_predict": tokens, "standin_token_delay": delay}}
+            "options": {"num_predict": tokens, "standin_token_delay": delay,
+                        "standin_first_delay": first}}
 
 
 # -- 1. overhead -------------------------------------------------------------------
@@ -169,6 +174,8 @@ async def overhead(node: Node, requests: int, seconds: float) -> dict[str, Any]:
     bases = {"direct": node.ollama, "proxy": node.ollama_proxy}
     latency: dict[str, list[float]] = {"direct": [], "proxy": []}
     ttfb: dict[str, list[float]] = {"direct": [], "proxy": []}
+    ttfb_real: dict[str, list[float]] = {"direct": [], "proxy": []}
+    rps_real: dict[str, list[float]] = {"direct": [], "proxy": []}
     rate: dict[str, list[float]] = {"direct": [], "proxy": []}
     rps: dict[str, list[float]] = {"direct": [], "proxy": []}
     async with aiohttp.ClientSession() as session:
@@ -200,9 +207,21 @@ async def overhead(node: Node, requests: int, seconds: float) -> dict[str, Any]:
                         last = now
                 ttfb[which].append(first - t)
                 rate[which].append((lines - 1) / (last - first))
+        for i in range(20):  # with a 50 ms prompt evaluation, as a small model has
+            for which in (("direct", "proxy") if i % 2 == 0 else ("proxy", "direct")):
+                t = time.perf_counter()
+                async with session.post(f"{bases[which]}/api/chat",
+                                        json=chat_body(5, first=0.05)) as resp:
+                    await resp.content.readline()
+                    ttfb_real[which].append(time.perf_counter() - t)
+                    await resp.read()
         for i in range(4):
             which = ("direct", "proxy", "proxy", "direct")[i]
             rps[which].append(await _concurrent(session, bases[which], 16, seconds))
+        for i in range(4):  # each answer after 20 ms of generation
+            which = ("direct", "proxy", "proxy", "direct")[i]
+            rps_real[which].append(await _concurrent(session, bases[which], 16, seconds,
+                                                     first=0.02))
     med = statistics.median
 
     def ms(x: float) -> float:
@@ -220,6 +239,14 @@ async def overhead(node: Node, requests: int, seconds: float) -> dict[str, Any]:
         "stream_lines_per_s_direct": round(med(rate["direct"])),
         "stream_lines_per_s_proxy": round(med(rate["proxy"])),
         "stream_rate_ratio": round(med(rate["proxy"]) / med(rate["direct"]), 3),
+        "stream_ttfb_ratio": round(med(ttfb["direct"]) / med(ttfb["proxy"]), 3),
+        "stream_ttfb_50ms_prefill_direct_ms": ms(med(ttfb_real["direct"])),
+        "stream_ttfb_50ms_prefill_proxy_ms": ms(med(ttfb_real["proxy"])),
+        "stream_ttfb_50ms_prefill_ratio": round(med(ttfb_real["direct"]) /
+                                                med(ttfb_real["proxy"]), 3),
+        "rps_16_20ms_direct": round(med(rps_real["direct"]), 1),
+        "rps_16_20ms_proxy": round(med(rps_real["proxy"]), 1),
+        "rps_16_20ms_ratio": round(med(rps_real["proxy"]) / med(rps_real["direct"]), 3),
         "rps_16_direct": round(med(rps["direct"]), 1),
         "rps_16_proxy": round(med(rps["proxy"]), 1),
         "rps_ratio": round(med(rps["proxy"]) / med(rps["direct"]), 3),
@@ -227,15 +254,15 @@ async def overhead(node: Node, requests: int, seconds: float) -> dict[str, Any]:
 
 
 async def _concurrent(session: aiohttp.ClientSession, base: str, clients: int,
-                      seconds: float) -> float:
+                      seconds: float, first: float = 0.0) -> float:
     done = 0
     stop = time.perf_counter() + seconds
 
     async def client() -> None:
         nonlocal done
         while time.perf_counter() < stop:
-            async with session.post(f"{base}/api/chat", json=chat_body(1, stream=False)) \
-                    as resp:
+            async with session.post(f"{base}/api/chat",
+                                    json=chat_body(1, stream=False, first=first)) as resp:
                 await resp.read()
                 done += 1
 
@@ -532,14 +559,14 @@ def main() -> int:
                 days[policy] = summarize(node, run, since)
             finally:
                 node.daemon.close()
-            print(policy, {k: v for k, v in days[policy].items() if k != "timeline"},
-                  flush=True)
-        report["day"]["policies"] = days
         try:
             plot(days, OUT / "proxy-day.png")
             report["day"]["plot"] = str(OUT / "proxy-day.png")
         except ImportError:
             report["day"]["plot"] = "matplotlib missing (pip install -e .[bench])"
+        report["raw"] = {"timelines": {p: d.pop("timeline") for p, d in days.items()}}
+        for policy, doc in days.items():
+            report[f"day_{policy}"] = doc
     write_report(OUT, "proxy", report)
     return 0
 

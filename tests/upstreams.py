@@ -9,7 +9,8 @@ workloads holding simulated VRAM (the demand proxy's tests and bench/proxy.py).
 
 Ollama: `/`, `/api/version`, `/api/tags`, `/api/show`, `/api/ps`, streaming NDJSON
 `/api/generate` and `/api/chat` (or one JSON with `stream: false`), `/api/embed`,
-`options.num_predict` tokens (and `options.standin_token_delay` between them),
+`options.num_predict` tokens (`options.standin_first_delay` before the first and
+`options.standin_token_delay` between them),
 `keep_alive: 0` unload (gives the model's VRAM back; the next request loads it),
 `/v1/models`, `/v1/chat/completions` (server-sent events with `stream: true`), and
 `/api/blobs/{digest}` uploads. ComfyUI: its page, `/system_stats`, `/object_info`,
@@ -111,6 +112,9 @@ def ollama_app(vram: Vram, tokens: int, token_delay: float) -> web.Application:
         options = doc.get("options") or {}
         count = int(options.get("num_predict", tokens))
         delay = float(options.get("standin_token_delay", token_delay))
+        prefill = float(options.get("standin_first_delay", 0.0))
+        if prefill:
+            await asyncio.sleep(prefill)  # the prompt's evaluation, before the first token
 
         def chunk(i: int, done: bool) -> dict[str, Any]:
             text = "" if done else f"tok{i} "
