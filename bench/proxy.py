@@ -4,7 +4,7 @@
     .venv/bin/python bench/proxy.py [--requests 2000] [--day-minutes 10] [--skip-day]
 
 A real daemon on the simulated GPU runs the Ollama and ComfyUI stand-ins of
-tests/upstreams.py as process workloads behind their demand proxies.
+`gpuwarden.standins` as process workloads behind their demand proxies.
 
 1. Overhead, proxy against direct, on the same stand-in in one run (alternated):
    added latency p50/p99 of a non-streamed chat; time to first chunk and NDJSON
@@ -50,7 +50,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import DaemonUnderTest, base_config, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
-UPSTREAMS = ROOT / "tests" / "upstreams.py"
 OUT = Path(os.environ.get("OUT", ROOT / "bench" / "out"))
 
 
@@ -111,7 +110,7 @@ def start_node(*, default_mode: str, min_dwell: float, release_delay: float,
     ports = [free_port() for _ in range(4)]
 
     def command(kind: str, port: int, mib: int) -> str:
-        argv = [sys.executable, str(UPSTREAMS), kind, "--port", str(port), "--ledger",
+        argv = [sys.executable, "-m", "gpuwarden.standins", kind, "--port", str(port), "--ledger",
                 str(ledger), "--mib", str(mib), "--start-delay", str(start_delay),
                 "--stop-delay", str(stop_delay)]
         return json.dumps(argv)

@@ -22,7 +22,8 @@ from gpuwarden.proxy.demand import Kind, classify
 from .conftest import PYTHON, DaemonProcess, SimNode, run_cli, write_toml
 from .standins import free_port
 
-UPSTREAMS = str(Path(__file__).with_name("upstreams.py"))
+STANDIN = [PYTHON, "-m", "gpuwarden.standins"]
+
 
 
 class ProxiedNode:
@@ -49,12 +50,12 @@ class ProxiedNode:
             workloads__ollama={
                 "kind": "process", "stop_timeout": 2, "release": "ollama",
                 "url": f"http://127.0.0.1:{self.ollama_port}", "ready_timeout": 20,
-                "command": [PYTHON, UPSTREAMS, "ollama", "--port", str(self.ollama_port),
+                "command": [*STANDIN, "ollama", "--port", str(self.ollama_port),
                             "--ledger", str(node.ledger), "--mib", "6000"], **(ollama or {})},
             workloads__comfyui={
                 "kind": "process", "stop_timeout": 2, "release": "comfyui",
                 "url": self.comfy_direct, "ready_timeout": 20,
-                "command": [PYTHON, UPSTREAMS, "comfyui", "--port", str(self.comfy_port),
+                "command": [*STANDIN, "comfyui", "--port", str(self.comfy_port),
                             "--ledger", str(node.ledger), "--mib", "8000",
                             "--job-seconds", str(job_seconds)]},
             modes__llm={"workloads": ["ollama"]},

@@ -1,8 +1,9 @@
 """`gpuwarden demo`: the real daemon on a simulated node, no GPU or Docker needed.
 
 Writes its whole config to `DIR/config.toml`: a 20 GiB simulated GPU, and two
-process workloads (stand-ins for Ollama and ComfyUI) that hold simulated VRAM
-through the ledger, in the modes `llm` and `image`.
+process workloads, stand-ins of Ollama and ComfyUI that speak their APIs and hold
+simulated VRAM through the ledger, in the modes `llm` and `image`, each behind a
+demand proxy on a free loopback port.
 """
 
 from __future__ import annotations
@@ -10,31 +11,54 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import socket
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import load_config
 from .daemon import run_daemon
 
-__all__ = ["demo_config", "run_demo"]
+__all__ = ["DemoPorts", "demo_config", "run_demo"]
 
 
 def _toml_list(items: list[str]) -> str:
     return "[" + ", ".join(json.dumps(i) for i in items) + "]"
 
 
-def demo_config(folder: Path) -> str:
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class DemoPorts:
+    """Loopback ports: the stand-ins' own, and their demand proxies'."""
+
+    ollama: int
+    comfyui: int
+    ollama_proxy: int
+    comfyui_proxy: int
+
+    @classmethod
+    def free(cls) -> DemoPorts:
+        return cls(*(_free_port() for _ in range(4)))
+
+
+def demo_config(folder: Path, ports: DemoPorts) -> str:
     """The demo's config.toml, with every path inside `folder`."""
     ledger = folder / "ledger"
 
-    def hold(name: str, mib: int) -> str:
-        return _toml_list([sys.executable, "-m", "gpuwarden.gpu.hold", "--ledger", str(ledger),
-                           "--name", name, "--mib", str(mib)])
+    def standin(kind: str, port: int, mib: int, *extra: str) -> str:
+        return _toml_list([sys.executable, "-m", "gpuwarden.standins", kind, "--port",
+                           str(port), "--ledger", str(ledger), "--mib", str(mib), *extra])
 
     return f"""\
-# gpuwarden demo: a simulated 20 GiB GPU and two process workloads holding VRAM.
-# Every key is explained in config.example.toml.
+# gpuwarden demo: a simulated 20 GiB GPU and two process workloads holding VRAM:
+# stand-ins of Ollama and ComfyUI, each behind a demand proxy. Every key is
+# explained in config.example.toml.
 
 [daemon]
 sample_interval = 1.0
@@ -57,13 +81,17 @@ timeout = 10.0
 
 [workloads.ollama]
 kind = "process"
-command = {hold("ollama", 6000)}
+command = {standin("ollama", ports.ollama, 6000, "--token-delay", "0.05")}
+release = "ollama"
+url = "http://127.0.0.1:{ports.ollama}"
 stop_timeout = 5.0
 expected_mib = 6000
 
 [workloads.comfyui]
 kind = "process"
-command = {hold("comfyui", 8000)}
+command = {standin("comfyui", ports.comfyui, 8000, "--job-seconds", "15")}
+release = "comfyui"
+url = "http://127.0.0.1:{ports.comfyui}"
 stop_timeout = 5.0
 expected_mib = 8000
 
@@ -72,6 +100,14 @@ workloads = ["ollama"]
 
 [modes.image]
 workloads = ["comfyui"]
+
+[proxy.ollama]
+listen = "127.0.0.1:{ports.ollama_proxy}"
+min_dwell = "10s"
+
+[proxy.comfyui]
+listen = "127.0.0.1:{ports.comfyui_proxy}"
+min_dwell = "10s"
 """
 
 
@@ -81,7 +117,8 @@ def run_demo(folder: Path | None) -> int:
     folder = (folder or Path(tempfile.mkdtemp(prefix="gpuwarden-demo-"))).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.toml"
-    path.write_text(demo_config(folder), encoding="utf-8")
+    ports = DemoPorts.free()
+    path.write_text(demo_config(folder, ports), encoding="utf-8")
     config = load_config(path)
     # Commands that work as printed, from the environment the demo runs in.
     script = Path(sys.executable).parent / "gpuwarden"
@@ -97,6 +134,12 @@ def run_demo(folder: Path | None) -> int:
         f"  {sys.executable} -m gpuwarden.gpu.hold --ledger {folder / 'ledger'} --name stray"
         " --mib 9000"
         "   # an unowned holder\n"
+        f"Ollama and ComfyUI stand-ins behind demand proxies (README, On-demand switching):\n"
+        f"  curl -s http://127.0.0.1:{ports.comfyui_proxy}/prompt -d '{{\"prompt\": {{}}}}'"
+        "   # a 15 s image job: switches to image\n"
+        f"  curl -s http://127.0.0.1:{ports.ollama_proxy}/api/chat -d '{{\"model\": "
+        "\"standin:7b\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}'"
+        "   # waits for the job, then switches to llm\n"
         f"Audit events follow as JSON lines. Ctrl-C stops the demo.\n",
         file=sys.stderr, flush=True,
     )

@@ -1,9 +1,9 @@
-#!/usr/bin/env python3
 """Stand-ins of Ollama and ComfyUI that speak their real API shapes, run as process
-workloads holding simulated VRAM (the demand proxy's tests and bench/proxy.py).
+workloads holding simulated VRAM: the demo's, the demand proxy's tests' and
+bench/proxy.py's.
 
-    upstreams.py ollama  --port P --ledger DIR --mib N [--tokens 20 --token-delay 0.01]
-    upstreams.py comfyui --port P --ledger DIR --mib N [--job-seconds 2]
+    python -m gpuwarden.standins ollama  --port P --ledger DIR --mib N [--tokens 20]
+    python -m gpuwarden.standins comfyui --port P --ledger DIR --mib N [--job-seconds 2]
     (both) [--start-delay S] [--stop-delay S]: a model load before it answers, and a
     shutdown that takes that long after SIGTERM
 
@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import WSMsgType, web
+
+__all__ = ["main"]
 
 MODEL = "standin:7b"
 
@@ -404,7 +406,7 @@ async def serve(args: argparse.Namespace) -> None:
     vram.unload()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=("ollama", "comfyui"))
@@ -416,7 +418,7 @@ def main() -> None:
     parser.add_argument("--job-seconds", type=float, default=2.0)
     parser.add_argument("--start-delay", type=float, default=0.0)
     parser.add_argument("--stop-delay", type=float, default=0.0)
-    asyncio.run(serve(parser.parse_args()))
+    asyncio.run(serve(parser.parse_args(argv)))
 
 
 if __name__ == "__main__":
