@@ -313,7 +313,9 @@ class Service:
         )
 
     def workload_names(self, mode: str) -> tuple[str, ...]:
-        return self._mode_workloads[mode]
+        """The workloads of `mode` (none for a mode the config no longer has, such as
+        one a state file from an older config names)."""
+        return self._mode_workloads.get(mode, ())
 
     def block_of(self, workload: str) -> str | None:
         """Why `workload` is blocked after a crash loop (None: it is not)."""
