@@ -447,3 +447,32 @@ def test_the_proxy_address_taken_fails_the_start_clearly(proxied: ProxiedNode) -
                               timeout=60)
     assert proc.returncode != 0
     assert "demand proxy cannot listen" in proc.stdout + proc.stderr
+
+
+def test_preemption_needs_the_higher_priority_and_the_operators_leave(
+        proxied: ProxiedNode) -> None:
+    """With `preempt = true` and the higher priority, a chat interrupts a running image
+    job instead of waiting for it; the switch is forced and says so."""
+    config = proxied.config(default_mode="image", job_seconds=120,
+                            ollama_proxy={"preempt": True}, ollama={"priority": 10})
+    daemon = proxied._start(config, proxied.node.socket)
+    daemon.wait_mode("image", timeout=60)
+    prompt(proxied.comfy)
+    deadline = time.monotonic() + 30
+    while not httpx.get(f"{proxied.comfy_direct}/queue", timeout=5).json()["queue_running"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    result = chat(proxied.ollama, timeout=60)
+    assert result["status"] == 200 and result["total_s"] < 30, result
+    started = daemon.wait_event("mode.switch.started", to="llm")[-1]
+    assert started["cause"]["preempted"] is True
+    assert any(e["workload"] == "comfyui" for e in daemon.events("workload.stopped"))
+
+
+def test_without_the_higher_priority_preempt_waits(proxied: ProxiedNode) -> None:
+    daemon = proxied.start(default_mode="image", job_seconds=120,
+                           ollama_proxy={"preempt": True, "max_wait": 2})
+    prompt(proxied.comfy)
+    result = chat(proxied.ollama)
+    assert result["status"] == 503 and json.loads(result["lines"][0])["cause"] == "max_wait"
+    assert daemon.status()["gpus"][0]["mode"] == "image"
