@@ -167,25 +167,54 @@ def test_what_is_demand() -> None:
 
 
 def test_bad_proxy_config_is_named(node: SimNode, tmp_path: Path) -> None:
-    port = free_port()
+    port, other = free_port(), free_port()
     config = write_toml(tmp_path / "bad.toml", node.tables(
         workloads__ollama={"kind": "process", "command": ["true"], "release": "ollama",
                            "url": f"http://127.0.0.1:{port}"},
-        workloads__tool={"kind": "process", "command": ["true"], "url": "http://127.0.0.1:1"},
+        workloads__tool={"kind": "process", "command": ["true"],
+                         "url": f"http://127.0.0.1:{other}"},
+        workloads__comfyui={"kind": "process", "command": ["true"], "release": "comfyui",
+                            "url": "http://127.0.0.1:1"},
         modes__llm={"workloads": ["ollama", "tool"]},
         modes__both={"workloads": ["ollama"]},
-        proxy__ollama={"listen": f"127.0.0.1:{port}"},
+        modes__image={"workloads": ["comfyui"]},
+        proxy__ollama={"listen": f"localhost:{port}"},
         proxy__tool={"listen": "somewhere:80"},
+        proxy__comfyui={"listen": f"0.0.0.0:{other}"},
         proxy__ghost={"listen": "127.0.0.1:9"},
     ))
     result = run_cli("check-config", str(config))
     assert result.returncode == 2, result.stdout + result.stderr
     out = result.stdout + result.stderr
     assert "proxy.ollama.mode: workload 'ollama' is in modes llm, both" in out, out
-    assert "proxy.ollama.listen" in out and "the workload's own url" in out, out
+    # The same port under another name, or a wildcard over it, is still the same socket.
+    assert f"proxy.ollama.listen: localhost:{port} is the workload's own url" in out, out
+    assert f"proxy.comfyui.listen: 0.0.0.0:{other} is the url of workload 'tool'" in out, out
     assert "proxy.tool.api" in out, out
     assert "proxy.tool.listen: expected host:port" in out, out
     assert "proxy.ghost: no workload named 'ghost'" in out, out
+    config.write_text(config.read_text().replace(f'"localhost:{port}"', '"127.0.0.1:65536"'))
+    result = run_cli("check-config", str(config))
+    assert "proxy.ollama.listen: port 65536 is out of range (1-65535)" in result.stderr + \
+        result.stdout
+
+
+def test_risky_proxy_config_is_warned_about(node: SimNode, tmp_path: Path) -> None:
+    config = write_toml(tmp_path / "risky.toml", node.tables(
+        workloads__ollama={"kind": "process", "command": ["true"], "release": "ollama",
+                           "url": "http://127.0.0.1:11435"},
+        workloads__comfyui={"kind": "process", "command": ["true"], "release": "comfyui",
+                            "url": "http://127.0.0.1:8189"},
+        modes__llm={"workloads": ["ollama"]},
+        modes__image={"workloads": ["comfyui"]},
+        proxy__ollama={"listen": "0.0.0.0:11434", "preempt": True},
+        proxy__comfyui={"listen": "127.0.0.1:8188"},
+    ))
+    result = run_cli("check-config", str(config))
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out  # valid, but said
+    assert "proxy.ollama.listen: 0.0.0.0:11434 is reachable from other hosts" in out, out
+    assert "proxy.ollama.preempt: true, but mode 'llm' (priority 0" in out, out
 
 
 def test_chat_during_idle_image_mode_switches_and_streams_intact(proxied: ProxiedNode) -> None:

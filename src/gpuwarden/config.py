@@ -497,6 +497,11 @@ class Config(BaseSettings):
         proxy = self.proxy[workload]
         return proxy.mode or self.modes_of_workload(workload)[0]
 
+    def mode_priority(self, mode: str) -> int:
+        """A mode's priority: the highest of its workloads'."""
+        return max((self.workloads[w].priority for w in self.all_modes()[mode].workloads
+                    if w in self.workloads), default=0)
+
     def proxy_api(self, workload: str) -> str:
         api = self.proxy[workload].api or self.workloads[workload].release
         assert api in ("ollama", "comfyui"), "validated with the config"
@@ -522,6 +527,27 @@ def config_warnings(config: Config) -> list[str]:
             "discord.guild_id: 0 syncs /gpu globally, so every server that invites the bot "
             "can use it (and /gpu status shows this node); set your server's id, and turn "
             "off Public Bot in the Developer Portal")
+    for name, proxy in config.proxy.items():
+        address = parse_listen(proxy.listen)
+        if address is not None and not (address[0] == "localhost" or
+                                        ipaddress.ip_address(address[0]).is_loopback):
+            warnings.append(
+                f"proxy.{name}.listen: {proxy.listen} is reachable from other hosts, and the "
+                "proxy adds no authentication (Ollama and ComfyUI have none): anyone who "
+                "reaches it can switch this GPU's mode; keep it on loopback or a private "
+                "network")
+        if proxy.preempt and name in config.workloads:
+            mode = proxy.mode or next(iter(config.modes_of_workload(name)), None)
+            if mode is None:
+                continue
+            own = config.mode_priority(mode)
+            others = [m for m in config.modes_on_gpu(config.modes[mode].gpu)
+                      if m not in (mode, IDLE_MODE)]
+            if others and all(config.mode_priority(m) >= own for m in others):
+                warnings.append(
+                    f"proxy.{name}.preempt: true, but mode {mode!r} (priority {own}, its "
+                    "workloads' highest) is not above any other mode on its GPU, so it never "
+                    "preempts; raise workloads.NAME.priority")
     return warnings
 
 
@@ -591,6 +617,38 @@ def parse_listen(listen: str) -> tuple[str, int] | None:
     return host, int(port)
 
 
+def _listen_problem(listen: str) -> str:
+    host, sep, port = listen.rpartition(":")
+    if sep and port.isdigit() and host and not 0 < int(port) < 65536:
+        return f"port {port} is out of range (1-65535)"
+    return (f"expected host:port with an IP address or localhost (like 127.0.0.1:11434), "
+            f"got {listen!r}")
+
+
+def _same_socket(a: tuple[str, int], b: tuple[str | None, int | None]) -> bool:
+    """Whether two listening addresses collide: the same port on the same host, under
+    any of its loopback names, or where either side is a wildcard (0.0.0.0, ::)."""
+    if a[1] != b[1] or b[0] is None:
+        return False
+    names = []
+    for host in (a[0], b[0]):
+        try:
+            ip = ipaddress.ip_address("127.0.0.1" if host == "localhost" else host)
+        except ValueError:
+            return False  # a name we cannot compare: the workload's own business
+        names.append(ip)
+    x, y = names
+    return x == y or x.is_unspecified or y.is_unspecified or (x.is_loopback and y.is_loopback)
+
+
+def _workload_address(url: str | None) -> tuple[str | None, int | None]:
+    try:
+        target = urlsplit(url or "")
+        return target.hostname, target.port
+    except ValueError:  # a bad port in the url: reported on its own key
+        return None, None
+
+
 def _check_proxies(config: Config) -> list[str]:
     problems: list[str] = []
     seen: dict[tuple[str, int], str] = {}
@@ -618,23 +676,25 @@ def _check_proxies(config: Config) -> list[str]:
                                if modes else "no mode: add it to one"))
         address = parse_listen(proxy.listen)
         if address is None:
-            problems.append(f"{key}.listen: expected host:port with an IP address or "
-                            f"localhost, got {proxy.listen!r}")
+            problems.append(f"{key}.listen: {_listen_problem(proxy.listen)}")
             continue
-        if address in seen:
-            problems.append(f"{key}.listen: {proxy.listen} is also proxy.{seen[address]}'s")
+        for other, taken in seen.items():
+            if _same_socket(address, other):
+                problems.append(f"{key}.listen: {proxy.listen} collides with proxy.{taken}'s "
+                                "listen")
         seen[address] = name
-        if api_listen == address:
-            problems.append(f"{key}.listen: {proxy.listen} is also api.listen")
-        try:
-            target = urlsplit(workload.url or "")
-            own = (target.hostname, target.port)
-        except ValueError:  # a bad port in the url: reported on its own key
-            own = None
-        if own == address:
+        if api_listen is not None and _same_socket(address, api_listen):
+            problems.append(f"{key}.listen: {proxy.listen} collides with api.listen")
+        for other_name, workload_config in config.workloads.items():
+            if not _same_socket(address, _workload_address(workload_config.url)):
+                continue
+            if other_name == name:
                 problems.append(f"{key}.listen: {proxy.listen} is the workload's own url; "
                                 "move the workload to another port, or the proxy would "
                                 "forward to itself")
+            else:
+                problems.append(f"{key}.listen: {proxy.listen} is the url of workload "
+                                f"{other_name!r}; pick a free port")
     return problems
 
 

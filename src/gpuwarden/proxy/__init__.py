@@ -27,12 +27,11 @@ class DemandProxies:
         policies: dict[str, ModePolicy] = {}
         for name, proxy in config.proxy.items():
             mode = config.proxy_mode(name)
-            priority = max((config.workloads[w].priority
-                            for w in config.all_modes()[mode].workloads), default=0)
             known = policies.get(mode)
             policies[mode] = ModePolicy(
                 dwell_s=max(proxy.min_dwell, known.dwell_s if known else 0.0),
-                priority=priority, preempt=proxy.preempt or bool(known and known.preempt))
+                priority=config.mode_priority(mode),
+                preempt=proxy.preempt or bool(known and known.preempt))
         self.schedulers: dict[int, DemandScheduler] = {}
         self.proxies: list[WorkloadProxy] = []
         for name in config.proxy:

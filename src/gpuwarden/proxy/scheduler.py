@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -113,6 +114,8 @@ class DemandScheduler:
         self._waiting: dict[str, deque[_Waiter]] = {}
         self._in_flight: dict[str, int] = {}
         self._blocker: dict[str, str] = {}  # why each waiting mode still waits
+        self._retry_after: dict[str, float] = {}  # and for about how long, in seconds
+        self._queue_error = ""
         self._wake = asyncio.Event()
         self._switch: asyncio.Task[None] | None = None
         self._switch_to: str | None = None
@@ -138,13 +141,14 @@ class DemandScheduler:
         queue = self._waiting.setdefault(mode, deque())
         if sum(1 for w in queue if w.proxy == proxy) >= max_waiting:
             raise self._reject(mode, proxy, client, request, Rejection(
-                f"{max_waiting} requests already wait for mode {mode!r}", "queue_full",
-                retry_after=10, mode=mode, active=view.mode))
+                f"the queue for mode {mode!r} is full: {max_waiting} request(s) already wait "
+                f"(max_waiting)", "queue_full", retry_after=10, mode=mode, active=view.mode))
         waiter = _Waiter(mode, proxy, client, request, time.monotonic(),
                          asyncio.get_running_loop().create_future())
         queue.append(waiter)
         if len(queue) == 1:
             self._blocker.pop(mode, None)
+            self._retry_after.pop(mode, None)
             self._bus.publish(
                 "proxy.waiting",
                 f"GPU {self.gpu}: {request} from {client} waits for mode {mode} "
@@ -162,9 +166,11 @@ class DemandScheduler:
                 return self._observe_wait(waiter)  # let through as the time ran out
             waited = time.monotonic() - waiter.arrived
             reason = self._blocker.get(mode) or f"mode {view.mode} keeps the GPU"
+            # When to try again: about when what holds it off should be over.
+            retry = math.ceil(self._retry_after.get(mode, 10.0))
             raise self._reject(mode, proxy, client, request, Rejection(
                 f"waited {waited:.0f} s for mode {mode!r} (max_wait): {reason}", "max_wait",
-                retry_after=max(1, round(min(max_wait, 30.0))), mode=mode,
+                retry_after=max(1, min(retry, 300)), mode=mode,
                 active=self._service.proxy_view(workload).mode, waited_s=waited)) from None
         except asyncio.CancelledError:  # the client went away
             self._forget(waiter)
@@ -244,21 +250,28 @@ class DemandScheduler:
             self._reject_all(target, blocks, "blocked", retry_after=60)
             return
         preempt = self._may_preempt(target, active)
+        reasons: list[tuple[str, float]] = []  # why it waits, and for about how long
         busy = self.in_flight(active)
         if busy:
-            self._blocker[target] = f"GPU busy with {busy} request(s) to mode {active}"
-            return
+            reasons.append((f"GPU busy with {busy} request(s) to mode {active}", 10.0))
         if not preempt and not self._dwell_ok(view, now):
             left = self._dwell(active) - (now - (view.mode_since or now))
-            self._blocker[target] = (f"mode {active} keeps the GPU for its minimum dwell "
-                                     f"({left:.0f} s more)")
-            return
+            reasons.append((f"mode {active} keeps the GPU for its minimum dwell "
+                            f"({left:.0f} s more)", left))
         if not preempt:
             jobs = await self._jobs(active)
-            # Re-read after the wait: a request may have passed, or left, meanwhile.
-            if jobs is None or jobs > 0 or self.in_flight(active) or \
-                    not self._waiting.get(target) or self._switch is not None:
-                return
+            if jobs is None:
+                reasons.append((self._queue_error, 10.0))
+            elif jobs:
+                reasons.append((f"GPU busy with {jobs} image job(s) in mode {active}", 30.0))
+        if reasons:
+            self._blocker[target] = "; ".join(text for text, _ in reasons)
+            self._retry_after[target] = max(seconds for _, seconds in reasons)
+            return
+        # Re-read after the wait: a request may have passed, or left, meanwhile.
+        if self.in_flight(active) or not self._waiting.get(target) or \
+                self._switch is not None:
+            return
         self._start_switch(target, view, force=preempt)
 
     # -- the parts of a decision -------------------------------------------------
@@ -299,11 +312,7 @@ class DemandScheduler:
         if policy is None or not policy.preempt:
             return False
         return policy.priority > (current.priority if current is not None else
-                                  self._priority(active))
-
-    def _priority(self, mode: str) -> int:
-        return max((self._service.config.workloads[w].priority
-                    for w in self._service.workload_names(mode)), default=0)
+                                  self._service.config.mode_priority(active))
 
     def _blocks_of(self, mode: str) -> str | None:
         blocked = []
@@ -315,7 +324,8 @@ class DemandScheduler:
         return "; ".join(blocked) or None
 
     async def _jobs(self, mode: str) -> int | None:
-        """The jobs running or queued in `mode`'s ComfyUI (None: unreadable)."""
+        """The jobs running or queued in `mode`'s ComfyUI (None: unreadable, and why in
+        `_queue_error`)."""
         total = 0
         for name in self._service.workload_names(mode):
             if not self._service.proxy_view(name).running:
@@ -323,18 +333,10 @@ class DemandScheduler:
             try:
                 jobs = await self._service.queued_jobs(name, _QUEUE_TIMEOUT_S)
             except QueueUnreadable as exc:
-                self._set_blocker_for_others(mode, f"cannot read {name}'s queue ({exc})")
+                self._queue_error = f"cannot tell whether {name} has jobs ({exc})"
                 return None
             total += jobs
-        if total:
-            self._set_blocker_for_others(mode, f"GPU busy with {total} image job(s) in "
-                                               f"mode {mode}")
         return total
-
-    def _set_blocker_for_others(self, active: str, reason: str) -> None:
-        for mode, queue in self._waiting.items():
-            if queue and mode != active:
-                self._blocker[mode] = reason
 
     # -- outcomes -------------------------------------------------------------
 

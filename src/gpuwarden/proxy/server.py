@@ -152,7 +152,7 @@ class WorkloadProxy:
             return web.json_response(local_answer(self.api, request.path, body),
                                      headers={CACHE_HEADER: "local"})
         self._count("unavailable")
-        return self._unavailable(request)
+        return self._unavailable(request, unseen=kind is Kind.READ)
 
     async def _demand(self, request: web.Request, body: bytes | None) -> web.StreamResponse:
         client = request.remote or "unknown"
@@ -235,17 +235,20 @@ class WorkloadProxy:
         headers["X-Forwarded-Proto"] = request.scheme
         return headers
 
-    def _unavailable(self, request: web.Request) -> web.Response:
-        """503 that says which mode is active and how to ask for this one."""
+    def _unavailable(self, request: web.Request, *, unseen: bool = False) -> web.Response:
+        """503 that says which mode is active and how to ask for this one (`unseen`: a
+        read with no kept answer yet)."""
         view = self._service.proxy_view(self.name)
         state = (f"switching to {view.switching_to}" if view.switching_to else
                  f"mode {view.mode} is active" if self.name not in
                  self._service.workload_names(view.mode) else f"{self.name} is not running")
         ask = ("send a generate, chat or embedding request" if self.api == "ollama"
                else "queue a prompt")
-        message = (f"{self.name} is not running: {state}. To get it, {ask} through this "
-                   f"address (it waits up to {self._max_wait:g} s for mode {self.mode}), "
-                   f"or run: gpuwarden mode {self.mode}")
+        kept = (" No answer to this read was kept yet: one is kept the first time it is "
+                f"read while {self.name} runs." if unseen else "")
+        message = (f"{self.name} is not running: {state}.{kept} To get it, {ask} through "
+                   f"this address (it waits up to {self._max_wait:g} s for mode "
+                   f"{self.mode}), or run: gpuwarden mode {self.mode}")
         doc = {"error": message, "workload": self.name, "mode": self.mode,
                "active_mode": view.mode, "switching_to": view.switching_to}
         if "text/html" in request.headers.get("Accept", ""):
