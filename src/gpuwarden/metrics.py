@@ -6,6 +6,7 @@ blocks and events are counted as the events happen; outbound deliveries by sink.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,17 @@ _TIERS = {"ok": 0, "warn": 1, "alert": 2, "critical": 3}
 _SWITCH_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 _RELEASE_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2, 5, 10, 30, 60)
 _WAIT_BUCKETS = (0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
+
+
+_FAILURE_REASONS = ("release_timeout", "start_failed", "internal")
+
+
+def _failure_reason(error: str) -> str:
+    if error.startswith("VRAM release not verified"):
+        return "release_timeout"
+    if error.startswith("internal error"):
+        return "internal"
+    return "start_failed"
 
 
 class Metrics:
@@ -58,6 +70,18 @@ class Metrics:
         self.blocks = Counter("gpuwarden_crashloop_blocks", "Crash-loop blocks",
                               ("workload",), registry=r)
         self.events = Counter("gpuwarden_events", "Events by name", ("event",), registry=r)
+        self.switch_failures = Counter(
+            "gpuwarden_mode_switch_failures", "Mode switches that did not reach their mode, "
+            "by reason (release_timeout: VRAM release not verified, so nothing started; "
+            "start_failed: the mode's workloads did not start; internal)",
+            ("gpu", "reason"), registry=r)
+        self.leak = Gauge("gpuwarden_gpu_vram_leak", "1 while a VRAM leak is open, by kind "
+                          "(device: used beyond what processes hold; process: GPU processes "
+                          "no workload owns)", ("gpu", "kind"), registry=r)
+        self.start_time = Gauge("gpuwarden_daemon_start_time_seconds",
+                                "When this daemon started (Unix time): a change is a restart",
+                                registry=r)
+        self.start_time.set(time.time())
         self.deliveries = Counter("gpuwarden_deliveries", "Outbound webhook deliveries by "
                                   "receiver (named without secrets) and outcome (delivered, "
                                   "retried, failed, dropped, failing)",
@@ -111,6 +135,10 @@ class Metrics:
             self.release_seconds.labels(gpu).observe(float(f["release_s"]))
         elif event.name == "crashloop.blocked":
             self.blocks.labels(str(f.get("workload"))).inc()
+        elif event.name == "mode.switch.failed":
+            self.switch_failures.labels(gpu, _failure_reason(str(f.get("error", "")))).inc()
+        elif event.name == "vram.leak":
+            self.leak.labels(gpu, str(f.get("kind"))).set(0 if f.get("recovered") else 1)
 
     def on_auth_failure(self, reason: str) -> None:
         self.auth_failures.labels(reason).inc()
@@ -139,6 +167,10 @@ class Metrics:
                     gauge.labels(*labels).set(value)
         for index, tier in tiers.items():
             self.tier.labels(str(index)).set(_TIERS[tier])
+            # Failure counters exist at 0 from the start: Prometheus sees no increase in
+            # a series that is born at 1.
+            for reason in _FAILURE_REASONS:
+                self.switch_failures.labels(str(index), reason)
         for index, active in modes.items():
             for mode in modes_on_gpu.get(index, []):
                 self.mode.labels(str(index), mode).set(1 if mode == active else 0)
