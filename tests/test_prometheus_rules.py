@@ -120,3 +120,26 @@ def test_switch_failures_leaks_and_restarts_are_measured() -> None:
     bus.publish("vram.leak", "x", gpu=0, kind="process", recovered=True)
     assert 'gpuwarden_gpu_vram_leak{gpu="0",kind="process"} 0.0' in metrics.render().decode()
     assert re.search(r"^gpuwarden_daemon_start_time_seconds \d", text, re.MULTILINE)
+
+
+def test_the_dashboard_is_importable_and_asks_for_its_datasource() -> None:
+    import json
+
+    dashboard = json.loads((ROOT / "examples" / "grafana" / "gpuwarden.json").read_text())
+    assert dashboard["schemaVersion"] >= 36 and dashboard["uid"] == "gpuwarden"
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    served = _served_metric_names() | {"up"}
+    titles = set()
+    for panel in dashboard["panels"]:
+        titles.add(panel["title"])
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "${datasource}"
+            used = set(re.findall(r"\b(gpuwarden_[a-z_]+|up)\b", target["expr"]))
+            used = {re.sub(r"_bucket$", "", name) for name in used}
+            assert used and used <= served, (panel["title"], used - served)
+    kinds = {panel["type"] for panel in dashboard["panels"]}
+    assert "state-timeline" in kinds  # the mode over time
+    assert any("VRAM" in t for t in titles) and any("Switch" in t for t in titles)

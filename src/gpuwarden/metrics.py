@@ -171,6 +171,8 @@ class Metrics:
             # a series that is born at 1.
             for reason in _FAILURE_REASONS:
                 self.switch_failures.labels(str(index), reason)
+            for kind in ("device", "process"):
+                self.leak.labels(str(index), kind)  # 0 until a leak opens
         for index, active in modes.items():
             for mode in modes_on_gpu.get(index, []):
                 self.mode.labels(str(index), mode).set(1 if mode == active else 0)
