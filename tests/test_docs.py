@@ -82,7 +82,7 @@ def test_every_route_and_verb_is_documented() -> None:
     for route in ("GET /v1/status", "POST /v1/mode", "GET /v1/events", "GET /metrics"):
         assert f"## `{route}`" in api
     man = (ROOT / "man" / "gpuwarden.1").read_text()
-    for verb in ("daemon", "demo", "status", "mode", "unblock", "events", "secret",
+    for verb in ("daemon", "demo", "status", "mode", "unblock", "events", "fleet", "secret",
                  "discord\\-commands", "polkit\\-rule", "check\\-config"):
         assert f".SS {verb}\n" in man, verb
 

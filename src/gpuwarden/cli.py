@@ -2,7 +2,8 @@
 and a crash-loop guard. This command runs the daemon and talks to it.
 
 The client verbs (status, mode, unblock, events) talk HTTP to the daemon's control
-socket, or to --url with a token. Exit codes: 0 done, 1 refused or failed, 2 bad
+socket, to --url with a token, or to --node NAME from ~/.config/gpuwarden/nodes.toml;
+`fleet status` asks every listed node at once. Exit codes: 0 done, 1 refused or failed, 2 bad
 usage or config, 3 daemon unreachable, 4 mode --timeout ran out while the switch
 goes on, 130 interrupted (Ctrl-C; a switch already under way goes on).
 """
@@ -56,6 +57,14 @@ def _config_or_exit(path: str | None) -> Config:
 def _client(args: argparse.Namespace, timeout: float | None = None) -> ControlClient:
     token = args.token or os.environ.get("GPUWARDEN_TOKEN")
     timeout = timeout or args.timeout or _ANSWER_TIMEOUT
+    if args.node:
+        if args.url:
+            _die("--node and --url name two different daemons: give one", EXIT_USAGE)
+        node = _nodes_or_exit().get(args.node)
+        if node is None:
+            _die(f"no node named {args.node!r} in the nodes file (nodes: "
+                 f"{', '.join(sorted(_nodes_or_exit()))})", EXIT_USAGE)
+        return ControlClient(url=node.url, token=token or node.token, timeout=timeout)
     if args.url:
         return ControlClient(url=args.url, token=token, timeout=timeout)
     explicit = args.config or os.environ.get("GPUWARDEN_CONFIG")
@@ -75,6 +84,33 @@ def _client(args: argparse.Namespace, timeout: float | None = None) -> ControlCl
                  EXIT_UNREACHABLE)
         _die(str(exc), EXIT_USAGE)
     return ControlClient(socket=where, timeout=timeout)
+
+
+def _nodes_or_exit() -> dict[str, Any]:
+    from .fleet import load_nodes
+
+    try:
+        return load_nodes()
+    except ConfigError as exc:
+        _die(str(exc), EXIT_USAGE)
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    from .fleet import fleet_status, format_fleet
+
+    nodes = _nodes_or_exit()
+    if args.node:
+        nodes = {k: v for k, v in nodes.items() if k == args.node}
+        if not nodes:
+            _die(f"no node named {args.node!r} in the nodes file", EXIT_USAGE)
+    results = fleet_status(nodes, args.timeout or 5.0)
+    if args.json:
+        print(json.dumps({r.node.name: {"url": r.node.url, "status": r.doc, "error": r.error,
+                                        "seconds": round(r.seconds, 3)} for r in results},
+                         indent=2, sort_keys=True))
+    else:
+        print(format_fleet(results))
+    return EXIT_UNREACHABLE if any(r.doc is None for r in results) else EXIT_OK
 
 
 def _json_or_die(resp: Response) -> dict[str, Any]:
@@ -605,7 +641,7 @@ class _Unused:
         pass
 
 
-VERBS = ("daemon", "demo", "status", "mode", "unblock", "events", "secret",
+VERBS = ("daemon", "demo", "status", "mode", "unblock", "events", "fleet", "secret",
          "discord-commands", "polkit-rule", "check-config")
 
 
@@ -616,9 +652,9 @@ def _verb_in(argv: list[str]) -> str | None:
     for arg in args:
         if arg in VERBS:
             return arg
-        if arg == "--config":
+        if arg in ("--config", "--node"):
             next(args, None)
-        elif not arg.startswith("--config="):
+        elif not arg.startswith(("--config=", "--node=")):
             return None
     return None
 
@@ -641,6 +677,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                         help="reach the daemon over HTTP instead of its socket")
     client.add_argument("--token", default=argparse.SUPPRESS,
                         help="API token for --url (default: $GPUWARDEN_TOKEN)")
+    client.add_argument("--node", default=argparse.SUPPRESS, metavar="NAME",
+                        help="the daemon of node NAME in ~/.config/gpuwarden/nodes.toml "
+                             "(or $GPUWARDEN_NODES): its url and token")
     client.add_argument("--timeout", type=_seconds, default=argparse.SUPPRESS,
                         help="seconds (or 2s, 1m) to wait for the daemon's answer (default "
                              "30); for mode MODE, for the whole switch (default: until it "
@@ -650,6 +689,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                                      formatter_class=_Formatter)
     parser.add_argument("--config", metavar="PATH", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"gpuwarden {__version__}")
+    parser.add_argument("--node", metavar="NAME", default=None,
+                        help="talk to node NAME of ~/.config/gpuwarden/nodes.toml")
     parser.set_defaults(url=None, token=None, timeout=None)
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
@@ -697,6 +738,14 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="only these event names (shell pattern, e.g. 'mode.*'; repeatable)")
     p.add_argument("--json", action="store_true", help="one JSON document per line")
     p.set_defaults(func=cmd_events)
+    p = verb("fleet", help="every node of ~/.config/gpuwarden/nodes.toml at once")
+    p.add_argument("action", choices=["status"],
+                   help="status: one table of every node's GPUs, modes, tiers and blocks, "
+                        "asked in parallel (exit 3 when a node is unreachable)")
+    p.add_argument("--timeout", type=_seconds, default=None,
+                   help="seconds (or 2s) each node has to answer (default 5)")
+    p.add_argument("--json", action="store_true", help="every node's status document")
+    p.set_defaults(func=cmd_fleet)
     p = verb("secret", parents=[common], help="make a new signing secret or token")
     p.add_argument("kind", choices=["whsec", "token"],
                    help="whsec: a Standard Webhooks signing secret on stdout, and the same "
