@@ -505,3 +505,28 @@ def test_without_the_higher_priority_preempt_waits(proxied: ProxiedNode) -> None
     result = chat(proxied.ollama)
     assert result["status"] == 503 and json.loads(result["lines"][0])["cause"] == "max_wait"
     assert daemon.status()["gpus"][0]["mode"] == "image"
+
+
+def test_a_mode_demand_left_idle_does_not_hold_the_gpu_for_its_dwell(
+        proxied: ProxiedNode) -> None:
+    """llm's dwell is 60 s, but once its chat is answered and nothing more comes for
+    5 s, an image prompt gets the GPU without waiting out the dwell."""
+    daemon = proxied.start(default_mode="image", job_seconds=0.2,
+                           ollama_proxy={"min_dwell": 60})
+    assert chat(proxied.ollama)["status"] == 200
+    daemon.wait_event("mode.switch.completed", to="llm")
+    t0 = time.monotonic()
+    job = prompt(proxied.comfy)  # waits for the 5 s of quiet, not the 60 s dwell
+    waited = time.monotonic() - t0
+    assert 3 < waited < 40, waited
+    assert wait_job(proxied.comfy_direct, job)["status"]["status_str"] == "success"
+    # A mode switched to by hand keeps its dwell, in use or not.
+    run_cli("--config", str(daemon.config), "mode", "llm")
+    daemon.wait_mode("llm")
+    in_thread(prompt, proxied.comfy)  # left waiting: the fixture stops the daemon
+    waiting = proxied.wait_proxy("comfyui", waiting=1)
+    deadline = time.monotonic() + 10
+    while "minimum dwell" not in (waiting.get("blocker") or ""):
+        assert time.monotonic() < deadline, waiting
+        time.sleep(0.1)
+        waiting = proxied.proxy_status("comfyui")

@@ -10,8 +10,10 @@ waiting request (so neither side starves) only when all of these hold:
 - the active mode's ComfyUI has no job running or queued (its `/queue`, read now;
   unreadable counts as busy), unless the waiting mode has the higher priority and
   its proxy may preempt;
-- the active mode (other than idle) has had the GPU for its minimum dwell, whoever
-  switched to it: demand, or an operator by hand.
+- the active mode has had the GPU for its minimum dwell, if an operator switched to
+  it by hand, or demand did and it is still in use (a request in flight, or one that
+  ended less than 5 s ago). Demand's mode, idle for 5 s, holds nothing up; idle
+  holds nothing.
 
 Once the active mode has had its dwell and another mode waits, new demand for the
 active mode waits too (it drains), so a steady stream on one side cannot hold the
@@ -46,6 +48,9 @@ log = logging.getLogger(__name__)
 
 # How often a waiting queue is looked at again without news (dwell ends, jobs finish).
 _POLL_S = 0.5
+# A mode demand switched to, with no demand for this long, is idle: its dwell no
+# longer holds the GPU (at most its dwell).
+_IDLE_GRACE_S = 5.0
 # How long a read of ComfyUI's queue may take before it counts as busy.
 _QUEUE_TIMEOUT_S = 5.0
 
@@ -116,6 +121,8 @@ class DemandScheduler:
         self._blocker: dict[str, str] = {}  # why each waiting mode still waits
         self._retry_after: dict[str, float] = {}  # and for about how long, in seconds
         self._queue_error = ""
+        self._last_demand: dict[str, float] = {}  # when each mode's last request ended
+        self._demand_entered: dict[str, float | None] = {}  # mode_since of demand's switches
         self._wake = asyncio.Event()
         self._switch: asyncio.Task[None] | None = None
         self._switch_to: str | None = None
@@ -303,9 +310,19 @@ class DemandScheduler:
         return view.mode_since is None or now - view.mode_since >= self._dwell(view.mode)
 
     def _dwell_ok(self, view: ProxyView, now: float) -> bool:
-        """Whether the active mode may be left now, as far as its dwell goes: a mode
-        entered for demand or by hand keeps the GPU that long, idle need not."""
-        return view.mode == "idle" or self._dwell_over(view, now)
+        """Whether the active mode may be left now, as far as its dwell goes. A mode
+        switched to by hand (or restored at start) keeps the GPU for its dwell; one that
+        demand switched to keeps it only while it is in use: once it has had no demand
+        for a few seconds, holding an idle GPU would only make the other side wait."""
+        if view.mode == "idle" or self._dwell_over(view, now):
+            return True
+        if self._demand_entered.get(view.mode) != view.mode_since:
+            return False  # entered by hand: the operator's choice holds for the dwell
+        if self.in_flight(view.mode):
+            return False
+        last = self._last_demand.get(view.mode)
+        grace = min(_IDLE_GRACE_S, self._dwell(view.mode))
+        return last is None or time.monotonic() - last >= grace
 
     def _may_preempt(self, target: str, active: str) -> bool:
         policy, current = self._policies.get(target), self._policies.get(active)
@@ -345,6 +362,7 @@ class DemandScheduler:
         return Ticket(self, mode)
 
     def _finished(self, mode: str) -> None:
+        self._last_demand[mode] = time.monotonic()
         self._in_flight[mode] = max(0, self._in_flight.get(mode, 0) - 1)
         if self._in_flight[mode] == 0:
             self._wake.set()
@@ -437,6 +455,8 @@ class DemandScheduler:
                              retry_after=30)
         else:
             if result.ok:
+                # Entered for demand: its dwell holds only while it is in use.
+                self._demand_entered[target] = self._service.proxy_view(self._anchor).mode_since
                 if self._metrics is not None:
                     self._metrics.proxy_switches.labels(str(self.gpu), target).inc()
                 if self._runs_now(target):
