@@ -531,15 +531,18 @@ def main() -> int:
     parser.add_argument("--day-minutes", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=20261206)
     parser.add_argument("--skip-day", action="store_true")
+    parser.add_argument("--skip-overhead", action="store_true",
+                        help="only the replayed day (parts 1 and 2 skipped)")
     args = parser.parse_args()
     report: dict[str, Any] = {}
 
-    node = start_node(default_mode="llm", min_dwell=0, release_delay=0.15)
-    try:
-        report.update(asyncio.run(overhead(node, args.requests, args.rps_seconds)))
-        report.update(asyncio.run(demand_switch(node, args.switch_rounds)))
-    finally:
-        node.daemon.close()
+    if not args.skip_overhead:
+        node = start_node(default_mode="llm", min_dwell=0, release_delay=0.15)
+        try:
+            report.update(asyncio.run(overhead(node, args.requests, args.rps_seconds)))
+            report.update(asyncio.run(demand_switch(node, args.switch_rounds)))
+        finally:
+            node.daemon.close()
     report["targets"] = {"added_latency_p50_ms": 1, "added_latency_p99_ms": 5,
                          "stream_rate_ratio": 0.95, "rps_ratio": 0.8, "demand_added_ms": 50}
 
