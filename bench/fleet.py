@@ -45,6 +45,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="gw-bench-fleet-"))
     daemons: list[DaemonUnderTest] = []
@@ -93,7 +94,7 @@ token = "{TOKEN}"
             report[f"{label}_wall_s_median"] = round(statistics.median(times), 3)
             report[f"{label}_wall_s_max"] = round(max(times), 3)
             report[f"{label}_exit_codes"] = sorted(codes)
-        write_report(OUT, "fleet", report)
+        write_report(args.out, "fleet", report)
     finally:
         silent.close()
         for daemon in daemons:

@@ -24,8 +24,8 @@ A real daemon on the simulated GPU runs the Ollama and ComfyUI stand-ins of
    wait p50/p99, switches, and the time the GPU sat idle while work waited; the three
    timelines in one PNG (needs the bench extra: matplotlib).
 
-Figures go to stdout and `bench/out/proxy.json` (or `$OUT`), the plot to
-`proxy-day.png`.
+Figures go to stdout and `proxy.json` in `--out` (default bench/out, or `$OUT`),
+the plot to `proxy-day.png` there.
 """
 
 from __future__ import annotations
@@ -531,6 +531,7 @@ def main() -> int:
     parser.add_argument("--day-minutes", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=20261206)
     parser.add_argument("--skip-day", action="store_true")
+    parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--skip-overhead", action="store_true",
                         help="only the replayed day (parts 1 and 2 skipped)")
     args = parser.parse_args()
@@ -562,14 +563,15 @@ def main() -> int:
             finally:
                 node.daemon.close()
         try:
-            plot(days, OUT / "proxy-day.png")
-            report["day"]["plot"] = str(OUT / "proxy-day.png")
+            args.out.mkdir(parents=True, exist_ok=True)
+            plot(days, args.out / "proxy-day.png")
+            report["day"]["plot"] = str(args.out / "proxy-day.png")
         except ImportError:
             report["day"]["plot"] = "matplotlib missing (pip install -e .[bench])"
         report["raw"] = {"timelines": {p: d.pop("timeline") for p, d in days.items()}}
         for policy, doc in days.items():
             report[f"day_{policy}"] = doc
-    write_report(OUT, "proxy", report)
+    write_report(args.out, "proxy", report)
     return 0
 
 

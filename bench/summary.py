@@ -71,6 +71,25 @@ def rows(folder: Path) -> list[tuple[str, str, str, str]]:
                         f"{idle['cli_socket']['p99_ms']:.2f} ms", "", ""))
         out.append(("  closed loop, 4 clients", f"{api['closed_loop']['rps']:.0f} req/s",
                     "", ""))
+    proxy = load(folder, "proxy.json")
+    if proxy and "added_latency_p50_ms" in proxy:
+        ok = proxy["added_latency_p50_ms"] <= 1 and proxy["added_latency_p99_ms"] <= 5
+        out.append(("demand proxy: added latency p50 / p99",
+                    f"{proxy['added_latency_p50_ms']:.2f} / {proxy['added_latency_p99_ms']:.2f} ms",
+                    "<= 1 / 5 ms", "PASS" if ok else "FAIL"))
+        out.append(("  stream lines/s, proxy / direct", f"{proxy['stream_rate_ratio']:.2f}",
+                    ">= 0.95", "PASS" if proxy["stream_rate_ratio"] >= 0.95 else "FAIL"))
+        out.append(("  16 clients, 20 ms answers, proxy / direct",
+                    f"{proxy['rps_16_20ms_ratio']:.2f} (instant: {proxy['rps_ratio']:.2f})",
+                    ">= 0.8", "PASS" if proxy["rps_16_20ms_ratio"] >= 0.8 else "FAIL"))
+        out.append(("  demand switch: first byte - switch",
+                    f"{proxy['demand_added_ms_median']:.0f} ms", "<= 50 ms",
+                    "PASS" if proxy["demand_added_ms_median"] <= 50 else "FAIL"))
+    fleet = load(folder, "fleet.json")
+    if fleet:
+        out.append(("fleet status, 2 / 10 nodes / 10 + 1 unreachable",
+                    f"{fleet['2_nodes_wall_s_median']:.2f} / {fleet['10_nodes_wall_s_median']:.2f}"
+                    f" / {fleet['10_nodes_1_unreachable_wall_s_median']:.2f} s", "", ""))
     sinks = load(folder, "sinks.json")
     if sinks:
         out.append(("delivery latency, publish -> receiver (p50 / p99)",

@@ -20,6 +20,9 @@ scripts/gpu-acceptance.sh --out "$out" || echo "bench.sh: the acceptance run FAI
 "$py" bench/api.py --seconds "$seconds" --out "$out"
 "$py" bench/sinks.py --out "$out"
 "$py" bench/discord.py --out "$out"
+"$py" bench/fleet.py --out "$out"
+# The replayed mixed day takes 3 x 10 minutes: bench/proxy.py alone runs it.
+"$py" bench/proxy.py --skip-day --out "$out"
 if command -v node >/dev/null && command -v npm >/dev/null; then
   "$py" bench/n8n.py --out "$out" || echo "bench.sh: the n8n benchmark FAILED (above)"
 else
