@@ -460,3 +460,84 @@ def test_the_example_flow_on_a_real_n8n(n8n: N8n, node: SimNode, start_daemon: A
         discord.stop()
     print(f"\nalert -> switch started through n8n: {alert_to_switch:.2f} s; "
           f"test wall time {time.monotonic() - t_start:.0f} s")
+
+
+FLEET = ROOT / "examples" / "n8n" / "gpuwarden-fleet-workflow.json"
+
+
+def _alertmanager_payload(status: str, alerts: list[tuple[str, str, str]]) -> dict[str, Any]:
+    """Alertmanager 0.25's webhook body (version 4), for (alertname, instance, status)."""
+    return {
+        "version": "4", "groupKey": '{}:{alertname="x"}', "truncatedAlerts": 0,
+        "status": status, "receiver": "n8n", "groupLabels": {}, "commonLabels": {},
+        "commonAnnotations": {}, "externalURL": "http://127.0.0.1:9093",
+        "alerts": [{"status": state, "labels": {"alertname": name, "instance": instance,
+                                                "job": "gpuwarden", "gpu": "0",
+                                                "severity": "critical"},
+                    "annotations": {"summary": f"{instance} GPU 0: VRAM critical"},
+                    "startsAt": "2026-12-06T10:00:00Z",
+                    "endsAt": "0001-01-01T00:00:00Z" if state == "firing" else
+                    "2026-12-06T10:05:00Z",
+                    "generatorURL": "http://127.0.0.1:9090/graph", "fingerprint": f"{i:016x}"}
+                   for i, (name, instance, state) in enumerate(alerts)],
+    }
+
+
+def test_the_fleet_flow_switches_the_node_that_alerted(n8n: N8n, tmp_path: Path,
+                                                        start_daemon: Any) -> None:
+    imported = n8n.cli("import:workflow", f"--input={FLEET}")
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+    n8n.start()
+    n8n.set_up_owner()
+    am_token = run_cli("secret", "token").stdout.strip()
+    api_token = run_cli("secret", "token").stdout.strip()
+    ids = {
+        "Alertmanager webhook": n8n.credential(
+            "Alertmanager webhook", "httpHeaderAuth",
+            {"name": "Authorization", "value": f"Bearer {am_token}"}),
+        "gpuwarden API token": n8n.credential(
+            "gpuwarden API token", "httpHeaderAuth",
+            {"name": "Authorization", "value": f"Bearer {api_token}"}),
+    }
+    flow = n8n.call("GET", "/rest/workflows/gpuwardenFleet1")
+    for item in flow["nodes"]:
+        for ref in item.get("credentials", {}).values():
+            ref["id"] = ids[ref["name"]]
+    saved = n8n.call("PATCH", "/rest/workflows/gpuwardenFleet1",
+                     json={"nodes": flow["nodes"], "versionId": flow["versionId"]})
+    n8n.call("POST", "/rest/workflows/gpuwardenFleet1/activate",
+             json={"versionId": saved["versionId"]})
+    hook = f"{n8n.url}/webhook/gpuwarden-alerts"
+
+    daemons, instances = {}, {}
+    for name in ("a", "b"):
+        node = SimNode(tmp_path / name)
+        node.root.mkdir()
+        port = free_port()
+        config = node.write(**two_process_modes(
+            node, daemon={"default_mode": "image"}, api={"listen": f"127.0.0.1:{port}"},
+            **{"api.tokens.n8n": {"token": api_token}}))
+        daemons[name] = start_daemon(config, node.socket)
+        daemons[name].wait_mode("image")
+        instances[name] = f"127.0.0.1:{port}"
+
+    forged = httpx.post(hook, json=_alertmanager_payload(
+        "firing", [("GpuwardenVramCritical", instances["a"], "firing")]), timeout=30)
+    assert forged.status_code == 403  # no Alertmanager token: refused before the flow
+    resp = httpx.post(hook, headers={"Authorization": f"Bearer {am_token}"}, timeout=30,
+                      json=_alertmanager_payload("firing", [
+                          ("GpuwardenVramCritical", instances["b"], "firing"),
+                          ("GpuwardenVramCritical", instances["a"], "resolved"),
+                          ("GpuwardenCrashLoopBlocked", instances["a"], "firing")]))
+    assert resp.status_code == 200, resp.text
+    daemons["b"].wait_mode("llm", timeout=60)
+    completed = daemons["b"].wait_event("mode.switch.completed", to="llm")[-1]
+    assert completed["requested_by"] == "api:n8n"  # authorized and audited on the node
+    # Only the node whose critical alert fired was switched.
+    deadline = time.monotonic() + 60
+    while not n8n.executions("gpuwardenFleet1"):
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    assert daemons["a"].status()["gpus"][0]["mode"] == "image"
+    assert [e for e in daemons["a"].events("mode.switch.started")
+            if e.get("requested_by") == "api:n8n"] == []
