@@ -492,3 +492,71 @@ def test_without_a_token_the_bot_is_disabled_and_says_so(node: SimNode) -> None:
         assert "discord" not in format_status(daemon.service.status())
 
     run_daemon(config, body)
+
+
+def test_one_bot_serves_the_fleet(node: SimNode, discord_api: DiscordStandIn,
+                                  tmp_path: Path, start_daemon: Any) -> None:
+    """With a nodes file, /gpu status, mode and unblock take a `node`: the call goes to
+    that node's HTTP API with its token, and the node audits it for the Discord user."""
+    from .standins import free_port
+
+    other = SimNode(tmp_path / "beta")
+    other.root.mkdir()
+    port = free_port()
+    bot_token = "t" * 40
+    remote = start_daemon(other.write(**two_process_modes(
+        other, daemon={"default_mode": "image"}, api={"listen": f"127.0.0.1:{port}"},
+        **{"api.tokens.bot": {"token": bot_token, "act_for": ["discord"]},
+           "api.tokens.plain": {"token": "p" * 40}})), other.socket)
+    remote.wait_mode("image")
+    nodes = node.root / "nodes.toml"
+    nodes.write_text(f'[nodes.beta]\nurl = "http://127.0.0.1:{port}"\ntoken = "{bot_token}"\n')
+    config = live_config(node, nodes_file=str(nodes))
+
+    async def body(daemon: Daemon, audit: Collect) -> None:
+        assert daemon.service is not None
+        await until(lambda: synced_and_connected(daemon), "the bot is synced and connected")
+        await settle(daemon, "llm")
+        (gpu,) = discord_api.commands[GUILD_ID]
+        for sub in gpu["options"]:
+            node_option = [o for o in sub["options"] if o["name"] == "node"]
+            assert node_option and node_option[0]["choices"] == [
+                {"name": "beta", "value": "beta"}], sub
+
+        status = await discord_api.a_interact("status", {"node": "beta"}, user_id=555)
+        def embeds() -> list[dict[str, Any]]:
+            parts = [c.get("data") or {} for c in status.callbacks]
+            return [e for p in parts + status.edits + status.followups
+                    for e in p.get("embeds") or []]
+
+        await until(embeds, "beta's status")
+        embed = embeds()[0]
+        assert embed["title"] == "GPU node beta"
+        assert "8000/20480 MiB" in embed["fields"][0]["value"]  # beta runs image
+
+        denied = await discord_api.a_interact("mode", {"mode": "llm", "node": "beta"},
+                                              user_id=555, roles=[1])
+        await until(lambda: denied.callbacks, "the denial")
+        switch = await discord_api.a_interact("mode", {"mode": "llm", "node": "beta"},
+                                              roles=[ROLE])
+        await until(lambda: any("→ **llm** in" in t for t in switch.texts()),
+                    "beta's switch result")
+        assert switch.texts()[-1].startswith("beta: ")
+        # This node did not move; beta did, audited there for the Discord user.
+        assert daemon.service.status()["gpus"][0]["mode"] == "llm"
+        assert not [e for e in audit.named("mode.switch.started")
+                    if e.requested_by == f"discord:{USER}"]
+
+    run_daemon(config, body)
+    completed = remote.wait_event("mode.switch.completed", to="llm")[-1]
+    assert completed["requested_by"] == f"discord:{USER} via api:bot"
+    assert not [e for e in remote.events("mode.switch.started")
+                if e.get("requested_by", "").startswith("discord:555")]
+    # A token without act_for cannot speak for anyone.
+    import httpx
+
+    refused = httpx.post(f"http://127.0.0.1:{port}/v1/mode", json={"mode": "image"},
+                         headers={"Authorization": f"Bearer {'p' * 40}",
+                                  "X-Gpuwarden-On-Behalf-Of": "discord:1"}, timeout=30)
+    assert refused.status_code == 403 and "act_for" in refused.json()["error"]
+    assert remote.status()["gpus"][0]["mode"] == "llm"

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 import time
 from collections import OrderedDict
@@ -64,6 +65,11 @@ def whsec_key(secret: str) -> bytes:
     """The HMAC key of a `whsec_<base64>` secret (validated by the config)."""
     text = secret.removeprefix("whsec_")
     return base64.b64decode(text + "=" * (-len(text) % 4))
+
+
+# A token allowed to (act_for) names the user it acts for here.
+ON_BEHALF_HEADER = b"x-gpuwarden-on-behalf-of"
+_ON_BEHALF = re.compile(r"[a-z]{1,16}:[A-Za-z0-9_.@-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -242,6 +248,7 @@ class ApiAuth:
     def __init__(self, config: ApiConfig, replay: ReplayGuard) -> None:
         self._tokens = [(name, t.token.get_secret_value().encode(), t.require_signature)
                         for name, t in config.tokens.items() if t.token is not None]
+        self._act_for = {name: frozenset(t.act_for) for name, t in config.tokens.items()}
         secret = config.signing_secret
         self._key = whsec_key(secret.get_secret_value()) if secret is not None else None
         self._replay = replay
@@ -330,4 +337,19 @@ class ApiAuth:
         if name is None:
             raise AuthError("authentication required (Authorization: Bearer <token>, or "
                             "a signed request)", "missing")
+        if ON_BEHALF_HEADER in headers:
+            return Identity(self._on_behalf(name, headers[ON_BEHALF_HEADER]))
         return Identity(f"api:{name}")
+
+    def _on_behalf(self, name: str, header: bytes) -> str:
+        """`requested_by` for a token that acts for someone else (a fleet's Discord bot
+        calling a node for a user): the user, and the token that vouched for them."""
+        value = header.decode("ascii", errors="replace").strip()
+        if not _ON_BEHALF.fullmatch(value):
+            raise AuthError(f"{ON_BEHALF_HEADER.decode()}: expected KIND:ID such as "
+                            "discord:1234", "on_behalf", status=400)
+        kind = value.partition(":")[0]
+        if kind not in self._act_for.get(name, frozenset()):
+            raise AuthError(f"token {name!r} may not act for {kind} users ([api.tokens."
+                            f"{name}] act_for)", "on_behalf", status=403)
+        return f"{value} via api:{name}"

@@ -72,15 +72,21 @@ PositiveSeconds = Duration
 NonNegativeSeconds = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
 
 
-def _read_secret(path: Path, key: str) -> SecretStr:
+def _credential_path(path: Path) -> Path:
+    """Where a relative secret file is: $CREDENTIALS_DIRECTORY, else the config's folder."""
     base = _secret_base.get()
-    relative = not path.is_absolute()
-    if relative:
+    if not path.is_absolute():
         creds = os.environ.get("CREDENTIALS_DIRECTORY")
         if creds:
-            path = Path(creds) / path
-        elif base is not None:
-            path = base / path
+            return Path(creds) / path
+        if base is not None:
+            return base / path
+    return path
+
+
+def _read_secret(path: Path, key: str) -> SecretStr:
+    relative = not path.is_absolute()
+    path = _credential_path(path)
     try:
         text = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
@@ -277,6 +283,9 @@ class TokenConfig(_Section):
     token_file: Path | None = None
     # Requests with this token must also carry a valid signature ([api] signing_secret).
     require_signature: bool = False
+    # Kinds of user this token may act for: with X-Gpuwarden-On-Behalf-Of: discord:ID a
+    # request is audited as "discord:ID via api:NAME" (a fleet's Discord bot).
+    act_for: list[Literal["discord"]] = []
 
     @model_validator(mode="after")
     def _secret(self) -> TokenConfig:
@@ -359,10 +368,23 @@ class DiscordConfig(_Section):
     alert_min_severity: SeverityName = "warning"
     # A lost gateway connection that is back within this long is not announced.
     disconnect_grace: PositiveSeconds = 10.0
+    # One bot for a fleet: a nodes file ([nodes.NAME] url, token_file; README, "More
+    # than one node") gives /gpu status, mode and unblock a `node` option that calls
+    # that node's API with its token. Each node's token needs act_for = ["discord"].
+    nodes_file: Path | None = None
 
     @model_validator(mode="after")
     def _secret(self) -> DiscordConfig:
         _resolve_secret(self, "token", "token_file")
+        if self.nodes_file is not None:
+            from .fleet import load_nodes
+
+            path = _credential_path(self.nodes_file)
+            try:
+                load_nodes(str(path))
+            except ConfigError as exc:
+                raise ValueError(f"nodes_file: {path}: " + "; ".join(exc.problems)) from exc
+            object.__setattr__(self, "nodes_file", path)
         if self.alert_channel_id and self.token is None:
             raise ValueError("alert_channel_id: set, but the bot that posts there has no "
                              "token: set token_file (or token), or use alert_webhook_url")

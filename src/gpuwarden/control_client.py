@@ -218,8 +218,10 @@ class ControlClient:
     """Talks HTTP to the daemon over its Unix socket, or over TCP with a token."""
 
     def __init__(self, *, socket: str | PathLike[str] | None = None, url: str | None = None,
-                 token: str | None = None, timeout: float = 30.0) -> None:
+                 token: str | None = None, timeout: float = 30.0,
+                 headers: dict[str, str] | None = None) -> None:
         self._token = token
+        self._headers = headers or {}
         self._prefix = ""
         if url:
             from urllib.parse import urlsplit
@@ -251,6 +253,7 @@ class ControlClient:
             lines.append("Content-Type: application/json")
         if self._token:
             lines.append(f"Authorization: Bearer {self._token}")
+        lines.extend(f"{name}: {value}" for name, value in self._headers.items())
         return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
 
     def request(self, method: str, path: str, *, json: Any = None,

@@ -29,8 +29,9 @@ import discord
 from discord import app_commands
 
 from .config import Config, DeliveryConfig
-from .errors import GpuwardenError, RefusedError
+from .errors import DaemonUnreachable, GpuwardenError, RefusedError
 from .events import Event, EventBus, Severity
+from .fleet import Node, load_nodes
 from .outbox import Entry
 from .service import Service
 from .sinks import Attempt, DeliveryStat, OutboxSink, discord_embed
@@ -56,6 +57,8 @@ MAX_EMBED_TOTAL = 6000
 MAX_EMBEDS = 10
 NO_MENTIONS = discord.AllowedMentions.none()
 _PROGRESS_POLL_S = 0.25
+# How long another node's API may take to answer (a switch included).
+_REMOTE_TIMEOUT_S = 600.0
 
 
 def _clip(text: str, limit: int) -> str:
@@ -102,11 +105,12 @@ def fit_embed(doc: dict[str, Any], budget: int = MAX_EMBED_TOTAL) -> dict[str, A
     return doc
 
 
-def status_embed(doc: dict[str, Any]) -> discord.Embed:
+def status_embed(doc: dict[str, Any], node: str | None = None) -> discord.Embed:
     """The status document as an embed: a VRAM bar per GPU, colour by the worst tier."""
     tiers = [g["tier"] for g in doc["gpus"]] or ["ok"]
     worst = max(tiers, key=_TIER_ORDER.index)
-    out: dict[str, Any] = {"title": "GPU node", "color": _TIER_COLOURS[worst], "fields": []}
+    out: dict[str, Any] = {"title": f"GPU node {node}" if node else "GPU node",
+                           "color": _TIER_COLOURS[worst], "fields": []}
     if doc.get("fault"):
         out["description"] = f"⚠️ GPUs unreadable: {doc['fault']['fault']}"
     gpus = doc["gpus"]
@@ -181,15 +185,39 @@ def build_gpu_group(config: Config, front: DiscordFrontEnd | None) -> app_comman
     )
     modes = sorted(config.all_modes())
 
+    nodes = fleet_node_names(config)
+    node_choices = [app_commands.Choice(name=n, value=n) for n in nodes[:MAX_CHOICES]]
+    node_help = "another node of the fleet (default: this one)"
+
     async def status(interaction: discord.Interaction) -> None:
         assert front is not None
         await front.cmd_status(interaction)
 
+    @app_commands.describe(node=node_help)
+    @app_commands.choices(node=node_choices)
+    async def status_node(interaction: discord.Interaction, node: str | None = None) -> None:
+        assert front is not None
+        await front.cmd_status(interaction, node=node)
+
     group.add_command(app_commands.Command(
         name="status", description="VRAM, tier, mode and workloads per GPU",
-        callback=status))
+        callback=status_node if nodes else status))
 
-    if len(config.gpu_indices()) > 1:
+    if nodes:
+        # One bot for the fleet: the other nodes' modes are theirs, so the mode is free
+        # text, suggested from this node's (the node checks it).
+        @app_commands.describe(mode="the mode to switch to", gpu="GPU index (for idle)",
+                               force="interrupt ComfyUI jobs instead of refusing",
+                               node=node_help)
+        @app_commands.choices(node=node_choices)
+        async def mode_fleet(interaction: discord.Interaction, mode: str,
+                             gpu: app_commands.Range[int, 0, 63] | None = None,
+                             force: bool = False, node: str | None = None) -> None:
+            assert front is not None
+            await front.cmd_mode(interaction, mode, gpu=gpu, force=force, node=node)
+
+        callback: Any = mode_fleet
+    elif len(config.gpu_indices()) > 1:
         @app_commands.describe(mode="the mode to switch to", gpu="GPU index (for idle)",
                                force="interrupt ComfyUI jobs instead of refusing")
         async def mode_multi(interaction: discord.Interaction, mode: str,
@@ -198,7 +226,7 @@ def build_gpu_group(config: Config, front: DiscordFrontEnd | None) -> app_comman
             assert front is not None
             await front.cmd_mode(interaction, mode, gpu=gpu, force=force)
 
-        callback: Any = mode_multi
+        callback = mode_multi
     else:
         @app_commands.describe(mode="the mode to switch to",
                                force="interrupt ComfyUI jobs instead of refusing")
@@ -208,13 +236,13 @@ def build_gpu_group(config: Config, front: DiscordFrontEnd | None) -> app_comman
             await front.cmd_mode(interaction, mode, gpu=None, force=force)
 
         callback = mode_single
-    if len(modes) <= MAX_CHOICES:
+    if len(modes) <= MAX_CHOICES and not nodes:
         callback = app_commands.choices(
             mode=[app_commands.Choice(name=m, value=m) for m in modes])(callback)
     mode_command: app_commands.Command[Any, ..., None] = app_commands.Command(
         name="mode", description="Switch the GPU mode (stop, verify VRAM release, start)",
         callback=callback)
-    if len(modes) > MAX_CHOICES:
+    if len(modes) > MAX_CHOICES or nodes:
         # More modes than Discord offers as fixed choices: suggest them as the user types
         # (the name is checked again when the command runs).
         @mode_command.autocomplete("mode")
@@ -229,9 +257,16 @@ def build_gpu_group(config: Config, front: DiscordFrontEnd | None) -> app_comman
         assert front is not None
         await front.cmd_unblock(interaction, workload)
 
+    @app_commands.describe(workload="a workload blocked after a crash loop", node=node_help)
+    @app_commands.choices(node=node_choices)
+    async def unblock_node(interaction: discord.Interaction, workload: str,
+                           node: str | None = None) -> None:
+        assert front is not None
+        await front.cmd_unblock(interaction, workload, node=node)
+
     unblock_command: app_commands.Command[Any, ..., None] = app_commands.Command(
         name="unblock", description="Lift a crash-loop block (refused unless VRAM is clear)",
-        callback=unblock)
+        callback=unblock_node if nodes else unblock)
 
     @unblock_command.autocomplete("workload")
     async def blocked_workloads(interaction: discord.Interaction, current: str
@@ -241,6 +276,16 @@ def build_gpu_group(config: Config, front: DiscordFrontEnd | None) -> app_comman
 
     group.add_command(unblock_command)
     return group
+
+
+def load_fleet_nodes(config: Config) -> dict[str, Node]:
+    """The fleet's other nodes ([discord] nodes_file; checked with the config)."""
+    path = config.discord.nodes_file
+    return {} if path is None else load_nodes(str(path))
+
+
+def fleet_node_names(config: Config) -> list[str]:
+    return sorted(load_fleet_nodes(config))
 
 
 class _Tree(app_commands.CommandTree[discord.Client]):
@@ -291,6 +336,7 @@ class DiscordFrontEnd:
         self.service = service
         self.config = config
         self.bus = bus or service.bus
+        self._nodes = load_fleet_nodes(config)
         self.state = "disabled"
         self.since = time.time()
         self.detail = ""
@@ -393,12 +439,61 @@ class DiscordFrontEnd:
 
     # -- the commands ----------------------------------------------------------------
 
-    async def cmd_status(self, interaction: discord.Interaction) -> None:
-        await reply(interaction, embed=status_embed(self.service.status()))
+    async def cmd_status(self, interaction: discord.Interaction,
+                         node: str | None = None) -> None:
+        if node is None:
+            await reply(interaction, embed=status_embed(self.service.status()))
+            return
+        await interaction.response.defer(thinking=True)
+        code, doc = await self._remote(node, "GET", "/v1/status", interaction)
+        if code != 200:
+            await reply(interaction, f"❌ {node}: {doc.get('error', code)}")
+            return
+        await reply(interaction, embed=status_embed(doc, node))
+
+    async def _remote(self, node: str, method: str, path: str,
+                      interaction: discord.Interaction,
+                      body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+        """Call another node's API with its token, for this Discord user (the node
+        audits it as discord:<id> via its token). A node that does not answer is
+        (0, {"error": why})."""
+        target = self._nodes.get(node)
+        if target is None:
+            return 0, {"error": f"no node named {node!r} (nodes: "
+                                f"{', '.join(sorted(self._nodes))})"}
+        user = f"discord:{interaction.user.id}"
+
+        def call() -> tuple[int, dict[str, Any]]:
+            client = target.client(_REMOTE_TIMEOUT_S, on_behalf_of=user)
+            try:
+                resp = client.request(method, path, json=body)
+                doc = resp.json()
+                return resp.status_code, doc if isinstance(doc, dict) else {}
+            except DaemonUnreachable as exc:
+                return 0, {"error": str(exc)}
+            except ValueError:
+                return 0, {"error": "answered with no JSON"}
+            finally:
+                client.close()
+
+        return await asyncio.to_thread(call)
 
     async def cmd_mode(self, interaction: discord.Interaction, mode: str, *,
-                       gpu: int | None, force: bool) -> None:
+                       gpu: int | None, force: bool, node: str | None = None) -> None:
         if not await self._allowed(interaction, "mode"):
+            return
+        if node is not None:
+            await interaction.response.defer(thinking=True)
+            body: dict[str, Any] = {"mode": mode, "force": force}
+            if gpu is not None:
+                body["gpu"] = gpu
+            code, doc = await self._remote(node, "POST", "/v1/mode", interaction, body)
+            if code == 200:
+                await self._edit(interaction, f"{node}: {_switch_text(doc)}")
+            elif code in (404, 409):
+                await self._edit(interaction, f"⛔ {node}: refused: {doc.get('error')}")
+            else:
+                await self._edit(interaction, f"❌ {node}: {doc.get('error', code)}")
             return
         if mode not in self.config.all_modes():
             modes = ", ".join(sorted(self.config.all_modes()))
@@ -448,10 +543,19 @@ class DiscordFrontEnd:
             await interaction.followup.send(_clip(text, MAX_CONTENT),
                                             allowed_mentions=NO_MENTIONS)
 
-    async def cmd_unblock(self, interaction: discord.Interaction, workload: str) -> None:
+    async def cmd_unblock(self, interaction: discord.Interaction, workload: str,
+                          node: str | None = None) -> None:
         if not await self._allowed(interaction, "unblock"):
             return
         await interaction.response.defer(thinking=True)
+        if node is not None:
+            code, doc = await self._remote(
+                node, "POST", f"/v1/workloads/{workload}/unblock", interaction)
+            if code == 200:
+                await reply(interaction, f"✅ {node}: unblocked **{workload}**.")
+            else:
+                await reply(interaction, f"⛔ {node}: {doc.get('error', code)}")
+            return
         try:
             result = await self.service.unblock(
                 workload, requested_by=f"discord:{interaction.user.id}")

@@ -34,8 +34,12 @@ class Node:
     def __init__(self, name: str, url: str, token: str | None) -> None:
         self.name, self.url, self.token = name, url, token
 
-    def client(self, timeout: float) -> ControlClient:
-        return ControlClient(url=self.url, token=self.token, timeout=timeout)
+    def client(self, timeout: float, *, on_behalf_of: str | None = None) -> ControlClient:
+        """A client of this node's API; `on_behalf_of` (e.g. discord:1234) names the
+        user its token acts for (the node's [api.tokens.NAME] act_for)."""
+        headers = {"X-Gpuwarden-On-Behalf-Of": on_behalf_of} if on_behalf_of else None
+        return ControlClient(url=self.url, token=self.token, timeout=timeout,
+                             headers=headers)
 
 
 def nodes_path() -> str:
