@@ -110,7 +110,9 @@ def cmd_fleet(args: argparse.Namespace) -> int:
                          indent=2, sort_keys=True))
     else:
         print(format_fleet(results))
-    return EXIT_UNREACHABLE if any(r.doc is None for r in results) else EXIT_OK
+    if any(r.unreachable for r in results):
+        return EXIT_UNREACHABLE
+    return EXIT_FAILED if any(r.doc is None for r in results) else EXIT_OK
 
 
 def _json_or_die(resp: Response) -> dict[str, Any]:
@@ -690,7 +692,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="PATH", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"gpuwarden {__version__}")
     parser.add_argument("--node", metavar="NAME", default=None,
-                        help="talk to node NAME of ~/.config/gpuwarden/nodes.toml")
+                        help="talk to node NAME of the nodes file ($GPUWARDEN_NODES, else "
+                             "~/.config/gpuwarden/nodes.toml)")
     parser.set_defaults(url=None, token=None, timeout=None)
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
@@ -741,10 +744,14 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p = verb("fleet", help="every node of ~/.config/gpuwarden/nodes.toml at once")
     p.add_argument("action", choices=["status"],
                    help="status: one table of every node's GPUs, modes, tiers and blocks, "
-                        "asked in parallel (exit 3 when a node is unreachable)")
+                        "asked in parallel (exit 3 when a node is unreachable, 1 when one "
+                        "refused); nodes from $GPUWARDEN_NODES, else "
+                        "~/.config/gpuwarden/nodes.toml")
     p.add_argument("--timeout", type=_seconds, default=None,
                    help="seconds (or 2s) each node has to answer (default 5)")
-    p.add_argument("--json", action="store_true", help="every node's status document")
+    p.add_argument("--json", action="store_true",
+                   help="per node: its url, status document (null when it did not "
+                        "answer), error and seconds")
     p.set_defaults(func=cmd_fleet)
     p = verb("secret", parents=[common], help="make a new signing secret or token")
     p.add_argument("kind", choices=["whsec", "token"],

@@ -381,7 +381,7 @@ class DiscordConfig(_Section):
 
             path = _credential_path(self.nodes_file)
             try:
-                load_nodes(str(path))
+                load_nodes(str(path), env_hint=False)
             except ConfigError as exc:
                 raise ValueError(f"nodes_file: {path}: " + "; ".join(exc.problems)) from exc
             object.__setattr__(self, "nodes_file", path)

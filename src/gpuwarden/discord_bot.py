@@ -281,7 +281,7 @@ def build_gpu_group(config: Config, front: DiscordFrontEnd | None) -> app_comman
 def load_fleet_nodes(config: Config) -> dict[str, Node]:
     """The fleet's other nodes ([discord] nodes_file; checked with the config)."""
     path = config.discord.nodes_file
-    return {} if path is None else load_nodes(str(path))
+    return {} if path is None else load_nodes(str(path), env_hint=False)
 
 
 def fleet_node_names(config: Config) -> list[str]:

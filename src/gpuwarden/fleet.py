@@ -53,8 +53,9 @@ def nodes_path() -> str:
     return os.path.join(base, "gpuwarden", "nodes.toml")
 
 
-def load_nodes(path: str | None = None) -> dict[str, Node]:
-    """The `[nodes.NAME]` tables of the nodes file, checked.
+def load_nodes(path: str | None = None, *, env_hint: bool = True) -> dict[str, Node]:
+    """The `[nodes.NAME]` tables of the nodes file, checked (`env_hint`: a missing file's
+    message mentions $GPUWARDEN_NODES, which only the CLI reads).
 
     Raises:
         ConfigError: the file is missing or unreadable, or a node is wrong (every
@@ -67,10 +68,10 @@ def load_nodes(path: str | None = None) -> dict[str, Node]:
         with open(path, "rb") as f:
             doc = tomllib.load(f)
     except FileNotFoundError:
+        hint = ", or point $GPUWARDEN_NODES at it" if env_hint else ""
         raise ConfigError(["no nodes file here: list your nodes in it as [nodes.NAME] "
                            'url = "http://HOST:8787", token_file = "NAME.token" (README, '
-                           '"More than one node"), or point $GPUWARDEN_NODES at it'],
-                          source=path) from None
+                           f'"More than one node"){hint}'], source=path) from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError([f"cannot read it: {exc}"], source=path) from exc
     problems: list[str] = []
@@ -91,12 +92,18 @@ def load_nodes(path: str | None = None) -> dict[str, Node]:
         if extra:
             problems.append(f"{key}.{extra[0]}: unknown key (url, token, token_file)")
         url = table.get("url")
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            problems.append(f"{key}.url: expected http://HOST:PORT or https://HOST:PORT, "
-                            f"got {url!r}")
+        problem = _url_problem(url)
+        if problem:
+            problems.append(f"{key}.url: {problem}")
             continue
+        assert isinstance(url, str)
         token = table.get("token")
+        if "token" in table and "token_file" in table:
+            problems.append(f"{key}: set token or token_file, not both")
+            continue
+        where = "token"
         if "token_file" in table:
+            where = "token_file"
             file = os.path.join(os.path.dirname(os.path.abspath(path)),
                                 os.path.expanduser(str(table["token_file"])))
             try:
@@ -105,23 +112,47 @@ def load_nodes(path: str | None = None) -> dict[str, Node]:
             except OSError as exc:
                 problems.append(f"{key}.token_file: cannot read {file}: {exc.strerror}")
                 continue
-        if token is not None and (not isinstance(token, str) or not token):
-            problems.append(f"{key}.token: empty")
-            continue
+        if token is not None:
+            if not isinstance(token, str) or not token:
+                problems.append(f"{key}.{where}: empty")
+                continue
+            if len(token) < 32:
+                problems.append(f"{key}.{where}: too short ({len(token)} characters; a "
+                                "gpuwarden token has at least 32: gpuwarden secret token)")
+                continue
         nodes[name] = Node(name, url.rstrip("/"), token)
     if problems:
         raise ConfigError(problems, source=path)
     return nodes
 
 
-class NodeStatus:
-    """One node's status document, or why it could not be had."""
+def _url_problem(url: object) -> str | None:
+    if url is None:
+        return "missing (the node's API, e.g. http://gpu1.lan:8787)"
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        return f"expected http://HOST:PORT or https://HOST:PORT, got {url!r}"
+    from urllib.parse import urlsplit
 
-    __slots__ = ("doc", "error", "node", "seconds")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError as exc:
+        return f"{url!r}: {exc}"
+    if not parts.hostname:
+        return f"{url!r} names no host"
+    return None
+
+
+class NodeStatus:
+    """One node's status document, or why it could not be had: `unreachable` when no
+    answer came, else the node refused or answered something else."""
+
+    __slots__ = ("doc", "error", "node", "seconds", "unreachable")
 
     def __init__(self, node: Node, doc: dict[str, Any] | None, error: str | None,
-                 seconds: float) -> None:
+                 seconds: float, *, unreachable: bool = False) -> None:
         self.node, self.doc, self.error, self.seconds = node, doc, error, seconds
+        self.unreachable = unreachable
 
 
 def _one(node: Node, timeout: float) -> NodeStatus:
@@ -138,7 +169,7 @@ def _one(node: Node, timeout: float) -> NodeStatus:
                               time.monotonic() - t0)
         return NodeStatus(node, resp.json(), None, time.monotonic() - t0)
     except DaemonUnreachable as exc:
-        return NodeStatus(node, None, str(exc), time.monotonic() - t0)
+        return NodeStatus(node, None, str(exc), time.monotonic() - t0, unreachable=True)
     except ValueError:
         return NodeStatus(node, None, "answered with no JSON", time.monotonic() - t0)
     finally:
@@ -160,7 +191,8 @@ def format_fleet(results: list[NodeStatus]) -> str:
     for result in results:
         name = result.node.name
         if result.doc is None:
-            rows.append((name, "-", "-", "-", "-", "-", f"UNREACHABLE: {result.error}"))
+            label = "UNREACHABLE" if result.unreachable else "ERROR"
+            rows.append((name, "-", "-", "-", "-", "-", f"{label}: {result.error}"))
             continue
         blocked = ",".join(w["name"] for w in result.doc.get("workloads", [])
                            if w.get("blocked")) or "-"
