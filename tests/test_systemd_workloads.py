@@ -178,7 +178,10 @@ def test_without_a_reachable_systemd_a_unit_is_unknown_and_nothing_starts(
         status = daemon.client.get("/v1/status").json()
         ollama = next(w for w in status["workloads"] if w["name"] == "ollama")
         assert ollama["state"] == "unknown" and "systemd unreachable" in ollama["detail"]
-        # Fail closed: the switch cannot start it, says why, and leaves nothing running.
+        # The restore of the recorded mode at start is a switch of its own: once it is
+        # over (CI met it still running), a switch to llm...
+        daemon.wait_mode("idle", timeout=60)
+        # ...fails closed: it cannot start the unit, says why, and leaves nothing running.
         resp = daemon.client.post("/v1/mode", json={"mode": "llm"})
         assert resp.status_code != 200, resp.text
         assert "ollama.service" in resp.text and "system bus" in resp.text
