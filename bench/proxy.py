@@ -568,6 +568,8 @@ def main() -> int:
             report["day"]["plot"] = str(args.out / "proxy-day.png")
         except ImportError:
             report["day"]["plot"] = "matplotlib missing (pip install -e .[bench])"
+        except OSError as exc:  # the figures are worth more than the picture
+            report["day"]["plot"] = f"not written: {exc}"
         report["raw"] = {"timelines": {p: d.pop("timeline") for p, d in days.items()}}
         for policy, doc in days.items():
             report[f"day_{policy}"] = doc
