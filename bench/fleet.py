@@ -22,16 +22,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import DaemonUnderTest, base_config, write_report
+from harness import DaemonUnderTest, base_config, free_port, write_report
 
 OUT = Path(os.environ.get("OUT", Path(__file__).resolve().parent / "out"))
 TOKEN = "f" * 40
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def timed(env: dict[str, str], *args: str) -> tuple[float, int]:

@@ -12,7 +12,16 @@ from typing import Any
 
 import httpx
 
-__all__ = ["DaemonUnderTest", "base_config", "write_report"]
+__all__ = ["DaemonUnderTest", "base_config", "free_port", "write_report"]
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def base_config(folder: Path, ledger: Path, *, default_mode: str, docker_host: str = "",

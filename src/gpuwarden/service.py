@@ -40,7 +40,6 @@ class ProxyView:
     mode_since: float | None  # Unix time it became active
     switching_to: str | None  # the mode a switch under way heads for
     running: bool  # the workload runs (as last sampled)
-    blocked: str | None  # why the workload is blocked after a crash loop
 
 
 class Service:
@@ -304,12 +303,10 @@ class Service:
         st = self._state.gpu(gpu)
         transition = self.switcher.transition_of(gpu) if self.switcher else None
         status = self._statuses.get(workload)
-        block = self._state.blocks.get(workload)
         return ProxyView(
             gpu=gpu, mode=st.mode or IDLE_MODE, mode_since=st.mode_since,
             switching_to=None if transition is None else transition.to_mode,
             running=status is not None and status.running,
-            blocked=None if block is None else block.reason,
         )
 
     def workload_names(self, mode: str) -> tuple[str, ...]:

@@ -125,7 +125,6 @@ class DemandScheduler:
         self._demand_entered: dict[str, float | None] = {}  # mode_since of demand's switches
         self._wake = asyncio.Event()
         self._switch: asyncio.Task[None] | None = None
-        self._switch_to: str | None = None
         self._task: asyncio.Task[None] | None = None
 
     # -- front side: the proxies ----------------------------------------------
@@ -432,7 +431,6 @@ class DemandScheduler:
                  "waited_s": round(time.monotonic() - first.arrived, 3),
                  "preempted": force}
         self._blocker[target] = f"switching to {target}"
-        self._switch_to = target
         self._switch = asyncio.get_running_loop().create_task(
             self._do_switch(target, f"proxy:{first.client}", cause, force))
 
@@ -466,7 +464,6 @@ class DemandScheduler:
                                  "switch_failed", retry_after=30)
         finally:
             self._switch = None
-            self._switch_to = None
             self._wake.set()
 
     def _runs_now(self, mode: str) -> bool:
