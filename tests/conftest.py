@@ -226,6 +226,19 @@ class DaemonProcess:
                 raise AssertionError(f"GPU {gpu} not in {mode}: {g}")
             time.sleep(0.05)
 
+    def wait_used(self, mib: int, gpu: int = 0, timeout: float = 30) -> dict[str, Any]:
+        """Wait until a sample shows `mib` used: a process workload is started before
+        its VRAM is held, and status reports the last sample."""
+        deadline = time.monotonic() + timeout
+        while True:
+            doc = self.status()
+            g = next(x for x in doc["gpus"] if x["index"] == gpu)
+            if g["used_mib"] == mib:
+                return doc
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"GPU {gpu} never showed {mib} MiB used: {g}")
+            time.sleep(0.05)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)

@@ -179,10 +179,7 @@ def test_a_switch_on_a_terminal_shows_each_step_as_it_happens(node: SimNode,
     config = node.write(**two_process_modes(node, **{"gpu.sim": {"release_delay": 1.5}}))
     daemon = start_daemon(config, node.socket)
     daemon.wait_mode("llm")
-    deadline = time.monotonic() + 30
-    while daemon.status()["gpus"][0]["used_mib"] != 6000:  # ollama holds its VRAM
-        assert time.monotonic() < deadline, daemon.status()
-        time.sleep(0.05)
+    daemon.wait_used(6000)  # ollama holds its VRAM
     shown = _on_a_terminal([PYTHON, "-m", "gpuwarden.cli", "--config", str(config),
                             "mode", "image"])
     lines = [line.strip() for line in shown.splitlines() if line.strip()]

@@ -509,6 +509,7 @@ def test_one_bot_serves_the_fleet(node: SimNode, discord_api: DiscordStandIn,
         **{"api.tokens.bot": {"token": bot_token, "act_for": ["discord"]},
            "api.tokens.plain": {"token": "p" * 40}})), other.socket)
     remote.wait_mode("image")
+    remote.wait_used(8000)  # comfyui holds its VRAM
     nodes = node.root / "nodes.toml"
     nodes.write_text(f'[nodes.beta]\nurl = "http://127.0.0.1:{port}"\ntoken = "{bot_token}"\n')
     config = live_config(node, nodes_file=str(nodes))
