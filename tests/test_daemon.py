@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -372,6 +373,93 @@ def test_a_process_behind_a_wrapper_script_gets_its_stop_grace(tmp_path: Path) -
     workload.stop()
     assert done.read_text() == "graceful"
     assert not workload.status().running
+
+
+def test_a_cancelled_start_keeps_the_workload_locked_until_its_process_exists(
+        tmp_path: Path) -> None:
+    """A switch cancelled by the daemon's shutdown while a start runs in its thread: the
+    cancel waits for the start, so the shutdown that takes the lock next sees (and
+    stops) the process instead of leaving it orphaned."""
+    import asyncio
+    import threading
+
+    from gpuwarden.config import WorkloadConfig
+    from gpuwarden.gpu.attribution import OwnerIndex
+    from gpuwarden.workloads.process import ProcessWorkload
+    from gpuwarden.workloads.supervisor import WorkloadSupervisor
+
+    entered, gate = threading.Event(), threading.Event()
+
+    class SlowStart(ProcessWorkload):  # a start that takes a while, as a container's does
+        def start(self) -> Any:
+            entered.set()
+            gate.wait(30)
+            return super().start()
+
+    workload = SlowStart("slow", WorkloadConfig(kind="process", stop_timeout=2,
+                                                command=["sleep", "600"]),
+                         log_dir=tmp_path / "logs", owners=OwnerIndex())
+    supervisor = WorkloadSupervisor({"slow": workload})
+
+    async def scenario() -> None:
+        async def switch_step() -> None:
+            async with supervisor.lock("slow"):
+                await supervisor.start_locked("slow")
+
+        step = asyncio.create_task(switch_step())
+        assert await asyncio.to_thread(entered.wait, 30), "the start never began"
+        step.cancel()
+        done, _ = await asyncio.wait({step}, timeout=0.5)
+        assert not done and supervisor.lock("slow").locked()  # still starting
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await step
+        async with supervisor.lock("slow"):  # what the shutdown does next
+            assert (await supervisor.status("slow")).running
+            await supervisor.stop_locked("slow", by="daemon", reason="stopping")
+        assert not workload.status().running
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        gate.set()
+        workload.stop()
+
+
+def test_a_shutdown_during_a_switch_leaves_no_process_behind(node: SimNode) -> None:
+    """The daemon stops while a switch runs: whatever the switch had started is stopped
+    with the daemon, and a switch asked for after that is refused."""
+    import asyncio
+
+    from gpuwarden.config import load_config
+    from gpuwarden.daemon import Daemon
+    from gpuwarden.errors import ConflictError
+
+    config = load_config(two_mode_config(node))
+
+    def ours() -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter(["cmdline"]):
+            if str(node.ledger) in (proc.info["cmdline"] or []):
+                found.append(proc)
+        return found
+
+    async def scenario(delay: float) -> None:
+        daemon = Daemon(config)
+        await daemon.setup()
+        assert daemon.service is not None
+        try:
+            await daemon.service.switch_mode("llm", requested_by="test")
+            await daemon.service.switch_mode("image", requested_by="test", wait=False)
+            await asyncio.sleep(delay)  # somewhere in the switch: stopping, verifying, starting
+        finally:
+            await daemon.cleanup()
+        with pytest.raises(ConflictError, match="stopping"):
+            await daemon.service.switch_mode("llm", requested_by="test")
+
+    for delay in (0.0, 0.05, 0.2):
+        asyncio.run(scenario(delay))
+        assert not [p for p in ours() if p.is_running() and p.status() != "zombie"], delay
 
 
 def test_the_demo_removes_its_temporary_folder_at_exit() -> None:

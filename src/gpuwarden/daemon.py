@@ -478,14 +478,13 @@ class Daemon:
         # Process workloads that are our children end with us, stopped by us (not by
         # systemd's final SIGKILL), and audited. Containers, units and transient units
         # stay up, to be found again by the next start.
-        children = [w for w in self._workloads.values() if isinstance(w, ProcessWorkload)
-                    and (await asyncio.to_thread(w.status)).running]
-        stops = [asyncio.to_thread(w.stop) for w in children]
-        for workload, res in zip(children, await asyncio.gather(*stops, return_exceptions=True),
+        children = [w for w in self._workloads.values() if isinstance(w, ProcessWorkload)]
+        ends = [self._end_child(w.name) for w in children]
+        for workload, res in zip(children, await asyncio.gather(*ends, return_exceptions=True),
                                  strict=True):
             if isinstance(res, BaseException):
                 errors.append(res)
-            else:
+            elif res:
                 self.bus.publish("workload.stopped", f"{workload.name} stopped: gpuwarden is "
                                  "stopping", requested_by="daemon", workload=workload.name,
                                  gpu=self.config.gpu_of_workload(workload.name))
@@ -512,6 +511,20 @@ class Daemon:
         for error in errors:
             self.bus.publish("daemon.stopping", f"error during shutdown: {error}",
                              severity=Severity.ERROR, error=str(error))
+
+
+    async def _end_child(self, name: str) -> bool:
+        """Stop a process workload if it runs; True if it did. Under its lock, so a start
+        still finishing in a thread (a switch cancelled by the shutdown) is seen."""
+        if self.service is None or self.service.supervisor is None:
+            return False
+        supervisor = self.service.supervisor
+        async with supervisor.lock(name):
+            if not (await supervisor.status(name)).running:
+                return False
+            await supervisor.stop_locked(name, by="daemon", reason="gpuwarden is stopping",
+                                         requested_by="daemon")
+            return True
 
 
 def _claim_socket_path(path: Path) -> None:

@@ -211,6 +211,7 @@ class ModeSwitcher:
         self._running: dict[int, _Running] = {}
         self._results: OrderedDict[str, SwitchResult] = OrderedDict()
         self._tasks: set[asyncio.Task[SwitchResult]] = set()
+        self._closed = False
 
     # -- queries ---------------------------------------------------------------
 
@@ -312,6 +313,7 @@ class ModeSwitcher:
                 queue (without force), or the target will not fit in VRAM.
         """
         index = self.resolve(mode, gpu)
+        self._refuse_if_closed()
         current = self.mode_of(index) or IDLE_MODE
         transition = Transition(
             id=uuid.uuid4().hex[:12], from_mode=current, to_mode=mode, step="planned",
@@ -347,6 +349,10 @@ class ModeSwitcher:
                 raise self._refused(transition, index, force, exc, cause) from None
             entry.future.cancel()
             raise
+        if self._closed:  # the daemon began stopping while this was planned
+            self._running.pop(index, None)
+            entry.future.cancel()
+            self._refuse_if_closed()
         if plan is None:  # the mode is active and whole: nothing to do
             self._running.pop(index, None)
             result = SwitchResult(True, index, current, mode, "", {"total_s": 0.0})
@@ -823,7 +829,14 @@ class ModeSwitcher:
                 not_running=missing,
             )
 
+    def _refuse_if_closed(self) -> None:
+        if self._closed:
+            raise ConflictError("gpuwarden is stopping; no switch starts now", {})
+
     async def close(self) -> None:
+        """Refuse new switches and end those under way (a start or stop in progress
+        finishes first; see WorkloadSupervisor); the next start recovers them."""
+        self._closed = True
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

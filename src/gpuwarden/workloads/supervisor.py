@@ -12,12 +12,36 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from .base import Workload, WorkloadState, WorkloadStatus
 
 __all__ = ["StopRecord", "WorkloadSupervisor", "describe_stop"]
+
+_T = TypeVar("_T")
+
+
+async def _to_the_end(action: Callable[[], _T]) -> _T:
+    """Run a blocking start or stop in a thread and await its end even when cancelled.
+
+    A thread cannot be cancelled: a start already under way spawns its process anyway.
+    Returning early would release the workload's lock while that happens, and whoever
+    takes it next (the mode guard, the daemon's shutdown) would decide on a workload
+    about to change under it, or miss a child it must stop. So the cancel waits."""
+    running = asyncio.ensure_future(asyncio.to_thread(action))
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        while not running.done():
+            try:
+                await asyncio.shield(running)
+            except asyncio.CancelledError:
+                continue  # cancelled again: still wait for the thread
+            except BaseException:  # its own failure; the cancel is what the caller gets
+                break
+        raise
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +75,7 @@ class WorkloadSupervisor:
 
     async def start_locked(self, name: str) -> WorkloadStatus:
         """Start `name`; the caller holds its lock. Raises WorkloadError."""
-        status = await asyncio.to_thread(self._workloads[name].start)
+        status = await _to_the_end(self._workloads[name].start)
         self._stops.pop(name, None)
         return status
 
@@ -65,7 +89,7 @@ class WorkloadSupervisor:
         before = await self.status(name)
         if before.running or before.state is WorkloadState.UNKNOWN:
             self._stops[name] = StopRecord(time.time(), by, reason, requested_by)
-        return await asyncio.to_thread(self._workloads[name].stop)
+        return await _to_the_end(self._workloads[name].stop)
 
     async def stop(self, name: str, *, by: str, reason: str,
                    requested_by: str | None = None) -> WorkloadStatus:
