@@ -115,6 +115,37 @@ def two_process_modes(node: SimNode, **extra: dict[str, Any]) -> dict[str, dict[
     return sections
 
 
+def _processes_naming(folder: str) -> list[Any]:
+    """Live processes (not zombies, not this one) whose command line names `folder`."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        if proc.pid == os.getpid() or proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        if any(folder in arg for arg in proc.info["cmdline"] or ()):
+            found.append(proc)
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_behind(tmp_path: Path) -> Iterator[None]:
+    """A test's processes end with it: a workload, holder or daemon still running with
+    the test's folder in its command line after every other fixture is torn down is
+    an orphan (the daemon failed to stop a child), and fails the test."""
+    yield
+    folder = str(tmp_path) + os.sep
+    deadline = time.monotonic() + 15  # some may be exiting right now
+    while (left := _processes_naming(folder)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if left:
+        described = [f"{p.pid}: {' '.join(p.info['cmdline'])}" for p in left]
+        for proc in left:
+            with contextlib.suppress(Exception):
+                proc.kill()
+        pytest.fail("processes left running after the test:\n" + "\n".join(described))
+
+
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[SimNode]:
     sim = SimNode(tmp_path)
