@@ -103,6 +103,33 @@ def test_socket_mode_and_clean_shutdown_leaves_nothing_behind(node: SimNode,
     assert [(e["event"], e["workload"]) for e in after] == [("workload.stopped", "ollama")]
 
 
+def test_event_ids_keep_rising_across_restarts(node: SimNode, start_daemon) -> None:
+    """A client polling `since=<the last id it saw>` sees the next daemon's events, also
+    after a SIGKILL and with the id file damaged."""
+    config = two_mode_config(node)
+
+    def events_after(daemon: Any, since: int) -> list[dict[str, Any]]:
+        resp = daemon.client.get("/v1/events", params={"since": since, "limit": 1000})
+        assert resp.status_code == 200, resp.text
+        found: list[dict[str, Any]] = resp.json()["events"]
+        return found
+
+    seen = 0
+    for ending, damage in ((signal.SIGTERM, None), (signal.SIGKILL, None),
+                           (signal.SIGTERM, b"\x00not a number")):
+        daemon = start_daemon(config, node.socket)
+        daemon.wait_mode("llm")
+        new = events_after(daemon, seen)
+        assert new and new[0]["event"] == "daemon.started", new[:3]
+        ids = [e["id"] for e in new]
+        assert ids == sorted(ids) and ids[0] > seen, (seen, ids[:3])
+        seen = ids[-1]
+        daemon.stop(ending)
+        node.kill_holders()  # what SIGKILL orphaned
+        if damage is not None:
+            (node.state_dir / "event-ids").write_bytes(damage)
+
+
 def test_cli_exits_3_when_no_daemon_answers(node: SimNode) -> None:
     config = node.write()
     result = run_cli("--config", str(config), "status")

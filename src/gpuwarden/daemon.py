@@ -28,7 +28,7 @@ from .crashloop import CrashLoopGuard
 from .docker_events import ContainerEvent, DockerEventWatcher
 from .enforcement import ModeGuard
 from .errors import GpuwardenError
-from .events import AuditWriter, EventBus, Severity
+from .events import AuditWriter, DurableEventIds, EventBus, Severity
 from .gpu.attribution import OwnerIndex
 from .gpu.backend import GpuBackend, open_backend
 from .metrics import Metrics
@@ -113,7 +113,8 @@ class Daemon:
         self.state = DaemonState.NEW
         self.stop_requested = asyncio.Event()
         self.notifier = Notifier()
-        self.bus = EventBus(audit or open_audit())
+        self.bus = EventBus(audit or open_audit(),
+                            ids=DurableEventIds(config.daemon.state_dir / "event-ids"))
         self._scheduler: AsyncIOScheduler | None = None
         self._doors: list[Door] = []
         self._storms: ErrorStorms | None = None

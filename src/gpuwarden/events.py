@@ -10,14 +10,20 @@ from __future__ import annotations
 import asyncio
 import enum
 import itertools
+import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["AuditWriter", "Event", "EventBus", "Severity", "alert_group"]
+from .state import write_atomically
+
+__all__ = ["AuditWriter", "DurableEventIds", "Event", "EventBus", "Severity", "alert_group"]
+
+log = logging.getLogger(__name__)
 
 
 class Severity(enum.IntEnum):
@@ -97,13 +103,55 @@ class AuditWriter(Protocol):
 Subscriber = Callable[[Event], None]
 
 
+class DurableEventIds(Iterator[int]):
+    """Event ids that keep rising across daemon restarts.
+
+    A client polls `/v1/events?since=<the last id it saw>`; ids that began at 1 again
+    after a restart would hide every new event from it until they caught up. So ids
+    are reserved a block at a time in a file of the state directory before they are
+    used (hi-lo): a crash skips the rest of a block and never hands an id out twice.
+    A file that cannot be read starts from the time in milliseconds, far above any id
+    a block count reaches; one that cannot be written is logged, and numbering goes on.
+    """
+
+    def __init__(self, path: Path, *, block: int = 10_000) -> None:
+        self._path = path
+        self._block = block
+        self._next = self._first()
+        self._limit = self._next  # nothing reserved yet
+
+    def _first(self) -> int:
+        try:
+            return max(1, int(self._path.read_text(encoding="ascii").strip()))
+        except FileNotFoundError:
+            return 1
+        except (OSError, ValueError) as exc:
+            first = int(time.time() * 1000)
+            log.warning("event ids: %s is unreadable (%s); numbering from %d",
+                        self._path, exc, first)
+            return first
+
+    def __next__(self) -> int:
+        if self._next >= self._limit:
+            self._limit = self._next + self._block
+            try:
+                write_atomically(self._path, f"{self._limit}\n".encode())
+            except OSError as exc:
+                log.warning("event ids: cannot reserve ids in %s (%s); ids may repeat "
+                            "after a restart", self._path, exc.strerror or exc)
+        self._next += 1
+        return self._next - 1
+
+
 class EventBus:
     """Numbers events, audits each once, keeps the last `ring_size`, and fans out."""
 
-    def __init__(self, audit: AuditWriter, *, ring_size: int = 1000) -> None:
+    def __init__(self, audit: AuditWriter, *, ring_size: int = 1000,
+                 ids: Iterator[int] | None = None) -> None:
+        """`ids` numbers the events (DurableEventIds in the daemon); 1, 2, … without."""
         self._audit = audit
         self._ring: deque[Event] = deque(maxlen=ring_size)
-        self._ids = itertools.count(1)
+        self._ids = ids if ids is not None else itertools.count(1)
         self._lock = threading.Lock()
         self._subscribers: list[tuple[Severity, Subscriber]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
