@@ -115,7 +115,7 @@ def two_process_modes(node: SimNode, **extra: dict[str, Any]) -> dict[str, dict[
     return sections
 
 
-def _processes_naming(folder: str) -> list[Any]:
+def processes_naming(folder: str) -> list[Any]:
     """Live processes (not zombies, not this one) whose command line names `folder`."""
     import psutil
 
@@ -136,7 +136,7 @@ def no_process_left_behind(tmp_path: Path) -> Iterator[None]:
     yield
     folder = str(tmp_path) + os.sep
     deadline = time.monotonic() + 15  # some may be exiting right now
-    while (left := _processes_naming(folder)) and time.monotonic() < deadline:
+    while (left := processes_naming(folder)) and time.monotonic() < deadline:
         time.sleep(0.1)
     if left:
         described = [f"{p.pid}: {' '.join(p.info['cmdline'])}" for p in left]

@@ -15,7 +15,7 @@ from typing import Any
 import psutil
 import pytest
 
-from .conftest import PYTHON, SimNode, hold_argv, run_cli, two_process_modes
+from .conftest import PYTHON, SimNode, hold_argv, processes_naming, run_cli, two_process_modes
 from .standins import ComfyStandIn
 
 
@@ -464,13 +464,6 @@ def test_a_shutdown_during_a_switch_leaves_no_process_behind(node: SimNode) -> N
 
     config = load_config(two_mode_config(node))
 
-    def ours() -> list[psutil.Process]:
-        found = []
-        for proc in psutil.process_iter(["cmdline"]):
-            if str(node.ledger) in (proc.info["cmdline"] or []):
-                found.append(proc)
-        return found
-
     async def scenario(delay: float) -> None:
         daemon = Daemon(config)
         await daemon.setup()
@@ -486,7 +479,7 @@ def test_a_shutdown_during_a_switch_leaves_no_process_behind(node: SimNode) -> N
 
     for delay in (0.0, 0.05, 0.2):
         asyncio.run(scenario(delay))
-        assert not [p for p in ours() if p.is_running() and p.status() != "zombie"], delay
+        assert not processes_naming(str(node.ledger)), delay  # live, zombies aside
 
 
 def test_the_demo_removes_its_temporary_folder_at_exit() -> None:

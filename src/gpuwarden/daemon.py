@@ -513,7 +513,6 @@ class Daemon:
             self.bus.publish("daemon.stopping", f"error during shutdown: {error}",
                              severity=Severity.ERROR, error=str(error))
 
-
     async def _end_child(self, name: str) -> bool:
         """Stop a process workload if it runs; True if it did. Under its lock, so a start
         still finishing in a thread (a switch cancelled by the shutdown) is seen."""

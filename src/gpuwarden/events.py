@@ -132,6 +132,8 @@ class DurableEventIds(Iterator[int]):
             return first
 
     def __next__(self) -> int:
+        # The write (with fsync) runs wherever the event is published, the loop
+        # included: once per block, and once at start, which is why blocks are large.
         if self._next >= self._limit:
             self._limit = self._next + self._block
             try:
