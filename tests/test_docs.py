@@ -60,9 +60,12 @@ def _published_events() -> set[str]:
     names = set()
     for source in (ROOT / "src" / "gpuwarden").rglob("*.py"):
         for node in ast.walk(ast.parse(source.read_text())):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
-                    node.func.attr == "publish" and node.args and \
-                    isinstance(node.args[0], ast.Constant):
+            # bus.publish("name", ...), and a switch's end, published once it is kept:
+            # _Ending("name", ...) (modes.py)
+            publishes = isinstance(node, ast.Call) and (
+                (isinstance(node.func, ast.Attribute) and node.func.attr == "publish")
+                or (isinstance(node.func, ast.Name) and node.func.id == "_Ending"))
+            if publishes and node.args and isinstance(node.args[0], ast.Constant):
                 names.add(str(node.args[0].value))
     return names
 

@@ -157,21 +157,47 @@ def test_a_leak_fails_the_switch_closed(node: SimNode, dockerd: Any, containers:
     assert containers.running(comfy)
 
 
+def _docker_seconds(stamp: str) -> float:
+    """Docker's RFC 3339 time with nanoseconds, as unix seconds."""
+    from datetime import datetime
+
+    head, _, frac = stamp.rstrip("Z").partition(".")
+    whole = datetime.fromisoformat(head + "+00:00").timestamp()
+    return whole + (float("0." + frac) if frac else 0.0)
+
+
 def test_hand_started_container_of_inactive_mode_is_stopped(
         node: SimNode, dockerd: Any, containers: Containers, start_daemon) -> None:
-    ollama, comfy = holder_containers(containers)
-    config = docker_config(node, dockerd.host, ollama, comfy)
+    """The mode guard kills a container started outside its mode within 3 s of its
+    start, by Docker's own clock, even on a saturated machine (.ci/run runs this with
+    --busy). The container ignores nothing: the time is the guard's, not a grace's."""
+    ollama, comfy = names()
+    containers.create(ollama, holder_script("ollama", 6000))
+    # This ComfyUI ignores SIGTERM, and its stop_timeout is long: a guard that stopped
+    # it gracefully would wait 30 s.
+    containers.create(comfy, 'trap "" TERM; c=/ledger/comfyui.mib; echo 8000 > "$c"; '
+                      'sleep 1000000 3<"$c" & wait')
+    config = docker_config(node, dockerd.host, ollama, comfy,
+                           comfy_extra={"stop_timeout": 30})
     daemon = start_daemon(config, node.socket)
     daemon.wait_mode("llm")
-    time.sleep(0.5)  # let the event watcher connect
-    containers.get(comfy).start()
-    violation = daemon.wait_event("mode.violation", workload="comfyui")[0]
-    assert violation["mode"] == "llm"
-    deadline = time.monotonic() + 10
-    while containers.running(comfy):
-        assert time.monotonic() < deadline, "violating container kept running"
-        time.sleep(0.05)
-    assert containers.running(ollama)
+    took = []
+    for round_ in range(5):
+        containers.get(comfy).start()
+        violation = daemon.wait_event("mode.violation", workload="comfyui",
+                                      count=round_ + 1)[round_]
+        assert violation["mode"] == "llm"
+        deadline = time.monotonic() + 30
+        while containers.running(comfy):
+            assert time.monotonic() < deadline, "violating container kept running"
+            time.sleep(0.05)
+        state = containers.get(comfy).attrs["State"]
+        took.append(_docker_seconds(state["FinishedAt"]) - _docker_seconds(state["StartedAt"]))
+        assert containers.running(ollama)
+    took.sort()
+    print(f"\nmode guard, start to stop of a hand-started container: median "
+          f"{took[len(took) // 2]:.2f} s, worst {took[-1]:.2f} s of {len(took)}")
+    assert took[-1] <= 3.0, took
 
 
 def test_drift_at_start_is_resolved_toward_the_recorded_mode(

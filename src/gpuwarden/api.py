@@ -325,10 +325,12 @@ async def _event_stream(request: web.Request, since: int | None) -> web.StreamRe
     as it is published, until the client goes or the daemon stops. The first line
     names the newest event id at the moment the stream began."""
     service = request.app[SERVICE]
+    # Taken before the answer's head goes out: a follower that has read the head is
+    # subscribed, and any request it sends after that is seen through its events.
+    last = service.last_event_id() if since is None else since
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                        "Cache-Control": "no-store"})
     await resp.prepare(request)
-    last = service.last_event_id() if since is None else since
     await resp.write(f": events after {last}\n\n".encode())
     try:
         while True:

@@ -315,9 +315,10 @@ def cmd_mode(args: argparse.Namespace) -> int:
     # Always asked without waiting: the daemon answers as soon as the switch is under
     # way (or refused), and the CLI follows it through the event stream, so it can stop
     # waiting on its own terms (--timeout, Ctrl-C) and still say which switch goes on.
-    # The stream opens first: every event of the switch comes after it.
+    # The stream opens first: every event of the switch that is not over by the time
+    # the CLI asks for its state comes after it (see _follow_switch).
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
-    events = None if args.no_wait else client.follow(deadline=deadline)
+    events = None if args.no_wait else client.follow(deadline=deadline, quiet=_RECHECK_S)
     try:
         if events is not None:
             next(events)  # the stream is open
@@ -361,41 +362,68 @@ def cmd_mode(args: argparse.Namespace) -> int:
 
 
 # The events that end a switch: its result is then read once.
-_SWITCH_ENDS = ("mode.switch.completed", "mode.switch.failed", "mode.reconcile")
+_SWITCH_ENDS = ("mode.switch.completed", "mode.switch.failed", "mode.reconcile",
+                "mode.switch.refused")
+# How often a follower asks the daemon for its switch's state when the stream has not
+# shown the end: a second costs one small request, and bounds any wait on a lost event.
+_RECHECK_S = 1.0
+# A switch is said to overrun once it runs this much past what its timeouts allow.
+_OVERRUN_GRACE_S = 5.0
 
 
 def _follow_switch(client: ControlClient, events: Iterator[dict[str, Any] | None],
                    pending: dict[str, Any], progress: bool) -> dict[str, Any] | None:
-    """Follow a switch under way through the event stream to its end: its result, or
-    None once the stream's deadline (--timeout) passed. With `progress`, each step is
-    printed as it happens."""
+    """Follow a switch under way to its end: its result, or None once the stream's
+    deadline (--timeout) passed. With `progress`, each step is printed as it happens.
+
+    The stream was subscribed before the switch was asked for, and the daemon keeps a
+    switch's result in the same step as it publishes its end. So the end is either
+    still to come on the stream or already in the state asked for here: it cannot be
+    missed. The state is asked again each second the end has not shown (a request
+    that joined a switch under way, a stream that fell behind), and a switch that runs
+    past what its timeouts allow is reported as such."""
     t0 = time.monotonic()
+    limit = pending.get("limit_s")
+    overrun_at = None if limit is None else t0 + float(limit) + _OVERRUN_GRACE_S
     if progress:
         print(f"GPU {pending['gpu']}: {pending['from']} -> {pending['to']} "
               f"(id {pending['id']})", flush=True)
+    state = _state_of(client, pending["id"])
+    if state.get("done"):
+        return state
+    checked = time.monotonic()
     for event in events:
-        if event is None or event.get("transition_id") != pending["id"]:
+        now = time.monotonic()
+        if event is not None and event.get("transition_id") == pending["id"]:
+            if event["event"] == "mode.switch.step":
+                pending["step"] = event["step"]
+            if progress and (line := _progress_line(event)):
+                print(f"  {now - t0:6.2f} s  {line}", flush=True)
+            if event["event"] in _SWITCH_ENDS:
+                return _state_of(client, pending["id"])
+        if now - checked < _RECHECK_S:
             continue
-        if event["event"] == "mode.switch.step":
-            pending["step"] = event["step"]
-        if progress and (line := _progress_line(event)):
-            print(f"  {time.monotonic() - t0:6.2f} s  {line}", flush=True)
-        if event["event"] in _SWITCH_ENDS:
-            return _result_of(client, pending["id"])
+        checked = now
+        state = _state_of(client, pending["id"])
+        if state.get("done"):
+            return state
+        pending["step"] = state.get("step") or pending.get("step")
+        if overrun_at is not None and now > overrun_at:
+            overrun_at = None  # said once
+            print(f"gpuwarden: the switch to {pending['to']} (id {pending['id']}) is still "
+                  f"running after {now - t0:.0f} s, past the {limit:g} s its timeouts allow "
+                  f"(step {pending.get('step')}); waiting on (Ctrl-C leaves it running)",
+                  file=sys.stderr, flush=True)
     return None
 
 
-def _result_of(client: ControlClient, transition_id: str) -> dict[str, Any]:
-    """A switch's result, once its end was published (recorded a moment after)."""
-    deadline = time.monotonic() + _ANSWER_TIMEOUT
-    while True:
-        resp = client.request("GET", f"/v1/switches/{transition_id}")
-        doc = _json_or_die(resp)
-        if resp.status_code != 200:
-            _die(f"cannot read switch {transition_id}: {doc.get('error')}", EXIT_FAILED)
-        if doc.get("done") or time.monotonic() > deadline:
-            return doc
-        time.sleep(0.01)
+def _state_of(client: ControlClient, transition_id: str) -> dict[str, Any]:
+    """A switch's state by id: `done` with its result, or its step while under way."""
+    resp = client.request("GET", f"/v1/switches/{transition_id}")
+    doc = _json_or_die(resp)
+    if resp.status_code != 200:
+        _die(f"cannot read switch {transition_id}: {doc.get('error')}", EXIT_FAILED)
+    return doc
 
 
 def _progress_line(event: dict[str, Any]) -> str | None:

@@ -134,15 +134,26 @@ class _Connection:
         return int(status_line[1]), headers
 
     def _chunk(self) -> bytes | None:
-        """The next chunk of a chunked body; None at its end."""
-        size = int(self._line().split(b";")[0], 16)
-        if not size:
-            while self._line():  # trailers
-                pass
-            return None
-        data = self._exactly(size)
-        self._line()
-        return data
+        """The next chunk of a chunked body; None at its end. Nothing is taken from the
+        buffer until the whole chunk is in it, so a read that times out midway (a
+        follower's quiet timeout) can simply be tried again."""
+        while True:
+            line_end = self._buffer.find(b"\r\n")
+            if line_end >= 0:
+                size = int(self._buffer[:line_end].split(b";")[0], 16)
+                if not size:
+                    self._line()
+                    while self._line():  # trailers
+                        pass
+                    return None
+                end = line_end + 2 + size + 2
+                if len(self._buffer) >= end:
+                    data = self._buffer[line_end + 2:end - 2]
+                    self._buffer = self._buffer[end:]
+                    return data
+            elif len(self._buffer) > _MAX_HEADER:
+                raise _ProtocolError("chunk size line too long")
+            self._fill()
 
     def exchange(self, head: bytes, body: bytes) -> Response:
         reused = self._sock is not None
@@ -174,10 +185,12 @@ class _Connection:
             self.close()
         return Response(status, data)
 
-    def lines(self, head: bytes, deadline: float | None) -> Iterator[bytes]:
+    def lines(self, head: bytes, deadline: float | None,
+              quiet: float | None = None) -> Iterator[bytes | None]:
         """Send `head` on a new connection and yield the answer's lines as they come,
-        until it ends or `deadline` (time.monotonic()) passes. An answer other than
-        200 is raised as _Refused with its body."""
+        until it ends or `deadline` (time.monotonic()) passes; None each time `quiet`
+        seconds pass with nothing read. An answer other than 200 is raised as
+        _Refused with its body."""
         self.close()
         self._sock = sock = self._open()
         sock.sendall(head)
@@ -188,8 +201,10 @@ class _Connection:
             raise _Refused(Response(status, b"" if chunked else self._exactly(length)))
         pending = b""
         while True:
+            wait = self._timeout if quiet is None else min(self._timeout, quiet)
             if deadline is not None:
-                sock.settimeout(max(0.01, min(self._timeout, deadline - time.monotonic())))
+                wait = min(wait, deadline - time.monotonic())
+            sock.settimeout(max(0.01, wait))
             try:
                 if chunked:
                     data = self._chunk()
@@ -199,7 +214,12 @@ class _Connection:
             except TimeoutError:
                 if deadline is not None and time.monotonic() >= deadline:
                     return
-                raise
+                if quiet is None:
+                    raise
+                # A chunk cut short stays whole in the buffer (see _chunk); the caller,
+                # told of the quiet, asks the daemon itself whether it still answers.
+                yield None
+                continue
             if data is None:
                 return
             pending += data
@@ -270,11 +290,12 @@ class ControlClient:
             self._conn.close()
             raise self._unreachable(exc) from exc
 
-    def follow(self, *, since: int | None = None,
-               deadline: float | None = None) -> Iterator[dict[str, Any] | None]:
+    def follow(self, *, since: int | None = None, deadline: float | None = None,
+               quiet: float | None = None) -> Iterator[dict[str, Any] | None]:
         """Follow the daemon's events as they are published (server-sent events on a
         connection of their own): each event's document, and None once the stream is
-        open, at each heartbeat, and when `deadline` passed (then it ends).
+        open, at each heartbeat, each time `quiet` seconds pass with nothing on the
+        stream, and when `deadline` passed (then it ends).
 
         Raises:
             DaemonUnreachable: no daemon, or the stream broke.
@@ -287,8 +308,8 @@ class ControlClient:
         stream = _Connection(**self._conn.endpoint(), timeout=max(self._conn.timeout, 20.0))
         data: list[str] = []
         try:
-            for line in stream.lines(head, deadline):
-                if line.startswith(b":"):
+            for line in stream.lines(head, deadline, quiet):
+                if line is None or line.startswith(b":"):
                     yield None
                 elif line.startswith(b"data:"):
                     data.append(line[5:].strip().decode("utf-8"))

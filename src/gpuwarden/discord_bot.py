@@ -29,7 +29,7 @@ import discord
 from discord import app_commands
 
 from .config import Config, DeliveryConfig
-from .errors import DaemonUnreachable, GpuwardenError, RefusedError
+from .errors import DaemonUnreachable, GpuwardenError, NotFoundError, RefusedError
 from .events import Event, EventBus, Severity
 from .fleet import Node, load_nodes
 from .outbox import Entry
@@ -517,18 +517,33 @@ class DiscordFrontEnd:
 
     async def _follow(self, interaction: discord.Interaction, switch_id: str,
                       doc: dict[str, Any]) -> dict[str, Any]:
-        """Wait for the switch, editing the reply at each step with its time."""
+        """Wait for the switch, editing the reply at each step with its time. Its state
+        is read by id, which holds its result from the moment its end is published, so
+        no end can be missed; past what its timeouts allow, the reply says it overran."""
         t0 = time.monotonic()
         steps: list[str] = []
+        limit = doc.get("limit_s")
+        overran = ""
         while True:
-            state = self.service.switch_state(switch_id)
+            try:
+                state = self.service.switch_state(switch_id)
+            except NotFoundError as exc:  # forgotten: 64 newer switches ended meanwhile
+                return {**doc, "ok": False, "error": str(exc)}
             if state.get("done"):
                 return state
             step = str(state.get("step") or "")
-            if step and (not steps or not steps[-1].startswith(step)):
-                steps.append(f"{step} ({time.monotonic() - t0:.1f} s)")
-                await self._edit(interaction, f"⏳ GPU {doc['gpu']}: **{doc['from']}** → "
-                                 f"**{doc['to']}**: " + " → ".join(steps), final=False)
+            elapsed = time.monotonic() - t0
+            if not overran and limit is not None and elapsed > float(limit) + 5.0:
+                overran = (f" (still running after {elapsed:.0f} s, past the {limit:g} s its "
+                           "timeouts allow)")
+                steps.append(f"{step} ({elapsed:.1f} s)")
+            elif step and (not steps or not steps[-1].startswith(step)):
+                steps.append(f"{step} ({elapsed:.1f} s)")
+            else:
+                await asyncio.sleep(_PROGRESS_POLL_S)
+                continue
+            await self._edit(interaction, f"⏳ GPU {doc['gpu']}: **{doc['from']}** → "
+                             f"**{doc['to']}**: " + " → ".join(steps) + overran, final=False)
             await asyncio.sleep(_PROGRESS_POLL_S)
 
     async def _edit(self, interaction: discord.Interaction, text: str, *,

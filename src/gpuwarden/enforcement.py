@@ -1,7 +1,8 @@
 """Only what the switcher allows runs on a GPU, and leases run out.
 
 A container of a mode that is not active and starts anyway (by hand, by a restart
-policy, by compose) is stopped at once with a `mode.violation` event. Docker's event
+policy, by compose) is killed at once with a `mode.violation` event: it holds VRAM
+the active mode counts on, so it gets no graceful stop (`stop_timeout`). Docker's event
 stream makes this immediate; the periodic check catches anything the stream missed
 (the engine restarting, a process workload).
 
@@ -106,7 +107,10 @@ class ModeGuard:
                     mode=self._switcher.mode_of(gpu or 0), source=source,
                 )
                 try:
-                    await self._supervisor.stop_locked(name, by="mode guard", reason=reason)
+                    # Killed, not stopped gracefully: it holds VRAM the active mode counts
+                    # on, and it runs no work of that mode's that a grace could save.
+                    await self._supervisor.stop_locked(name, by="mode guard", reason=reason,
+                                                       grace=0.0, before=status)
                 except Exception as exc:
                     self._bus.publish("mode.violation", f"could not stop {name}: {exc}",
                                       severity=Severity.ERROR, workload=name, error=str(exc))

@@ -53,6 +53,7 @@ class SwitchResult:
     started: list[str] = field(default_factory=list)  # workloads this switch started
     stopped: list[str] = field(default_factory=list)  # running workloads it stopped
     pending: bool = False  # under way: the outcome comes later (wait=False)
+    limit_s: float | None = None  # pending: the longest it may take, by its timeouts
 
     def to_dict(self) -> dict[str, Any]:
         head = {"gpu": self.gpu, "from": self.from_mode, "to": self.to_mode,
@@ -60,7 +61,7 @@ class SwitchResult:
         if not self.ok:
             return {"ok": False, **head, "error": self.error, "detail": self.detail}
         if self.pending:
-            return {"ok": True, **head, "pending": True}
+            return {"ok": True, **head, "pending": True, "limit_s": self.limit_s}
         return {"ok": True, **head, "timings": self.timings, "started": self.started,
                 "stopped": self.stopped}
 
@@ -127,6 +128,14 @@ class ReleaseVerifier:
         return Verdict(True, reading.used_mib, allowed, [])
 
 
+@dataclass(frozen=True)
+class _Ending:
+    name: str
+    message: str
+    severity: Severity
+    fields: dict[str, Any]
+
+
 @dataclass
 class _Running:
     """The transition that owns a GPU, and which workloads it lets run at this moment."""
@@ -138,6 +147,10 @@ class _Running:
     incoming: frozenset[str]  # the workloads of the mode being entered
     released: bool = False  # the outgoing workloads' VRAM is proven back
     cause: dict[str, Any] | None = None  # what made a front end ask, for the audit
+    limit_s: float = 0.0  # the longest this switch may take, by its configured timeouts
+    # The event that ends the switch (completed, failed, reconcile), published only once
+    # its result is kept and the switch lets go of the GPU: see ModeSwitcher._run.
+    ending: _Ending | None = None
 
     def audit(self) -> dict[str, Any]:
         """Event fields every event of this switch carries."""
@@ -330,9 +343,10 @@ class ModeSwitcher:
                 f"(id {other.id})", {"id": other.id, "to": other.to_mode, "gpu": index}),
                 cause)
         loop = asyncio.get_running_loop()
-        entry = _Running(transition, index, loop.create_future(),
-                         frozenset(self._workloads_of(current)),
-                         frozenset(self._workloads_of(mode)), cause=cause)
+        outgoing = frozenset(self._workloads_of(current))
+        incoming = frozenset(self._workloads_of(mode))
+        entry = _Running(transition, index, loop.create_future(), outgoing, incoming,
+                         cause=cause, limit_s=self._limit_s(index, incoming))
         # Claim the GPU before the first await, so a concurrent request sees this one.
         self._running[index] = entry
         t0 = time.monotonic()  # the switch's time includes its planning
@@ -356,6 +370,7 @@ class ModeSwitcher:
         if plan is None:  # the mode is active and whole: nothing to do
             self._running.pop(index, None)
             result = SwitchResult(True, index, current, mode, "", {"total_s": 0.0})
+            self._keep(result, transition.id)  # one that joined meanwhile asks by this id
             entry.future.set_result(result)
             return result
         task = loop.create_task(self._run(entry, plan, force, t0))
@@ -363,9 +378,9 @@ class ModeSwitcher:
         task.add_done_callback(self._tasks.discard)
         return await asyncio.shield(entry.future) if wait else self._pending(entry)
 
-    def _keep(self, result: SwitchResult) -> None:
+    def _keep(self, result: SwitchResult, transition_id: str | None = None) -> None:
         """Remember how a switch ended, for `switch_state()`; the oldest are forgotten."""
-        self._results[result.transition_id] = result
+        self._results[transition_id or result.transition_id] = result
         while len(self._results) > _KEPT_RESULTS:
             self._results.popitem(last=False)
 
@@ -376,7 +391,7 @@ class ModeSwitcher:
             "mode.switch.refused", f"GPU {gpu}: switch to {tr.to_mode} refused: {exc}",
             severity=Severity.WARNING, requested_by=tr.requested_by, gpu=gpu,
             mode=tr.from_mode, **_from_to(tr), reason=str(exc), figures=exc.detail,
-            force=force, **({} if cause is None else {"cause": cause}),
+            force=force, transition_id=tr.id, **({} if cause is None else {"cause": cause}),
         )
         return exc
 
@@ -446,7 +461,30 @@ class ModeSwitcher:
     @staticmethod
     def _pending(entry: _Running) -> SwitchResult:
         tr = entry.transition
-        return SwitchResult(True, entry.gpu, tr.from_mode, tr.to_mode, tr.id, pending=True)
+        return SwitchResult(True, entry.gpu, tr.from_mode, tr.to_mode, tr.id, pending=True,
+                            limit_s=entry.limit_s)
+
+    def _limit_s(self, gpu: int, incoming: frozenset[str]) -> float:
+        """The longest a switch to `incoming` may take if every step uses its whole
+        timeout: planning (a queue read), graceful release, stops, the verified release,
+        each start up to its readiness; and a roll back's release and starts once more.
+        A follower that waits past it is told the switch overran its limits."""
+        cfg = self._config.release
+        on_gpu = self.workloads_on(gpu)
+
+        def starts(names: list[str] | frozenset[str]) -> float:
+            return sum(self._workloads[n].config.ready_timeout + 10.0 for n in names)
+
+        # Each HTTP call of a step is bounded by its client timeout (10 s), a stop by
+        # stop_timeout and 10 s more for SIGKILL to land.
+        stop = max((self._workloads[n].config.stop_timeout for n in on_gpu),
+                   default=0.0) + 10.0
+        start = starts(incoming)
+        back = starts([n for n in on_gpu if n not in incoming])
+        limit = cfg.queue_timeout + 10.0 + stop + cfg.timeout + start
+        if self._config.daemon.roll_back_failed_start:
+            limit += stop + cfg.timeout + back
+        return round(limit, 1)
 
     async def _record(self, gpu: int, transition: Transition | None, step: str = "") -> None:
         """Persist the transition's step (or its end) before acting on it: write-ahead."""
@@ -478,7 +516,6 @@ class ModeSwitcher:
                 result = await self._steps(entry, plan, force, timings, t0)
             except Exception as exc:  # an unexpected bug must still fail closed and be seen
                 result = await self._fail(entry, timings, t0, f"internal error: {exc!r}", {})
-            self._keep(result)
             if self._on_settled is not None:
                 # Still the GPU's owner meanwhile: whoever asks sees the switch under way
                 # until its figures are fresh.
@@ -487,7 +524,16 @@ class ModeSwitcher:
                 except Exception:
                     log.exception("refreshing status after switch %s failed", tr.id)
         finally:
+            # One step of the loop, no await: the switch lets go of the GPU, its result
+            # is kept and its end is published together. So a request for the same mode
+            # never joins a switch whose end is already out, and a follower either sees
+            # the end in its stream or finds the result when it asks by id.
             self._running.pop(gpu, None)
+            if result is not None:
+                self._keep(result)
+            if entry.ending is not None:
+                end = entry.ending
+                self._bus.publish(end.name, end.message, severity=end.severity, **end.fields)
             if entry.future.done():
                 pass
             elif result is None:  # cancelled (daemon stopping): waiters must not hang
@@ -569,19 +615,23 @@ class ModeSwitcher:
         if plan.heal:
             done = [f"started {', '.join(started)}" if started else "",
                     f"stopped {', '.join(plan.running_stop)}" if plan.running_stop else ""]
-            self._bus.publish(
+            entry.ending = _Ending(
                 "mode.reconcile",
                 f"GPU {gpu}: mode {tr.to_mode}: "
                 + ("; ".join(d for d in done if d) or "nothing to start or stop"),
-                requested_by=tr.requested_by, gpu=gpu, transition_id=tr.id, mode=tr.to_mode,
-                started=started, stopped=plan.running_stop, timings=rounded, **entry.audit(),
+                Severity.INFO,
+                dict(requested_by=tr.requested_by, gpu=gpu, transition_id=tr.id,
+                     mode=tr.to_mode, started=started, stopped=plan.running_stop,
+                     timings=rounded, **entry.audit()),
             )
         else:
-            self._bus.publish(
+            entry.ending = _Ending(
                 "mode.switch.completed",
                 f"GPU {gpu}: {tr.from_mode} -> {tr.to_mode} in {timings['total_s']:.2f} s",
-                requested_by=tr.requested_by, gpu=gpu, transition_id=tr.id, mode=tr.to_mode,
-                **_from_to(tr), timings=rounded, started=started, **entry.audit(),
+                Severity.INFO,
+                dict(requested_by=tr.requested_by, gpu=gpu, transition_id=tr.id,
+                     mode=tr.to_mode, **_from_to(tr), timings=rounded, started=started,
+                     **entry.audit()),
             )
         return SwitchResult(True, gpu, tr.from_mode, tr.to_mode, tr.id, rounded,
                             started=started, stopped=plan.running_stop)
@@ -651,11 +701,12 @@ class ModeSwitcher:
         if rolled_back_to:
             back = f"; rolled back to {rolled_back_to}"
             detail = {**detail, "rolled_back_to": rolled_back_to}
-        self._bus.publish(
+        entry.ending = _Ending(
             "mode.switch.failed", f"GPU {gpu}: switch to {tr.to_mode} failed: {error}{back}",
-            severity=Severity.ERROR, requested_by=tr.requested_by, gpu=gpu, transition_id=tr.id,
-            mode=mode, **_from_to(tr), error=error, rolled_back_to=rolled_back_to,
-            timings=rounded, **entry.audit(),
+            Severity.ERROR,
+            dict(requested_by=tr.requested_by, gpu=gpu, transition_id=tr.id, mode=mode,
+                 **_from_to(tr), error=error, rolled_back_to=rolled_back_to,
+                 timings=rounded, **entry.audit()),
         )
         return SwitchResult(False, gpu, tr.from_mode, tr.to_mode, tr.id, rounded,
                             error + back, detail)

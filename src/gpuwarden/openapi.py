@@ -73,7 +73,11 @@ def openapi_document(config: Config) -> dict[str, Any]:
                                    "timings": {"type": "object"},
                                    "started": {"type": "array", "items": {"type": "string"}},
                                    "stopped": {"type": "array", "items": {"type": "string"}},
-                                   "error": {"type": "string"}, "pending": {"type": "boolean"}},
+                                   "error": {"type": "string"}, "pending": {"type": "boolean"},
+                                   "limit_s": {
+                                       "type": ["number", "null"],
+                                       "description": "pending: the longest the switch may "
+                                       "take if every step uses its whole timeout"}},
                 },
                 "SwitchState": {
                     "type": "object", "required": ["done", "id"],

@@ -51,8 +51,9 @@ class Workload(Protocol):
         """Start it (a no-op when running). Raises WorkloadError with the reason."""
         ...
 
-    def stop(self) -> WorkloadStatus:
-        """Stop it within `stop_timeout`, then kill. Raises WorkloadError if it survives."""
+    def stop(self, grace: float | None = None) -> WorkloadStatus:
+        """Stop it within `grace` seconds (default: its `stop_timeout`), then kill.
+        Raises WorkloadError if it survives."""
         ...
 
     def close(self) -> None:

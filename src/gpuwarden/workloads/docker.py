@@ -168,13 +168,14 @@ class DockerWorkload:
                 )
             time.sleep(0.05)
 
-    def stop(self) -> WorkloadStatus:
+    def stop(self, grace: float | None = None) -> WorkloadStatus:
         container = self._lookup()
         if isinstance(container, WorkloadStatus):
             if container.state is WorkloadState.MISSING:
                 return container  # nothing to stop
             raise WorkloadError(f"workload {self.name!r}: cannot stop: {container.detail}")
-        self._call("stop", container.stop, timeout=int(self.config.stop_timeout))
+        grace = self.config.stop_timeout if grace is None else grace
+        self._call("stop", container.stop, timeout=int(grace))
         self._call("inspect", container.reload)
         status = self._status_of(container)
         if status.running:

@@ -97,16 +97,17 @@ class ProcessWorkload:
             self._owners.set_root(self.name, self._proc.pid)
             return self.status()
 
-    def stop(self) -> WorkloadStatus:
+    def stop(self, grace: float | None = None) -> WorkloadStatus:
+        grace = self.config.stop_timeout if grace is None else grace
         with self._lock:
             proc = self._proc
             if proc is None:
                 return self.status()
             self._stop_requested = True
             self._signal_group(proc.pid, signal.SIGTERM)
-            deadline = time.monotonic() + self.config.stop_timeout
+            deadline = time.monotonic() + grace
             with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=self.config.stop_timeout)
+                proc.wait(timeout=grace)
             # The whole group gets its grace, not only the leader: a wrapper script dies
             # at once on SIGTERM while the process it started is still shutting down.
             self._wait_group_gone(proc.pid, max(0.0, deadline - time.monotonic()))
@@ -220,10 +221,10 @@ class TransientUnitWorkload(UnitWorkload):
                 raise self._fail("start of", exc) from exc
             return self._started(result)
 
-    def stop(self) -> WorkloadStatus:
+    def stop(self, grace: float | None = None) -> WorkloadStatus:
         with self._lock:
             self._stop_requested = True
-            return super().stop()
+            return super().stop(grace)
 
 
 def transient_unit_of(workload: str) -> str:

@@ -80,16 +80,21 @@ class WorkloadSupervisor:
         return status
 
     async def stop_locked(self, name: str, *, by: str, reason: str,
-                          requested_by: str | None = None) -> WorkloadStatus:
+                          requested_by: str | None = None, grace: float | None = None,
+                          before: WorkloadStatus | None = None) -> WorkloadStatus:
         """Stop `name`; the caller holds its lock. Raises WorkloadError.
 
+        `grace`: seconds it has to end before it is killed (default: its stop_timeout).
+        `before`: its status, when the caller has just read it under the lock.
         A workload that is already down is stopped all the same (a crashed leader may
         have left children holding VRAM), but its stop record keeps saying why it went
         down in the first place."""
-        before = await self.status(name)
+        if before is None:
+            before = await self.status(name)
         if before.running or before.state is WorkloadState.UNKNOWN:
             self._stops[name] = StopRecord(time.time(), by, reason, requested_by)
-        return await _to_the_end(self._workloads[name].stop)
+        workload = self._workloads[name]
+        return await _to_the_end(lambda: workload.stop(grace))
 
     async def stop(self, name: str, *, by: str, reason: str,
                    requested_by: str | None = None) -> WorkloadStatus:

@@ -114,11 +114,12 @@ class UnitWorkload:
                 f"{status.detail}); see journalctl -u {self.unit}")
         return status
 
-    def stop(self) -> WorkloadStatus:
-        """StopUnit, waited for `stop_timeout` (the unit's own TimeoutStopSec= may
-        SIGKILL sooner); then SIGKILL to the whole cgroup."""
+    def stop(self, grace: float | None = None) -> WorkloadStatus:
+        """StopUnit, waited for `grace` (default `stop_timeout`; the unit's own
+        TimeoutStopSec= may SIGKILL sooner); then SIGKILL to the whole cgroup."""
+        grace = self.config.stop_timeout if grace is None else grace
         try:
-            result = self._bus.stop_unit(self.unit, self.config.stop_timeout)
+            result = self._bus.stop_unit(self.unit, grace)
             if result == "pending":
                 self._bus.kill_unit(self.unit, signal.SIGKILL)
                 self._wait_down(10.0)
