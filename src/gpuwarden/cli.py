@@ -215,7 +215,9 @@ def format_status(doc: dict[str, Any]) -> str:
         lines.append(f"proxy {proxy['workload']:<10} {proxy['listen']} -> {proxy['upstream']}"
                      f"  {state}, {proxy['in_flight']} in flight{waiting}; "
                      f"{proxy['forwarded']} forwarded, {proxy['cached']} from cache, "
-                     f"{proxy['rejected']} rejected")
+                     f"{proxy['rejected']} rejected"
+                     + (f", {proxy['forbidden']} forbidden (Host or Origin)"
+                        if proxy.get("forbidden") else ""))
     alert = doc.get("last_alert")
     if alert:
         state = f"; resolved {_when(alert['resolved_at'])}" if alert.get("resolved_at") \

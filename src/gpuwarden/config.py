@@ -225,6 +225,27 @@ def _check_restart_policy(value: object) -> object:
     return value
 
 
+def _check_allowed_host(value: object) -> object:
+    from .proxy.browser import split_host
+
+    if isinstance(value, str):
+        bare = value[2:] if value.startswith("*.") else value
+        found = split_host(bare)
+        if found is None or found[1] is not None or not bare or "*" in bare:
+            raise ValueError(f"not a host name: {value!r} (a name or address without port "
+                             "or scheme, e.g. host.docker.internal or *.lan)")
+    return value
+
+
+def _check_origin(value: object) -> object:
+    from .proxy.browser import normalize_origin
+
+    if isinstance(value, str) and normalize_origin(value) is None:
+        raise ValueError(f"not an origin: {value!r} (scheme://host[:port], e.g. "
+                         "http://192.168.1.20:3000)")
+    return value
+
+
 _UNIT_NAME = re.compile(r"[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.\\-]*)?\.service")
 
 
@@ -448,6 +469,12 @@ class ProxyConfig(_Section):
     # Demand for a mode of higher priority (its workloads' highest `priority`) may stop
     # a ComfyUI with jobs running or queued, interrupting them.
     preempt: bool = False
+    # Host names (a leading "*." for a whole domain) this proxy answers to beyond the
+    # machine's own names and addresses and loopback.
+    allowed_hosts: list[Annotated[str, BeforeValidator(_check_allowed_host)]] = []
+    # Origins (scheme://host[:port]) of pages on other sites allowed to call it from a
+    # browser.
+    allowed_origins: list[Annotated[str, BeforeValidator(_check_origin)]] = []
 
 
 class DeliveryConfig(_Section):
@@ -557,7 +584,11 @@ def config_warnings(config: Config) -> list[str]:
                 f"proxy.{name}.listen: {proxy.listen} is reachable from other hosts, and the "
                 "proxy adds no authentication (Ollama and ComfyUI have none): anyone who "
                 "reaches it can switch this GPU's mode; keep it on loopback or a private "
-                "network")
+                "network"
+                + ("" if proxy.allowed_hosts else
+                   ". Clients that reach it by a name other than this machine's host name "
+                   "or addresses (host.docker.internal, gpu.lan) are refused 403 until "
+                   "that name is in allowed_hosts"))
         if proxy.preempt and name in config.workloads:
             mode = proxy.mode or next(iter(config.modes_of_workload(name)), None)
             if mode is None:

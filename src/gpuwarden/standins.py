@@ -17,6 +17,10 @@ Ollama: `/`, `/api/version`, `/api/tags`, `/api/show`, `/api/ps`, streaming NDJS
 `/prompt`, `/queue`, `/history`, `/ws` (status and progress messages), `/interrupt`,
 `/free` (gives the models' VRAM back), `/upload/image` and `/view` downloads.
 `GET /standin/stats` counts what happened (jobs done, interrupted, unloads).
+
+Both keep the real programs' browser protections on loopback (403, empty body):
+Ollama's `Host` allow-list and `Origin` allow-list, ComfyUI's rule that a request's
+`Origin` host:port must equal its loopback `Host`. A proxy that loosens them is caught.
 """
 
 from __future__ import annotations
@@ -25,15 +29,21 @@ import argparse
 import asyncio
 import fcntl
 import hashlib
+import ipaddress
 import json
 import os
 import signal
+import socket
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import WSMsgType, web
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 __all__ = ["main"]
 
@@ -60,6 +70,81 @@ class Vram:
             os.close(self.fd)
             self.fd = None
             self.path.unlink(missing_ok=True)
+
+
+def _ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address((text or "").strip("[]"))
+    except ValueError:
+        return None
+
+
+def _ollama_host_allowed(host: str) -> bool:
+    """Ollama's allowedHostsMiddleware, for a server bound to loopback."""
+    name = host.lower()
+    if name.startswith("["):
+        name = name[1:].split("]", 1)[0]
+    elif name.count(":") == 1:
+        name = name.rsplit(":", 1)[0]
+    ip = _ip(name)
+    if ip is not None:
+        return ip.is_loopback or ip.is_private or ip.is_unspecified
+    return name in ("", "localhost", socket.gethostname().lower()) or \
+        name.endswith((".localhost", ".local", ".internal"))
+
+
+# Ollama's default OLLAMA_ORIGINS: these hosts on http and https, any port or none, and
+# the desktop apps' schemes; and the same-origin case gin's CORS lets through.
+_OLLAMA_ORIGIN_HOSTS = ("localhost", "127.0.0.1", "0.0.0.0")
+_OLLAMA_ORIGIN_SCHEMES = ("app", "file", "tauri", "vscode-webview", "vscode-file")
+
+
+def _ollama_origin_allowed(origin: str, host: str) -> bool:
+    if origin in (f"http://{host}", f"https://{host}"):
+        return True
+    parts = urlsplit(origin)
+    if parts.scheme in _OLLAMA_ORIGIN_SCHEMES:
+        return True
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and parts.hostname in _OLLAMA_ORIGIN_HOSTS \
+        and parts.path == ""
+
+
+@web.middleware
+async def ollama_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    host = request.headers.get("Host", "")
+    origin = request.headers.get("Origin")
+    if not _ollama_host_allowed(host) or (origin and not _ollama_origin_allowed(origin, host)):
+        return web.Response(status=403)
+    return await handler(request)
+
+
+@web.middleware
+async def comfyui_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """ComfyUI's origin_only_middleware: on a loopback Host, an Origin's host:port must
+    be the Host's (ports compared only when both have one)."""
+    host, origin = request.headers.get("Host"), request.headers.get("Origin")
+    if host is not None and origin is not None:
+        host_parts = urlsplit("//" + host.lower())
+        origin_parts = urlsplit(origin.lower())
+        host_domain: str | None = host.lower()
+        origin_domain: str | None = origin_parts.netloc
+        try:
+            if origin_parts.port is None:
+                host_domain = host_parts.hostname
+            if host_parts.port is None:
+                origin_domain = origin_parts.hostname
+        except ValueError:
+            return web.Response(status=403)
+        name = host_parts.hostname
+        ip = _ip(name)
+        loopback = name == "localhost" or (ip is not None and ip.is_loopback)
+        if loopback and host_domain and origin_domain and host_domain != origin_domain:
+            return web.Response(status=403)
+    return await handler(request)
 
 
 def now_iso() -> str:
@@ -205,7 +290,7 @@ def ollama_app(vram: Vram, tokens: int, token_delay: float) -> web.Application:
     async def get_stats(request: web.Request) -> web.Response:
         return web.json_response({**stats, "loaded": vram.fd is not None})
 
-    app = web.Application(client_max_size=1 << 30)
+    app = web.Application(client_max_size=1 << 30, middlewares=[ollama_guard])
     app.add_routes(routes)
     return app
 
@@ -374,7 +459,7 @@ class Comfy:
             return web.json_response({**self.stats, "loaded": self.vram.fd is not None,
                                       "sockets": len(self.sockets)})
 
-        app = web.Application(client_max_size=1 << 30)
+        app = web.Application(client_max_size=1 << 30, middlewares=[comfyui_guard])
         app.add_routes(routes)
         return app
 

@@ -22,6 +22,7 @@ import aiohttp
 from aiohttp import web
 
 from ..config import Config, parse_listen
+from .browser import BrowserPolicy
 from .cache import ReadCache, cache_key
 from .demand import Kind, classify, local_answer, reads_body
 from .scheduler import DemandScheduler, Rejection, Ticket
@@ -57,7 +58,16 @@ class WorkloadProxy:
         url = config.workloads[name].url
         assert url, "checked with the config"
         self.upstream = url.rstrip("/")
-        self._upstream_host = urlsplit(self.upstream).netloc
+        parts = urlsplit(self.upstream)
+        self._upstream_host = parts.netloc
+        # What the upstream is told a browser's page came from: itself. Both Ollama and
+        # ComfyUI accept a request whose Origin is their own address.
+        self._upstream_origin = f"{parts.scheme}://{parts.netloc}"
+        address = parse_listen(proxy.listen)
+        assert address is not None, "checked with the config"
+        self.browser = BrowserPolicy(address[0], address[1],
+                                     allowed_hosts=proxy.allowed_hosts,
+                                     allowed_origins=proxy.allowed_origins)
         self._max_wait = proxy.max_wait
         self._max_waiting = proxy.max_waiting
         self._service = service
@@ -69,7 +79,7 @@ class WorkloadProxy:
         self._sockets: set[web.WebSocketResponse] = set()
         self._writes: set[asyncio.Future[None]] = set()
         self.counts = {"forwarded": 0, "cached": 0, "local": 0, "rejected": 0,
-                       "unavailable": 0, "error": 0}
+                       "unavailable": 0, "error": 0, "forbidden": 0}
 
     def cache_load(self) -> None:
         """Index the answers kept by an earlier run (blocking)."""
@@ -127,6 +137,13 @@ class WorkloadProxy:
     # -- requests ---------------------------------------------------------------
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        # Before anything else, websocket upgrades included: what the upstream would
+        # refuse a browser, the proxy refuses too (see browser.py).
+        verdict = self.browser.check(request.headers.get("Host"),
+                                     request.headers.get("Origin"))
+        if not verdict.allowed:
+            self._count("forbidden")
+            return web.Response(status=403, text=f"forbidden: {verdict.reason}\n")
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return await self._websocket(request)
         body: bytes | None = None
@@ -226,8 +243,11 @@ class WorkloadProxy:
     def _upstream_headers(self, request: web.Request) -> dict[str, str]:
         headers = {k: v for k, v in request.headers.items()
                    if k.lower() not in _HOP_BY_HOP and k.lower() != "host"}
-        # The upstream's own name: Ollama bound to loopback refuses other Host names.
+        # The upstream's own name and, for a browser's request, its own origin: the
+        # proxy has checked the client's pair against its own address (browser.py).
         headers["Host"] = self._upstream_host
+        if "Origin" in request.headers:
+            headers["Origin"] = self._upstream_origin
         forwarded = request.headers.get("X-Forwarded-For")
         remote = request.remote or ""
         headers["X-Forwarded-For"] = f"{forwarded}, {remote}" if forwarded else remote
@@ -271,7 +291,9 @@ class WorkloadProxy:
         protocols = [p.strip() for p in
                      request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
         headers = {k: v for k, v in request.headers.items()
-                   if k.lower() in ("cookie", "authorization", "origin", "user-agent")}
+                   if k.lower() in ("cookie", "authorization", "user-agent")}
+        if "Origin" in request.headers:
+            headers["Origin"] = self._upstream_origin
         try:
             upstream = await self._session.ws_connect(
                 self.upstream + request.raw_path, headers=headers, protocols=protocols,
