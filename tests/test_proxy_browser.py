@@ -12,9 +12,16 @@ from typing import Any
 
 import aiohttp
 import httpx
+import pytest
 
-from .conftest import run_cli
-from .test_proxy import ProxiedNode, proxied  # noqa: F401 - the fixture
+from .conftest import SimNode, run_cli
+from .test_proxy import ProxiedNode
+
+
+@pytest.fixture
+def proxied(node: SimNode, start_daemon: Any) -> ProxiedNode:
+    return ProxiedNode(node, start_daemon)
+
 
 EVIL = "evil.example"
 
@@ -85,7 +92,7 @@ def compare(requests: list[tuple[str, str, str, Any]], proxy_port: int, direct_p
 
 
 def test_browser_rules_through_both_proxies_against_the_upstreams_own(
-        proxied: ProxiedNode) -> None:  # noqa: F811
+        proxied: ProxiedNode) -> None:
     daemon = proxied.start(default_mode="llm")
     table: list[str] = []
     compare([("ollama", "GET", "/api/tags", None),
@@ -107,7 +114,7 @@ def test_browser_rules_through_both_proxies_against_the_upstreams_own(
                and 'outcome="forbidden"' in line for line in metrics.splitlines()), metrics
 
 
-def test_allowed_hosts_and_origins_let_a_named_site_in(proxied: ProxiedNode) -> None:  # noqa: F811
+def test_allowed_hosts_and_origins_let_a_named_site_in(proxied: ProxiedNode) -> None:
     proxied.start(default_mode="llm", ollama_proxy={
         "allowed_hosts": ["host.docker.internal", "*.lan"],
         "allowed_origins": ["http://webui.lan:3000"]})
@@ -119,3 +126,13 @@ def test_allowed_hosts_and_origins_let_a_named_site_in(proxied: ProxiedNode) -> 
                        _headers("gpu.lan", port, "http://webui.lan:3000")) == 200
     assert http_status(port, "GET", "/api/tags",
                        _headers("gpu.lan", port, "http://webui.lan:3001")) == 403
+
+
+def test_check_config_names_a_bad_allowed_host_or_origin(proxied: ProxiedNode) -> None:
+    config = proxied.config(ollama_proxy={"allowed_hosts": ["http://gpu.lan:11434"],
+                                          "allowed_origins": ["webui.lan"]})
+    result = run_cli("check-config", "--config", str(config))
+    assert result.returncode == 2, result
+    out = result.stdout + result.stderr
+    assert "proxy.ollama.allowed_hosts" in out and "not a host name" in out, out
+    assert "proxy.ollama.allowed_origins" in out and "not an origin" in out, out

@@ -1,10 +1,11 @@
-"""Serving the API on its two doors under a hostile network: a connection budget per
-door, idle and header timeouts, an open-files limit sized for them, and error storms
-logged once per episode instead of a traceback per connection.
+"""Serving HTTP under a hostile network: a connection budget per door (the API's TCP
+port, its control socket, each demand proxy), idle and header timeouts, an open-files
+limit sized for all of them, and error storms logged once per episode instead of a
+traceback per connection.
 
-The TCP door and the control socket each have their own runner and budget, so a
-flood of TCP connections cannot take the descriptors or the slots the local CLI
-needs.
+Each door has its own runner and budget, so a flood on one cannot take the
+descriptors or the slots another needs: the control socket keeps the CLI's, and a
+proxy's flood leaves the API's alone.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Any
 
 from aiohttp import web
 
-__all__ = ["ConnectionBudget", "Door", "ErrorStorms", "fit_open_files", "serve"]
+__all__ = ["ConnectionBudget", "Door", "ErrorStorms", "FilePlan", "fit_open_files",
+           "serve", "track_requests"]
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,8 @@ log = logging.getLogger(__name__)
 # NVML, the ledger, logs, journald, and a burst of accepted connections not yet
 # refused (asyncio accepts up to _BACKLOG at once). Generous on purpose.
 OWN_FILES = 512
+# A proxied connection holds its client's descriptor and one to the upstream.
+PROXY_FILES_PER_CONNECTION = 2
 _BACKLOG = 128
 _STORM_QUIET_S = 60.0
 
@@ -35,15 +39,33 @@ _FULL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\
 
 
 @dataclass
+class _Connection:
+    """An admitted connection's requests, as `track_requests` sees them."""
+
+    idle_since: float  # loop time it opened, or its last request ended
+    active: int = 0  # requests being handled (a stream, a wait, a websocket)
+
+
+@dataclass
 class ConnectionBudget:
-    """Connections open on one door, at most `limit`; the next is answered 503."""
+    """Connections open on one door, at most `limit`; the next is answered 503.
+
+    With `idle_timeout` (and the door's app wrapped in `track_requests`), a connection
+    with no request being handled for that long is cut: one that has not delivered a
+    whole request head since it opened or since its last answer. A request being
+    handled is never cut by it, however long it streams or waits.
+    """
 
     door: str
     limit: int
     open: int = 0
     refused: int = 0
+    cut: int = 0  # connections closed for idleness (idle_timeout)
     lingering: int = 0  # refused connections still draining (see _BudgetedProtocol)
     on_refused: Callable[[str], None] = field(default=lambda door: None)
+    idle_timeout: float | None = None
+    on_cut: Callable[[str, str], None] = field(default=lambda door, why: None)
+    connections: dict[Any, _Connection] = field(default_factory=dict)
 
     def full_response(self) -> bytes:
         body = (b'{"error": "too many connections (%d open on this door); retry shortly", '
@@ -69,6 +91,8 @@ class _BudgetedProtocol(asyncio.Protocol):
         self._budget = budget
         self._admitted = False
         self._linger: asyncio.TimerHandle | None = None
+        self._idle_check: asyncio.TimerHandle | None = None
+        self._transport: asyncio.BaseTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         budget = self._budget
@@ -86,13 +110,39 @@ class _BudgetedProtocol(asyncio.Protocol):
             return
         budget.open += 1
         self._admitted = True
+        self._transport = transport
+        if budget.idle_timeout is not None:
+            loop = asyncio.get_running_loop()
+            budget.connections[self._inner] = _Connection(loop.time())
+            self._idle_check = loop.call_later(budget.idle_timeout, self._check_idle)
         self._inner.connection_made(transport)
+
+    def _check_idle(self) -> None:
+        budget, timeout = self._budget, self._budget.idle_timeout
+        state = budget.connections.get(self._inner)
+        if state is None or timeout is None or self._transport is None:
+            return
+        loop = asyncio.get_running_loop()
+        left = state.idle_since + timeout - loop.time()
+        if state.active or left > 0:
+            self._idle_check = loop.call_later(timeout if state.active else left,
+                                               self._check_idle)
+            return
+        budget.cut += 1
+        budget.on_cut(budget.door, "idle")
+        self._idle_check = None
+        self._transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
             self._budget.lingering -= 1
+        if self._idle_check is not None:
+            self._idle_check.cancel()
+            self._idle_check = None
+        self._budget.connections.pop(self._inner, None)
+        self._transport = None
         if self._admitted:
             self._admitted = False
             self._budget.open -= 1
@@ -137,6 +187,27 @@ class _BudgetedSite(web.BaseSite):
         self._server = await self._listen(lambda: _BudgetedProtocol(server(), self._budget))
 
 
+def track_requests(budget: ConnectionBudget) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """A middleware that tells `budget` when each connection is handling a request, so
+    an idle one can be cut (ConnectionBudget.idle_timeout) and a busy one never is."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+        state = budget.connections.get(request.protocol)
+        if state is None:
+            result: web.StreamResponse = await handler(request)
+            return result
+        state.active += 1
+        try:
+            result = await handler(request)
+            return result
+        finally:
+            state.active -= 1
+            state.idle_since = asyncio.get_running_loop().time()
+
+    return middleware
+
+
 @dataclass
 class Door:
     """One door of the API: its runner and its budget."""
@@ -147,15 +218,16 @@ class Door:
 
 async def serve(app: web.Application, budget: ConnectionBudget, *, idle_timeout: float,
                 unix_path: str | None = None, host: str | None = None,
-                port: int | None = None) -> Door:
+                port: int | None = None, **runner_options: Any) -> Door:
     """Start app on a Unix socket or a TCP address, within budget.
 
     idle_timeout is aiohttp's keep-alive timeout, armed when a connection opens and
     after each response: a connection that has not delivered a whole request head by
-    then is closed, whether it sent nothing or is trickling headers.
+    then is closed, whether it sent nothing or is trickling headers. (A budget with
+    its own idle_timeout cuts first, and counts what it cuts.)
     """
     runner = web.AppRunner(app, access_log=None, keepalive_timeout=idle_timeout,
-                           logger=logging.getLogger("gpuwarden.http"))
+                           logger=logging.getLogger("gpuwarden.http"), **runner_options)
     await runner.setup()
     loop = asyncio.get_running_loop()
     if unix_path is not None:
@@ -172,12 +244,31 @@ async def serve(app: web.Application, budget: ConnectionBudget, *, idle_timeout:
     return Door(runner, budget)
 
 
-def fit_open_files(tcp_connections: int, socket_connections: int) -> int:
-    """Raise the soft open-files limit to what the budgets need (up to the hard
-    limit) and return the TCP budget that fits. A lower hard limit shrinks the TCP
-    budget, never the control socket's: the CLI always gets in."""
+@dataclass(frozen=True)
+class FilePlan:
+    """The budgets that fit the open-files limit: the API's TCP door, each proxy's."""
+
+    tcp: int
+    proxies: dict[str, int]
+    needed: int  # descriptors the configured budgets need in all
+
+
+def files_needed(tcp_connections: int, socket_connections: int,
+                 proxies: dict[str, int] | None = None) -> int:
+    """Descriptors the daemon may hold with every budget full."""
+    return (tcp_connections + socket_connections + OWN_FILES
+            + PROXY_FILES_PER_CONNECTION * sum((proxies or {}).values()))
+
+
+def fit_open_files(tcp_connections: int, socket_connections: int,
+                   proxies: dict[str, int] | None = None) -> FilePlan:
+    """Raise the soft open-files limit to what the budgets need (up to the hard limit)
+    and return the budgets that fit. A lower hard limit shrinks the proxies' budgets
+    first, then the API's TCP budget, never the control socket's or the daemon's own
+    files: the CLI always gets in, and a flood on a proxy cannot take the API's."""
+    proxies = dict(proxies or {})
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    needed = tcp_connections + socket_connections + OWN_FILES
+    needed = files_needed(tcp_connections, socket_connections, proxies)
     if soft != resource.RLIM_INFINITY and soft < needed:
         target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
         try:
@@ -186,13 +277,20 @@ def fit_open_files(tcp_connections: int, socket_connections: int) -> int:
         except (ValueError, OSError) as exc:
             log.warning("cannot raise the open-files limit to %d: %s", target, exc)
     if soft == resource.RLIM_INFINITY or soft >= needed:
-        return tcp_connections
-    fitted = max(1, soft - socket_connections - OWN_FILES)
-    log.warning("open-files limit %d is too low for [api] max_connections = %d (needs %d "
+        return FilePlan(tcp_connections, proxies, needed)
+    left = soft - socket_connections - OWN_FILES
+    tcp = min(tcp_connections, max(1, left - PROXY_FILES_PER_CONNECTION * len(proxies)))
+    left -= tcp
+    total = sum(proxies.values())
+    fitted = {name: max(1, (left // PROXY_FILES_PER_CONNECTION) * limit // total)
+              for name, limit in proxies.items()} if total else {}
+    log.warning("open-files limit %d is too low for the connection budgets (they need %d "
                 "descriptors with the control socket's %d and %d of the daemon's own): "
-                "at most %d TCP connections; raise LimitNOFILE= in the unit",
-                soft, tcp_connections, needed, socket_connections, OWN_FILES, fitted)
-    return fitted
+                "at most %d API TCP connections (of %d) and %s on the proxies; raise "
+                "LimitNOFILE= in the unit", soft, needed, socket_connections, OWN_FILES,
+                tcp, tcp_connections,
+                ", ".join(f"{n} {fitted[n]} (of {proxies[n]})" for n in proxies) or "none")
+    return FilePlan(tcp, fitted, needed)
 
 
 @dataclass

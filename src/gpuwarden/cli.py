@@ -217,7 +217,8 @@ def format_status(doc: dict[str, Any]) -> str:
                      f"{proxy['forwarded']} forwarded, {proxy['cached']} from cache, "
                      f"{proxy['rejected']} rejected"
                      + (f", {proxy['forbidden']} forbidden (Host or Origin)"
-                        if proxy.get("forbidden") else ""))
+                        if proxy.get("forbidden") else "")
+                     + _connections_note(proxy.get("connections")))
     alert = doc.get("last_alert")
     if alert:
         state = f"; resolved {_when(alert['resolved_at'])}" if alert.get("resolved_at") \
@@ -239,6 +240,17 @@ def format_status(doc: dict[str, Any]) -> str:
                          f": {receiver['last_error']}; {receiver['queued']} queued, "
                          f"{receiver['dropped']} dropped")
     return "\n".join(lines)
+
+
+def _connections_note(conns: dict[str, Any] | None) -> str:
+    """A proxy's connections, said only when some were refused or cut."""
+    if not conns:
+        return ""
+    cut = sum(conns.get("cut", {}).values())
+    if not conns.get("refused") and not cut:
+        return ""
+    return (f"; connections {conns['open']}/{conns['max']} open, {conns['refused']} "
+            f"refused (budget full), {cut} cut (too slow)")
 
 
 def _down_in_mode(doc: dict[str, Any], mode: str | None) -> list[str]:

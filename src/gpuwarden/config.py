@@ -475,6 +475,15 @@ class ProxyConfig(_Section):
     # Origins (scheme://host[:port]) of pages on other sites allowed to call it from a
     # browser.
     allowed_origins: list[Annotated[str, BeforeValidator(_check_origin)]] = []
+    # Connections open at once; one more is answered 503 and closed. Each holds two
+    # descriptors (the client's and the upstream's): see check-config's open-files sum.
+    max_connections: int = Field(512, ge=1, le=65536)
+    # A connection must deliver a request's headers within this long of opening, or of
+    # its previous answer (keep-alive idle); else it is closed. Never cuts a request
+    # being answered or waiting for its mode, a stream or a websocket.
+    idle_timeout: Duration = 15.0
+    # A request body may pause at most this long between two pieces; else it is cut.
+    body_timeout: Duration = 30.0
 
 
 class DeliveryConfig(_Section):
@@ -601,7 +610,41 @@ def config_warnings(config: Config) -> list[str]:
                     f"proxy.{name}.preempt: true, but mode {mode!r} (priority {own}, its "
                     "workloads' highest) is not above any other mode on its GPU, so it never "
                     "preempts; raise workloads.NAME.priority")
+    warnings.extend(_open_files_warnings(config))
     return warnings
+
+
+# The shipped unit's LimitNOFILE= (systemd/gpuwarden.service).
+UNIT_OPEN_FILES = 4096
+
+
+def _open_files_warnings(config: Config) -> list[str]:
+    """The connection budgets against the open files the daemon can get: the unit's
+    LimitNOFILE=, or this process's hard limit when that is lower."""
+    import resource
+
+    from .api_server import OWN_FILES, PROXY_FILES_PER_CONNECTION, files_needed
+
+    api = config.api
+    proxies = {name: proxy.max_connections for name, proxy in config.proxy.items()}
+    needed = files_needed(api.max_connections if api.listen else 0, api.socket_connections,
+                          proxies)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    limits = [(UNIT_OPEN_FILES, f"the unit's LimitNOFILE={UNIT_OPEN_FILES}")]
+    if hard != resource.RLIM_INFINITY and hard < UNIT_OPEN_FILES:
+        limits.append((hard, f"this shell's hard limit ({hard})"))
+    limit, where = min(limits)
+    if needed <= limit:
+        return []
+    parts = [f"api.socket_connections {api.socket_connections}",
+             f"{OWN_FILES} of the daemon's own"]
+    if api.listen:
+        parts.insert(0, f"api.max_connections {api.max_connections}")
+    parts += [f"{PROXY_FILES_PER_CONNECTION} x proxy.{n}.max_connections {c}"
+              for n, c in proxies.items()]
+    return [f"connection budgets: they need {needed} open files ({', '.join(parts)}), more "
+            f"than {where}: the daemon shrinks the proxies' budgets first, then the API's, "
+            "never the control socket's; raise LimitNOFILE= or lower max_connections"]
 
 
 def _cross_check(config: Config) -> list[str]:

@@ -21,7 +21,14 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from .api import build_app
 from .api_auth import ApiAuth, AuthFailures, ReplayGuard
-from .api_server import ConnectionBudget, Door, ErrorStorms, fit_open_files, serve
+from .api_server import (
+    ConnectionBudget,
+    Door,
+    ErrorStorms,
+    FilePlan,
+    fit_open_files,
+    serve,
+)
 from .audit import open_audit
 from .config import Config, config_warnings
 from .crashloop import CrashLoopGuard
@@ -117,6 +124,7 @@ class Daemon:
                             ids=DurableEventIds(config.daemon.state_dir / "event-ids"))
         self._scheduler: AsyncIOScheduler | None = None
         self._doors: list[Door] = []
+        self._files: FilePlan | None = None  # the connection budgets that fit LimitNOFILE
         self._storms: ErrorStorms | None = None
         self._auth_failures: AuthFailures | None = None
         self._backend: GpuBackend | None = None
@@ -233,6 +241,8 @@ class Daemon:
             self._auth_failures.end_quiet_episodes()
         if self._storms is not None:
             self._storms.end_quiet()
+        if self._proxies is not None:
+            self._proxies.end_quiet_episodes()
         if self._guard is not None and self._restore_task is not None and \
                 self._restore_task.done():
             self._guard.check(self.service.workload_statuses)
@@ -381,7 +391,8 @@ class Daemon:
             return
         from .proxy import DemandProxies  # only nodes with proxies load them
 
-        proxies = DemandProxies(self.service, self.bus, self.metrics)
+        proxies = DemandProxies(self.service, self.bus, self.metrics,
+                                self._files.proxies if self._files else None)
         try:
             await proxies.start()
         except OSError as exc:
@@ -391,6 +402,7 @@ class Daemon:
                 "the address clients use ([proxy.NAME] listen)") from exc
         self._proxies = proxies
         self.service.status_sections["proxies"] = proxies.status
+        self.metrics.proxy_budgets = proxies.budgets
 
     async def _listen(self, path: Path) -> None:
         assert self.service is not None
@@ -407,6 +419,11 @@ class Daemon:
             assert self.service is not None and self._auth_failures is not None
             return build_app(self.service, api, self.metrics, auth, self._auth_failures)
 
+        # Every door's budget at once, so the proxies' floods cannot take what the API
+        # and the control socket need (the proxies' budgets shrink first).
+        self._files = fit_open_files(
+            api.max_connections if api.listen else 0, api.socket_connections,
+            {name: proxy.max_connections for name, proxy in self.config.proxy.items()})
         socket_budget = ConnectionBudget("socket", api.socket_connections,
                                          on_refused=self.metrics.on_connection_refused)
         self._doors.append(await serve(app(), socket_budget, idle_timeout=api.idle_timeout,
@@ -414,8 +431,7 @@ class Daemon:
         if api.listen:
             host, _, port = api.listen.rpartition(":")
             tcp_budget = ConnectionBudget(
-                "tcp", fit_open_files(api.max_connections, api.socket_connections),
-                on_refused=self.metrics.on_connection_refused)
+                "tcp", self._files.tcp, on_refused=self.metrics.on_connection_refused)
             self._doors.append(await serve(app(), tcp_budget, idle_timeout=api.idle_timeout,
                                            host=host.strip("[]"), port=int(port)))
         self.metrics.connections = lambda: {d.budget.door: d.budget.open for d in self._doors}

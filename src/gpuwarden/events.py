@@ -93,6 +93,8 @@ def alert_group(name: str, fields: dict[str, Any]) -> tuple[str, bool] | None:
         return f"sink:{fields.get('sink')}", name == "sink.recovered"
     if name in ("discord.disconnected", "discord.connected"):
         return "discord", name == "discord.connected"
+    if name in ("proxy.overload", "proxy.overload.ended"):
+        return f"proxy.overload:{fields.get('proxy')}", name == "proxy.overload.ended"
     return None
 
 

@@ -113,7 +113,7 @@ class Metrics:
                                     ("proxy",), buckets=_WAIT_BUCKETS, registry=r)
         self.proxy_requests = Counter("gpuwarden_proxy_requests",
                                       "Requests by outcome (forwarded, cached, local, "
-                                      "rejected, unavailable, error)",
+                                      "rejected, unavailable, error, forbidden)",
                                       ("proxy", "outcome"), registry=r)
         self.proxy_rejected = Counter("gpuwarden_proxy_rejected",
                                       "Demand requests answered 503, by cause (max_wait, "
@@ -122,6 +122,24 @@ class Metrics:
         self.proxy_switches = Counter("gpuwarden_proxy_demand_switches",
                                       "Mode switches made for waiting demand",
                                       ("gpu", "mode"), registry=r)
+        self.proxy_connections_refused = Counter(
+            "gpuwarden_proxy_connections_refused",
+            "Proxy connections answered 503 because its max_connections were all open",
+            ("proxy",), registry=r)
+        self.proxy_connections_cut = Counter(
+            "gpuwarden_proxy_connections_cut",
+            "Proxy connections closed for sending too slowly, by reason (idle: no "
+            "request head within idle_timeout; body: a body paused past body_timeout)",
+            ("proxy", "reason"), registry=r)
+        self.proxy_connections = Gauge("gpuwarden_proxy_connections",
+                                       "Open connections per demand proxy", ("proxy",),
+                                       registry=r)
+        self.proxy_connections_max = Gauge(
+            "gpuwarden_proxy_connections_max",
+            "Each demand proxy's connection budget (max_connections, as fitted to the "
+            "open-files limit)", ("proxy",), registry=r)
+        # Open connections and budget per proxy, read when metrics are rendered.
+        self.proxy_budgets: Callable[[], dict[str, tuple[int, int]]] = dict
         # Open connections per door, read when metrics are rendered.
         self.connections: Callable[[], dict[str, int]] = dict
 
@@ -183,6 +201,9 @@ class Metrics:
     def render(self) -> bytes:
         for door, count in self.connections().items():
             self.api_connections.labels(door).set(count)
+        for proxy, (open_now, limit) in self.proxy_budgets().items():
+            self.proxy_connections.labels(proxy).set(open_now)
+            self.proxy_connections_max.labels(proxy).set(limit)
         for receiver in self.receivers():
             self.receiver_failing.labels(receiver["sink"]).set(
                 1 if receiver["state"] == "failing" else 0)

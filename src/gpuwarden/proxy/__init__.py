@@ -22,7 +22,9 @@ __all__ = ["DemandProxies"]
 class DemandProxies:
     """Every configured proxy, started and stopped together."""
 
-    def __init__(self, service: Service, bus: EventBus, metrics: Metrics | None) -> None:
+    def __init__(self, service: Service, bus: EventBus, metrics: Metrics | None,
+                 budgets: dict[str, int] | None = None) -> None:
+        """`budgets`: each proxy's max_connections as fitted to the open-files limit."""
         config = service.config
         policies: dict[str, ModePolicy] = {}
         for name, proxy in config.proxy.items():
@@ -44,8 +46,8 @@ class DemandProxies:
                     {m: p for m, p in policies.items() if config.all_modes()[m].gpu == gpu},
                     metrics)
             cache = ReadCache(config.daemon.state_dir / "proxy" / name)
-            self.proxies.append(WorkloadProxy(name, config, service, scheduler, cache,
-                                              metrics))
+            self.proxies.append(WorkloadProxy(name, config, service, scheduler, cache, bus,
+                                              metrics, (budgets or {}).get(name)))
 
     async def start(self) -> None:
         """Listen on every proxy's address (raises OSError when one is taken)."""
@@ -71,3 +73,12 @@ class DemandProxies:
 
     def status(self) -> list[dict[str, Any]]:
         return [proxy.status() for proxy in self.proxies]
+
+    def end_quiet_episodes(self) -> None:
+        """Announce the end of each proxy's overload that has been quiet long enough."""
+        for proxy in self.proxies:
+            proxy.overload.end_quiet()
+
+    def budgets(self) -> dict[str, tuple[int, int]]:
+        """Open connections and the budget of each proxy, for the metrics."""
+        return {proxy.name: (proxy.budget.open, proxy.budget.limit) for proxy in self.proxies}

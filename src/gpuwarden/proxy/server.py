@@ -21,7 +21,9 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
+from ..api_server import ConnectionBudget, Door, serve, track_requests
 from ..config import Config, parse_listen
+from ..events import EventBus, Severity
 from .browser import BrowserPolicy
 from .cache import ReadCache, cache_key
 from .demand import Kind, classify, local_answer, reads_body
@@ -42,14 +44,71 @@ _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate",
 # A body read to classify a request (Ollama's JSON, images included) is at most this.
 _CLASSIFY_BODY_LIMIT = 64 << 20
 CACHE_HEADER = "X-Gpuwarden-Cache"
+# An overload episode (connections refused at the budget, or cut as too slow) ends once
+# none has been for this long; it is announced once at its start and once at its end.
+_EPISODE_QUIET_S = 60.0
+
+
+class _BodyStalled(Exception):
+    """A request body paused longer than body_timeout."""
+
+
+class Overload:
+    """Connections a proxy refused (budget full) or cut (too slow), counted, with one
+    `proxy.overload` event per episode and `proxy.overload.ended` after it."""
+
+    def __init__(self, proxy: str, bus: EventBus, metrics: Metrics | None) -> None:
+        self._proxy, self._bus, self._metrics = proxy, bus, metrics
+        self.refused = 0
+        self.cut: dict[str, int] = {"idle": 0, "body": 0}
+        self._episode: dict[str, Any] | None = None
+
+    def record(self, what: str, limit: int, open_now: int) -> None:
+        """`what`: "refused", or a cut's reason ("idle", "body")."""
+        if what == "refused":
+            self.refused += 1
+        else:
+            self.cut[what] = self.cut.get(what, 0) + 1
+        if self._metrics is not None:
+            if what == "refused":
+                self._metrics.proxy_connections_refused.labels(self._proxy).inc()
+            else:
+                self._metrics.proxy_connections_cut.labels(self._proxy, what).inc()
+        now = time.monotonic()
+        if self._episode is None:
+            self._episode = {"start": now, "last": now, "refused": 0, "cut": 0}
+            why = (f"its {limit} connections are all taken, new ones are refused"
+                   if what == "refused" else
+                   f"connections are cut for sending too slowly ({what})")
+            self._bus.publish(
+                "proxy.overload", f"proxy {self._proxy}: {why}; the daemon, its API and "
+                "the other proxies are unaffected", severity=Severity.WARNING,
+                proxy=self._proxy, reason=what, max_connections=limit, open=open_now)
+        episode = self._episode
+        episode["last"] = now
+        episode["refused" if what == "refused" else "cut"] += 1
+
+    def end_quiet(self) -> None:
+        episode = self._episode
+        if episode is None or time.monotonic() - episode["last"] < _EPISODE_QUIET_S:
+            return
+        self._episode = None
+        lasted = episode["last"] - episode["start"]
+        self._bus.publish(
+            "proxy.overload.ended", f"proxy {self._proxy}: overload over after "
+            f"{lasted:.0f} s: {episode['refused']} connection(s) refused, {episode['cut']} "
+            "cut", proxy=self._proxy, refused=episode["refused"], cut=episode["cut"],
+            duration_s=round(lasted, 1))
 
 
 class WorkloadProxy:
     """The proxy of workload `name`: an aiohttp server forwarding to its `url`."""
 
     def __init__(self, name: str, config: Config, service: Service,
-                 scheduler: DemandScheduler, cache: ReadCache,
-                 metrics: Metrics | None = None) -> None:
+                 scheduler: DemandScheduler, cache: ReadCache, bus: EventBus,
+                 metrics: Metrics | None = None, max_connections: int | None = None) -> None:
+        """`max_connections`: the budget that fits the open-files limit (default: the
+        configured one)."""
         proxy = config.proxy[name]
         self.name = name
         self.listen = proxy.listen
@@ -70,12 +129,22 @@ class WorkloadProxy:
                                      allowed_origins=proxy.allowed_origins)
         self._max_wait = proxy.max_wait
         self._max_waiting = proxy.max_waiting
+        self._idle_timeout = proxy.idle_timeout
+        self._body_timeout = proxy.body_timeout
+        self.overload = Overload(name, bus, metrics)
+        self.budget = ConnectionBudget(
+            f"proxy {name}", max_connections or proxy.max_connections,
+            idle_timeout=proxy.idle_timeout,
+            on_refused=lambda door: self.overload.record("refused", self.budget.limit,
+                                                         self.budget.open),
+            on_cut=lambda door, why: self.overload.record(why, self.budget.limit,
+                                                          self.budget.open))
         self._service = service
         self._scheduler = scheduler
         self._cache = cache
         self._metrics = metrics
         self._session: aiohttp.ClientSession | None = None
-        self._runner: web.AppRunner | None = None
+        self._door: Door | None = None
         self._sockets: set[web.WebSocketResponse] = set()
         self._writes: set[asyncio.Future[None]] = set()
         self.counts = {"forwarded": 0, "cached": 0, "local": 0, "rejected": 0,
@@ -91,21 +160,24 @@ class WorkloadProxy:
             auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
             connector=aiohttp.TCPConnector(limit=0),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
-        app = web.Application(client_max_size=_CLASSIFY_BODY_LIMIT)
+        app = web.Application(client_max_size=_CLASSIFY_BODY_LIMIT,
+                              middlewares=[track_requests(self.budget)])
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        # A client that goes away cancels its handler: a waiting request leaves the
-        # queue, a forwarded one stops reading from the upstream.
-        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-        await self._runner.setup()
         address = parse_listen(self.listen)
         assert address is not None, "checked with the config"
-        await web.TCPSite(self._runner, address[0], address[1]).start()
+        # Within its connection budget, like the API's doors. The budget cuts idle
+        # connections itself (and counts them); aiohttp's own keep-alive timer is only a
+        # backstop. A client that goes away cancels its handler: a waiting request
+        # leaves the queue, a forwarded one stops reading from the upstream.
+        self._door = await serve(app, self.budget, idle_timeout=2 * self._idle_timeout,
+                                 host=address[0], port=address[1],
+                                 handler_cancellation=True)
 
     async def close(self) -> None:
         for ws in list(self._sockets):
             await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"gpuwarden stopping")
-        if self._runner is not None:
-            await self._runner.cleanup()
+        if self._door is not None:
+            await self._door.runner.cleanup()
         await asyncio.gather(*self._writes, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
@@ -121,6 +193,8 @@ class WorkloadProxy:
             "waiting": len(waits), "oldest_wait_s": round(waits[0], 3) if waits else None,
             "blocker": self._scheduler.blocker(self.mode),
             "active_mode": view.mode, **self.counts,
+            "connections": {"open": self.budget.open, "max": self.budget.limit,
+                            "refused": self.overload.refused, "cut": dict(self.overload.cut)},
         }
 
     def _count(self, outcome: str) -> None:
@@ -148,7 +222,10 @@ class WorkloadProxy:
             return await self._websocket(request)
         body: bytes | None = None
         if reads_body(self.api, request.method, request.path):
-            body = await request.read()  # small JSON; over 64 MiB is answered 413
+            try:
+                body = await self._read_body(request)  # small JSON; over 64 MiB: 413
+            except _BodyStalled:
+                return self._stalled()
         kind = classify(self.api, request.method, request.path, body)
         if kind is Kind.DEMAND:
             return await self._demand(request, body)
@@ -170,6 +247,42 @@ class WorkloadProxy:
                                      headers={CACHE_HEADER: "local"})
         self._count("unavailable")
         return self._unavailable(request, unseen=kind is Kind.READ)
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The whole body, each piece within body_timeout of the last (_BodyStalled)."""
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            try:
+                async with asyncio.timeout(self._body_timeout):
+                    part = await request.content.readany()
+            except TimeoutError:
+                raise _BodyStalled() from None
+            if not part:
+                return b"".join(parts)
+            size += len(part)
+            if size > _CLASSIFY_BODY_LIMIT:
+                raise web.HTTPRequestEntityTooLarge(max_size=_CLASSIFY_BODY_LIMIT,
+                                                    actual_size=size)
+            parts.append(part)
+
+    async def _streamed_body(self, request: web.Request) -> Any:
+        """The body as it comes, for the upstream, each piece within body_timeout."""
+        while True:
+            try:
+                async with asyncio.timeout(self._body_timeout):
+                    part = await request.content.readany()
+            except TimeoutError:
+                raise _BodyStalled() from None
+            if not part:
+                return
+            yield part
+
+    def _stalled(self) -> web.Response:
+        self.overload.record("body", self.budget.limit, self.budget.open)
+        return web.Response(status=408, text=f"request body paused longer than "
+                            f"{self._body_timeout:g} s (body_timeout)\n",
+                            headers={"Connection": "close"})
 
     async def _demand(self, request: web.Request, body: bytes | None) -> web.StreamResponse:
         client = request.remote or "unknown"
@@ -196,13 +309,18 @@ class WorkloadProxy:
             headers.pop("Content-Length", None)
             data = body
         elif request.body_exists:
-            data = request.content  # streamed, not read into memory
+            data = self._streamed_body(request)  # streamed, not read into memory
         try:
             upstream = await self._session.request(
                 request.method, self.upstream + request.raw_path, headers=headers, data=data,
                 allow_redirects=False,
                 skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"))
+        except _BodyStalled:
+            return self._stalled()
         except (aiohttp.ClientError, OSError) as exc:
+            if isinstance(exc.__cause__, _BodyStalled) or \
+                    isinstance(exc.__context__, _BodyStalled):
+                return self._stalled()
             self._count("error")
             return web.json_response(
                 {"error": f"{self.name} at {self.upstream} did not answer: {exc!r}",
