@@ -95,6 +95,12 @@ class Node:
         return max((e["id"] for e in self.all_events()), default=0)
 
 
+
+def fresh_prompt() -> dict[str, Any]:
+    """A workflow with a seed of its own: ComfyUI answers an identical one from its
+    cache in 0 s, as the stand-in does."""
+    return {"3": {"class_type": "KSampler", "inputs": {"seed": time.monotonic_ns()}}}
+
 def start_node(*, default_mode: str, min_dwell: float, release_delay: float,
                start_delay: float = 0.0, stop_delay: float = 0.0,
                max_wait: float = 600) -> Node:
@@ -272,7 +278,7 @@ async def demand_switch(node: Node, rounds: int) -> dict[str, Any]:
         for _ in range(rounds):
             # To image by demand too (a short prompt), then let it go idle.
             async with session.post(f"{node.comfy_proxy}/prompt", json={
-                    "prompt": {}, "extra_data": {"job_seconds": 0.05}}) as resp:
+                    "prompt": fresh_prompt(), "extra_data": {"job_seconds": 0.05}}) as resp:
                 await resp.read()
             await asyncio.to_thread(node.wait_mode, "image")
             await asyncio.sleep(1.0)  # idle: nothing in flight, nothing queued
@@ -389,7 +395,7 @@ async def replay(node: Node, trace: Trace, policy: str) -> DayRun:
         async def one_job(record: Record, seconds: float) -> None:
             await gate("image")
             async with session.post(f"{job_base}/prompt", json={
-                    "prompt": {}, "extra_data": {"job_seconds": seconds}},
+                    "prompt": fresh_prompt(), "extra_data": {"job_seconds": seconds}},
                     timeout=aiohttp.ClientTimeout(total=900)) as resp:
                 doc = await resp.json()
             prompt_id = doc["prompt_id"]

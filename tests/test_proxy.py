@@ -126,7 +126,10 @@ def in_thread(fn: Any, *args: Any, **kwargs: Any) -> tuple[threading.Thread, dic
 
 def prompt(base: str, seconds: float | None = None) -> str:
     extra = {} if seconds is None else {"job_seconds": seconds}
-    resp = httpx.post(f"{base}/prompt", json={"prompt": {"3": {"class_type": "KSampler"}},
+    # A fresh seed each time: ComfyUI answers an identical prompt from its cache in 0 s.
+    seed = time.monotonic_ns()
+    resp = httpx.post(f"{base}/prompt", json={"prompt": {"3": {"class_type": "KSampler",
+                                                               "inputs": {"seed": seed}}},
                                               "extra_data": extra}, timeout=120)
     assert resp.status_code == 200, resp.text
     prompt_id: str = resp.json()["prompt_id"]
@@ -370,39 +373,83 @@ def test_demand_on_both_sides_neither_starves_nor_ping_pongs(proxied: ProxiedNod
     assert daemon.events("proxy.rejected") == []
 
 
-async def _websocket_session(url: str, opened: threading.Event,
-                             closed: threading.Event, echo: list[str]) -> None:
+async def _page_socket(url: str, opened: threading.Event, frames: list[Any],
+                       until_prompt: list[str], *, echo: bool = True) -> None:
+    """A ComfyUI page's (or Open WebUI's) socket: its first frame, an echo from the
+    stand-in when it runs, then every frame until the prompt named in `until_prompt`
+    has ended."""
     async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
-        first = await ws.receive_json(timeout=10)
-        echo.append(first["type"])
-        await ws.send_str("hello")
-        reply = await ws.receive(timeout=10)
-        echo.append(reply.data)
+        frames.append(await ws.receive_json(timeout=10))
+        if echo:
+            await ws.send_str("hello")
+            while (reply := await ws.receive(timeout=10)).data != "echo:hello":
+                frames.append(json.loads(reply.data))
         opened.set()
-        async for _ in ws:
-            pass
-    closed.set()
+        async for message in ws:
+            if message.type != aiohttp.WSMsgType.TEXT or not message.data.startswith("{"):
+                continue
+            doc = json.loads(message.data)
+            frames.append(doc)
+            data = doc.get("data") or {}
+            if doc["type"] == "executing" and data.get("node") is None and until_prompt \
+                    and data.get("prompt_id") == until_prompt[0]:
+                return
 
 
-def test_an_open_comfyui_page_does_not_block_an_llm_switch(proxied: ProxiedNode) -> None:
+def test_a_page_socket_is_held_while_comfyui_is_down_and_gets_its_prompt(
+        proxied: ProxiedNode) -> None:
+    """ComfyUI's page stays connected through a switch away and back; Open WebUI's
+    sequence from llm mode (a socket with its clientId, then the prompt, then that
+    prompt's progress on the socket) switches to image for the prompt, not for the
+    socket, and the socket gets every frame of it."""
     daemon = proxied.start(default_mode="image")
     page = httpx.get(f"{proxied.comfy}/", timeout=10)
     assert page.status_code == 200 and "ComfyUI" in page.text
-    opened, closed, echo = threading.Event(), threading.Event(), []
-    ws_thread, _ = in_thread(asyncio.run, _websocket_session(
-        f"ws://127.0.0.1:{proxied.comfy_proxy}/ws?clientId=abc", opened, closed, echo))
-    assert opened.wait(20), echo
-    assert echo == ["status", "echo:hello"]  # frames pass both ways
-    result = chat(proxied.ollama, timeout=60)
+    opened, frames, until = threading.Event(), [], []
+    page_thread, page_out = in_thread(asyncio.run, _page_socket(
+        f"ws://127.0.0.1:{proxied.comfy_proxy}/ws?clientId=page", opened, frames, until))
+    assert opened.wait(20), page_out
+    assert frames[0]["type"] == "status" and frames[0]["data"]["sid"] == "page"
+    result = chat(proxied.ollama, timeout=60)  # the open page does not hold the GPU
     assert result["status"] == 200 and result["total_s"] < 30
     daemon.wait_event("mode.switch.completed", to="llm")
-    assert closed.wait(20)  # the page's socket closed with its ComfyUI
-    ws_thread.join(10)
-    # The page still loads (from the last answer), and says ComfyUI is not running.
+    assert page_thread.is_alive(), page_out  # held, not closed
+    # The page still loads (from the last answer), and its queue reads empty.
     page = httpx.get(f"{proxied.comfy}/", timeout=10)
     assert page.status_code == 200 and page.headers["X-Gpuwarden-Cache"] == "stale"
     assert httpx.get(f"{proxied.comfy}/queue", timeout=10).json() == {
         "queue_running": [], "queue_pending": []}
+
+    # Open WebUI: its socket first, while llm is active. An idle socket is not demand.
+    opened2, frames2, until2 = threading.Event(), [], []
+    webui_thread, webui_out = in_thread(asyncio.run, _page_socket(
+        f"ws://127.0.0.1:{proxied.comfy_proxy}/ws?clientId=owui", opened2, frames2, until2,
+        echo=False))
+    assert opened2.wait(20), webui_out
+    assert frames2[0] == {"type": "status", "data": {"status": {"exec_info": {
+        "queue_remaining": 0}}, "sid": "owui"}}
+    daemon.wait_samples(3)
+    assert daemon.status()["gpus"][0]["mode"] == "llm"
+    # Then its prompt, naming that socket: demand.
+    t0 = time.monotonic()
+    resp = httpx.post(f"{proxied.comfy}/prompt", timeout=60, json={
+        "client_id": "owui", "extra_data": {"job_seconds": 0.5},
+        "prompt": {"3": {"class_type": "KSampler", "inputs": {"seed": time.monotonic_ns()}}}})
+    assert resp.status_code == 200, resp.text
+    until2.append(resp.json()["prompt_id"])
+    webui_thread.join(60)
+    took = time.monotonic() - t0
+    assert "error" not in webui_out, webui_out
+    kinds = [f["type"] for f in frames2 if (f.get("data") or {}).get("prompt_id") == until2[0]]
+    assert kinds[0] == "execution_start" and "executed" in kinds and \
+        "execution_success" in kinds, kinds
+    print(f"\nOpen WebUI's image sequence from llm: the image after {took:.2f} s")
+    # The page's own socket is bridged again (it sees the queue's status frames).
+    deadline = time.monotonic() + 20
+    while not any(f["type"] == "status" for f in frames[1:]):
+        assert time.monotonic() < deadline, frames
+        time.sleep(0.05)
+    assert page_thread.is_alive()
 
 
 def test_a_switch_that_fails_closed_answers_its_waiters_503(proxied: ProxiedNode) -> None:

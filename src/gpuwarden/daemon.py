@@ -11,7 +11,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +60,22 @@ if TYPE_CHECKING:
 __all__ = ["Daemon", "DaemonState", "build_workloads", "run_daemon"]
 
 log = logging.getLogger(__name__)
+
+
+class _ProxiedRequests:
+    """The demand proxies' requests in flight, for the switcher, which exists before
+    the proxies start (and on nodes without any)."""
+
+    def __init__(self, proxies: Callable[[], DemandProxies | None]) -> None:
+        self._proxies = proxies
+
+    def in_flight(self, workloads: set[str]) -> list[dict[str, Any]]:
+        proxies = self._proxies()
+        return proxies.in_flight(workloads) if proxies is not None else []
+
+    def end_in_flight(self, workloads: set[str], reason: str) -> int:
+        proxies = self._proxies()
+        return proxies.end_in_flight(workloads, reason) if proxies is not None else 0
 
 
 class DaemonState(enum.Enum):
@@ -179,7 +195,8 @@ class Daemon:
         self.service.supervisor = supervisor
         self._switcher = ModeSwitcher(cfg, self._workloads, supervisor, store, persisted,
                                       self.bus, self.service.sample_blocking, self._http,
-                                      on_settled=self.service.refresh)
+                                      on_settled=self.service.refresh,
+                                      requests=_ProxiedRequests(lambda: self._proxies))
         self.service.switcher = self._switcher
         self.service.metrics = self.metrics
         # Outbound receivers' deliveries, failures and drops, for operators.

@@ -113,7 +113,7 @@ class Metrics:
                                     ("proxy",), buckets=_WAIT_BUCKETS, registry=r)
         self.proxy_requests = Counter("gpuwarden_proxy_requests",
                                       "Requests by outcome (forwarded, cached, local, "
-                                      "rejected, unavailable, error, forbidden)",
+                                      "rejected, unavailable, error, forbidden, cut)",
                                       ("proxy", "outcome"), registry=r)
         self.proxy_rejected = Counter("gpuwarden_proxy_rejected",
                                       "Demand requests answered 503, by cause (max_wait, "

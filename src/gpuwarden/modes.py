@@ -19,7 +19,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -36,6 +36,18 @@ from .workloads.supervisor import WorkloadSupervisor
 __all__ = ["ModeSwitcher", "ReleaseVerifier", "SwitchResult", "Verdict"]
 
 Sampler = Callable[[], AttributedSample]
+
+
+class InFlightRequests(Protocol):
+    """Requests in flight to workloads through gpuwarden (the demand proxies)."""
+
+    def in_flight(self, workloads: set[str]) -> list[dict[str, Any]]:
+        """Each request in flight to one of `workloads`: proxy, client, request, for_s."""
+        ...
+
+    def end_in_flight(self, workloads: set[str], reason: str) -> int:
+        """End each with an error in its answer's own format; how many."""
+        ...
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +66,8 @@ class SwitchResult:
     stopped: list[str] = field(default_factory=list)  # running workloads it stopped
     pending: bool = False  # under way: the outcome comes later (wait=False)
     limit_s: float | None = None  # pending: the longest it may take, by its timeouts
+    # Forced: the proxies' requests it cut (cut_requests), ComfyUI jobs dropped.
+    forced: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         head = {"gpu": self.gpu, "from": self.from_mode, "to": self.to_mode,
@@ -63,7 +77,7 @@ class SwitchResult:
         if self.pending:
             return {"ok": True, **head, "pending": True, "limit_s": self.limit_s}
         return {"ok": True, **head, "timings": self.timings, "started": self.started,
-                "stopped": self.stopped}
+                "stopped": self.stopped, **self.forced}
 
 
 @dataclass
@@ -148,6 +162,8 @@ class _Running:
     released: bool = False  # the outgoing workloads' VRAM is proven back
     cause: dict[str, Any] | None = None  # what made a front end ask, for the audit
     limit_s: float = 0.0  # the longest this switch may take, by its configured timeouts
+    # A forced switch: the proxies' requests it cut, the ComfyUI jobs its stop dropped.
+    forced: dict[str, Any] = field(default_factory=dict)
     # The event that ends the switch (completed, failed, reconcile), published only once
     # its result is kept and the switch lets go of the GPU: see ModeSwitcher._run.
     ending: _Ending | None = None
@@ -208,9 +224,11 @@ class ModeSwitcher:
         sampler: Sampler,
         http: httpx.AsyncClient,
         on_settled: Callable[[], Awaitable[None]] | None = None,
+        requests: InFlightRequests | None = None,
     ) -> None:
         """`on_settled` runs after each switch ends and before its result is given
-        out, so a status read right after shows the new mode's figures."""
+        out, so a status read right after shows the new mode's figures. `requests`:
+        the demand proxies' requests in flight, which a switch must not cut."""
         self._config = config
         self._workloads = workloads
         self._supervisor = supervisor
@@ -220,6 +238,7 @@ class ModeSwitcher:
         self._sampler = sampler
         self._http = http
         self._on_settled = on_settled
+        self._requests = requests
         self._verifier = ReleaseVerifier(config.release.tolerance_mib)
         self._running: dict[int, _Running] = {}
         self._results: OrderedDict[str, SwitchResult] = OrderedDict()
@@ -417,11 +436,27 @@ class ModeSwitcher:
                          or self._state.gpu(gpu).failure is not None):
             return None
         if not force:
+            self._refuse_requests_in_flight(set(running_stop))
             for name in running_stop:
                 await check_release_allowed(self._http, name, self._workloads[name].config,
                                             timeout=self._config.release.queue_timeout)
         await self._predict_fit(gpu, tr.to_mode, to_start, running_stop)
         return _Plan(keep, to_stop, running_stop, to_start, heal)
+
+    def _refuse_requests_in_flight(self, stopping: set[str]) -> None:
+        """Refuse a switch that would cut answers under way through a demand proxy (a
+        chat's stream): Ollama's unload waits for them, a stop does not."""
+        busy = self._requests.in_flight(stopping) if self._requests and stopping else []
+        if not busy:
+            return
+        shown = "; ".join(f"{r['request']} from {r['client']} to {r['workload']} for "
+                          f"{r['for_s']:g} s" for r in busy[:5])
+        more = f" and {len(busy) - 5} more" if len(busy) > 5 else ""
+        raise ConflictError(
+            f"{len(busy)} request(s) in flight through the demand proxy would be cut "
+            f"({shown}{more}); wait for them, or switch with --force (each answer then "
+            "ends with an error)",
+            {"in_flight": busy, "workloads": sorted({r["workload"] for r in busy})})
 
     async def _predict_fit(self, gpu: int, mode: str, to_start: list[str],
                            running_stop: list[str]) -> None:
@@ -556,11 +591,26 @@ class ModeSwitcher:
         tr, gpu = entry.transition, entry.gpu
         await self._record(gpu, tr, "releasing")
         t = time.monotonic()
+        cut: list[dict[str, Any]] = []
+        if force and self._requests is not None and plan.running_stop:
+            # Their answers end with an error in their own format, not a cut connection.
+            stopping = set(plan.running_stop)
+            cut = self._requests.in_flight(stopping)
+            self._requests.end_in_flight(
+                stopping, f"gpuwarden: the GPU is switching to {tr.to_mode} (forced by "
+                f"{tr.requested_by}, switch {tr.id}); this answer ends here")
         reports = await asyncio.gather(*(
             graceful_release(self._http, n, self._workloads[n].config, force=force)
             for n in plan.running_stop
         ))
         timings["graceful_s"] = time.monotonic() - t
+        forced: dict[str, Any] = {}
+        if cut:
+            forced["cut_requests"] = cut
+        dropped = {r.workload: r.dropped_jobs for r in reports if r.dropped_jobs}
+        if dropped:
+            forced["dropped_jobs"] = dropped
+        entry.forced = forced
 
         await self._record(gpu, tr, "stopping")
         t = time.monotonic()
@@ -631,10 +681,11 @@ class ModeSwitcher:
                 Severity.INFO,
                 dict(requested_by=tr.requested_by, gpu=gpu, transition_id=tr.id,
                      mode=tr.to_mode, **_from_to(tr), timings=rounded, started=started,
-                     **entry.audit()),
+                     **entry.forced, **entry.audit()),
             )
         return SwitchResult(True, gpu, tr.from_mode, tr.to_mode, tr.id, rounded,
-                            started=started, stopped=plan.running_stop)
+                            started=started, stopped=plan.running_stop,
+                            forced=entry.forced)
 
     async def _roll_back(
         self, entry: _Running, failed: set[str], error: str, timings: dict[str, float],
@@ -706,7 +757,7 @@ class ModeSwitcher:
             Severity.ERROR,
             dict(requested_by=tr.requested_by, gpu=gpu, transition_id=tr.id, mode=mode,
                  **_from_to(tr), error=error, rolled_back_to=rolled_back_to,
-                 timings=rounded, **entry.audit()),
+                 timings=rounded, **entry.forced, **entry.audit()),
         )
         return SwitchResult(False, gpu, tr.from_mode, tr.to_mode, tr.id, rounded,
                             error + back, detail)

@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import fcntl
 import hashlib
+import heapq
 import ipaddress
 import json
 import os
@@ -258,22 +259,24 @@ def ollama_app(vram: Vram, tokens: int, token_delay: float) -> web.Application:
         doc = await request.json()
         vram.load()
         ident = f"chatcmpl-{uuid.uuid4().hex[:8]}"
+        count = int(doc.get("max_tokens") or tokens)
+        delay = float((doc.get("options") or {}).get("standin_token_delay", token_delay))
         if not doc.get("stream"):
             return web.json_response({
                 "id": ident, "object": "chat.completion", "created": int(time.time()),
                 "model": doc.get("model"), "choices": [{
                     "index": 0, "finish_reason": "stop", "message": {
                         "role": "assistant",
-                        "content": "".join(f"tok{i} " for i in range(tokens))}}]})
+                        "content": "".join(f"tok{i} " for i in range(count))}}]})
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        for i in range(tokens):
+        for i in range(count):
             event = {"id": ident, "object": "chat.completion.chunk", "created": int(time.time()),
                      "model": doc.get("model"), "choices": [{
                          "index": 0, "delta": {"role": "assistant", "content": f"tok{i} "},
                          "finish_reason": None}]}
             await resp.write(f"data: {json.dumps(event)}\n\n".encode())
-            await asyncio.sleep(token_delay)
+            await asyncio.sleep(delay)
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
@@ -296,75 +299,135 @@ def ollama_app(vram: Vram, tokens: int, token_delay: float) -> web.Application:
 
 
 class Comfy:
+    """ComfyUI's queue, history, websocket routing and cache, as the real one behaves
+    (v0.8.0, measured): `/queue` rows are 5-element arrays and the pending list is a
+    binary heap (not sorted); `/interrupt` acts only on the running job; `/free` only
+    sets flags, acted on when idle or after the running job; identical prompts are
+    answered from the cache in 0 s; a prompt's execution frames go only to the socket
+    whose clientId it names, and a second socket with that id replaces the first."""
+
     def __init__(self, vram: Vram, job_seconds: float) -> None:
         self.vram = vram
         self.job_seconds = job_seconds
-        self.pending: list[dict[str, Any]] = []
+        self.pending: list[tuple[float, str, dict[str, Any]]] = []  # a heap, as ComfyUI's
         self.running: dict[str, Any] | None = None
         self.history: dict[str, Any] = {}
         self.number = 0
-        self.sockets: set[web.WebSocketResponse] = set()
+        self.sockets: dict[str, web.WebSocketResponse] = {}  # by clientId
+        self.cache: set[str] = set()  # prompts whose outputs are cached
+        self.free_asked: dict[str, bool] | None = None  # /free flags, acted on when idle
         self.interrupt = asyncio.Event()
         self.wake = asyncio.Event()
-        self.stats = {"jobs_done": 0, "interrupted": 0, "frees": 0}
+        self.stats = {"jobs_done": 0, "interrupted": 0, "frees": 0, "cached": 0}
+
+    @staticmethod
+    def row(job: dict[str, Any]) -> list[Any]:
+        return [job["number"], job["id"], job["prompt"], job["extra"], job["outputs"]]
 
     def queue_doc(self) -> dict[str, Any]:
-        def row(job: dict[str, Any]) -> list[Any]:
-            return [job["number"], job["id"], job["prompt"], {}, []]
-        return {"queue_running": [row(self.running)] if self.running else [],
-                "queue_pending": [row(j) for j in self.pending]}
+        return {"queue_running": [self.row(self.running)] if self.running else [],
+                "queue_pending": [self.row(job) for _, _, job in self.pending]}
 
-    async def broadcast(self, doc: dict[str, Any]) -> None:
-        for ws in list(self.sockets):
+    async def send(self, doc: dict[str, Any], client_id: str | None = None) -> None:
+        """To one client's socket, or (no client_id) to every socket."""
+        targets = list(self.sockets.items()) if client_id is None else \
+            [(client_id, self.sockets[client_id])] if client_id in self.sockets else []
+        for sid, ws in targets:
             try:
                 await ws.send_json(doc)
             except ConnectionError:
-                self.sockets.discard(ws)
+                if self.sockets.get(sid) is ws:
+                    del self.sockets[sid]
 
     def status_msg(self) -> dict[str, Any]:
         remaining = len(self.pending) + (1 if self.running else 0)
         return {"type": "status", "data": {"status": {"exec_info": {
             "queue_remaining": remaining}}}}
 
+    def act_on_free(self) -> None:
+        """Between jobs: what /free asked for (ComfyUI's worker does it when idle)."""
+        flags, self.free_asked = self.free_asked, None
+        if flags is None:
+            return
+        if flags.get("unload_models") or flags.get("free_memory"):
+            self.vram.unload()
+        if flags.get("free_memory"):
+            self.cache.clear()  # the next identical prompt runs again
+
     async def worker(self) -> None:
         while True:
             while not self.pending:
+                self.act_on_free()
                 self.wake.clear()
                 await self.wake.wait()
-            job = self.pending.pop(0)
+            _, _, job = heapq.heappop(self.pending)
             self.running = job
             job["started_at"] = time.time()
             self.interrupt.clear()
-            self.vram.load()
-            await self.broadcast({"type": "executing", "data": {"prompt_id": job["id"],
-                                                                "node": "3"}})
-            seconds = float(job["extra"].get("job_seconds", self.job_seconds))
-            steps = 10
+            client = job["extra"].get("client_id")
+            pid = job["id"]
+            await self.send(self.status_msg())
+            await self.send({"type": "execution_start",
+                             "data": {"prompt_id": pid, "timestamp": int(time.time() * 1000)}},
+                            client)
+            key = json.dumps(job["prompt"], sort_keys=True)
+            cached = key in self.cache
+            await self.send({"type": "execution_cached", "data": {
+                "nodes": list(job["prompt"] or {}) if cached else [], "prompt_id": pid}}, client)
             interrupted = False
-            for step in range(steps):
-                try:
-                    await asyncio.wait_for(self.interrupt.wait(), seconds / steps)
-                    interrupted = True
-                    break
-                except TimeoutError:
-                    await self.broadcast({"type": "progress", "data": {
-                        "value": step + 1, "max": steps, "prompt_id": job["id"]}})
+            if cached:
+                self.stats["cached"] += 1
+            else:
+                self.vram.load()
+                await self.send({"type": "executing", "data": {
+                    "node": "3", "display_node": "3", "prompt_id": pid}}, client)
+                seconds = float(job["extra"].get("job_seconds", self.job_seconds))
+                steps = 10
+                for step in range(steps):
+                    try:
+                        await asyncio.wait_for(self.interrupt.wait(), seconds / steps)
+                        interrupted = True
+                        break
+                    except TimeoutError:
+                        await self.send({"type": "progress", "data": {
+                            "value": step + 1, "max": steps, "prompt_id": pid, "node": "3"}},
+                            client)
+            images = [{"filename": f"{pid}.png", "subfolder": "", "type": "output"}]
+            if interrupted:
+                self.stats["interrupted"] += 1
+                await self.send({"type": "execution_interrupted", "data": {
+                    "prompt_id": pid, "node_id": "3", "node_type": "KSampler",
+                    "executed": [], "timestamp": int(time.time() * 1000)}}, client)
+            else:
+                self.cache.add(key)
+                self.stats["jobs_done"] += 1
+                await self.send({"type": "executed", "data": {
+                    "node": "9", "display_node": "9", "output": {"images": images},
+                    "prompt_id": pid}}, client)
+                await self.send({"type": "execution_success", "data": {
+                    "prompt_id": pid, "timestamp": int(time.time() * 1000)}}, client)
             status = "error" if interrupted else "success"
-            self.stats["interrupted" if interrupted else "jobs_done"] += 1
-            self.history[job["id"]] = {"prompt": [job["number"], job["id"], job["prompt"]],
-                                       "outputs": {} if interrupted else {"9": {"images": [
-                                           {"filename": f"{job['id']}.png", "type": "output"}]}},
-                                       "status": {"status_str": status, "completed":
-                                                  not interrupted},
-                                       "started_at": job["started_at"],
-                                       "finished_at": time.time()}
+            self.history[pid] = {"prompt": self.row(job),
+                                 "outputs": {} if interrupted else {"9": {"images": images}},
+                                 "status": {"status_str": status, "completed": not interrupted,
+                                            "messages": []},
+                                 "meta": {}, "started_at": job["started_at"],
+                                 "finished_at": time.time()}
             self.running = None
-            await self.broadcast({"type": "executing", "data": {"prompt_id": job["id"],
-                                                                "node": None}})
-            await self.broadcast(self.status_msg())
+            await self.send(self.status_msg())
+            await self.send({"type": "executing", "data": {"node": None, "prompt_id": pid}},
+                            client)
 
     def app(self) -> web.Application:
         routes = web.RouteTableDef()
+
+        async def json_body(request: web.Request) -> Any:
+            """ComfyUI's own json.loads: an empty or malformed body is a 500."""
+            try:
+                return json.loads(await request.read())
+            except ValueError:
+                raise web.HTTPInternalServerError(
+                    text="500 Internal Server Error\n\nServer got itself in trouble") from None
 
         @routes.get("/")
         async def page(request: web.Request) -> web.Response:
@@ -373,7 +436,7 @@ class Comfy:
 
         @routes.get("/system_stats")
         async def system_stats(request: web.Request) -> web.Response:
-            return web.json_response({"system": {"os": "posix", "comfyui_version": "0.3.60"},
+            return web.json_response({"system": {"os": "posix", "comfyui_version": "0.8.0"},
                                       "devices": [{"name": "cuda:0", "type": "cuda"}]})
 
         @routes.get("/object_info")
@@ -382,19 +445,44 @@ class Comfy:
 
         @routes.post("/prompt")
         async def prompt(request: web.Request) -> web.Response:
-            doc = await request.json()
+            doc = await json_body(request)
+            if not isinstance(doc, dict) or "prompt" not in doc:
+                return web.json_response({"error": {
+                    "type": "no_prompt", "message": "No prompt provided", "details": "",
+                    "extra_info": {}}, "node_errors": {}}, status=400)
             self.number += 1
-            job = {"id": str(uuid.uuid4()), "number": self.number, "prompt": doc.get("prompt"),
-                   "extra": doc.get("extra_data") or {}}
-            self.pending.append(job)
+            number: float = self.number
+            if "number" in doc:
+                number = float(doc["number"])
+            elif doc.get("front"):
+                number = -self.number
+            extra = {**(doc.get("extra_data") or {}),
+                     "create_time": int(time.time() * 1000)}
+            if doc.get("client_id"):
+                extra["client_id"] = doc["client_id"]
+            job: dict[str, Any] = {"id": str(doc.get("prompt_id") or uuid.uuid4()),
+                                   "number": number,
+                   "prompt": doc.get("prompt"), "extra": extra,
+                   "outputs": list(doc.get("prompt") or {})[-1:]}
+            heapq.heappush(self.pending, (number, job["id"], job))
             self.wake.set()
-            await self.broadcast(self.status_msg())
-            return web.json_response({"prompt_id": job["id"], "number": job["number"],
+            await self.send(self.status_msg())
+            return web.json_response({"prompt_id": job["id"], "number": number,
                                       "node_errors": {}})
 
         @routes.get("/queue")
         async def queue(request: web.Request) -> web.Response:
             return web.json_response(self.queue_doc())
+
+        @routes.post("/queue")
+        async def queue_edit(request: web.Request) -> web.Response:
+            doc = await json_body(request)
+            if doc.get("clear"):
+                self.pending = []
+            for pid in doc.get("delete") or []:
+                self.pending = [entry for entry in self.pending if entry[1] != pid]
+            heapq.heapify(self.pending)
+            return web.Response()
 
         @routes.get("/history")
         async def history(request: web.Request) -> web.Response:
@@ -407,14 +495,22 @@ class Comfy:
 
         @routes.post("/interrupt")
         async def interrupt(request: web.Request) -> web.Response:
-            self.interrupt.set()
+            raw = await request.read()
+            doc = json.loads(raw) if raw.strip() else {}
+            wanted = doc.get("prompt_id") if isinstance(doc, dict) else None
+            # Only the running job; a pending or unknown id is silently ignored.
+            if self.running is not None and wanted in (None, self.running["id"]):
+                self.interrupt.set()
             return web.Response()
 
         @routes.post("/free")
         async def free(request: web.Request) -> web.Response:
+            doc = await json_body(request)
             self.stats["frees"] += 1
-            if self.running is None:
-                self.vram.unload()
+            if doc.get("unload_models") or doc.get("free_memory"):
+                self.free_asked = {**(self.free_asked or {}), **doc}
+                if self.running is None:
+                    self.act_on_free()  # idle: at once; else after the running job
             return web.Response()
 
         @routes.post("/upload/image")
@@ -445,13 +541,25 @@ class Comfy:
         async def ws(request: web.Request) -> web.WebSocketResponse:
             sock = web.WebSocketResponse()
             await sock.prepare(request)
-            self.sockets.add(sock)
+            sid = request.query.get("clientId") or uuid.uuid4().hex
+            self.sockets[sid] = sock  # replaces an earlier socket with this id
             await sock.send_json({**self.status_msg(), "data": {
-                **self.status_msg()["data"], "sid": request.query.get("clientId", "x")}})
+                **self.status_msg()["data"], "sid": sid}})
+            if self.running is not None and self.running["extra"].get("client_id") == sid:
+                await sock.send_json({"type": "executing", "data": {
+                    "node": "3", "display_node": "3", "prompt_id": self.running["id"]}})
+            first = True
             async for msg in sock:
-                if msg.type == WSMsgType.TEXT:
-                    await sock.send_str(f"echo:{msg.data}")
-            self.sockets.discard(sock)
+                if msg.type != WSMsgType.TEXT:
+                    continue
+                if first and '"feature_flags"' in msg.data:
+                    await sock.send_json({"type": "feature_flags", "data": {
+                        "supports_preview_metadata": True, "max_upload_size": 104857600}})
+                else:
+                    await sock.send_str(f"echo:{msg.data}")  # the stand-in's own, for tests
+                first = False
+            if self.sockets.get(sid) is sock:
+                del self.sockets[sid]
             return sock
 
         @routes.get("/standin/stats")
@@ -461,6 +569,13 @@ class Comfy:
 
         app = web.Application(client_max_size=1 << 30, middlewares=[comfyui_guard])
         app.add_routes(routes)
+        # Every route also under /api, as ComfyUI serves them.
+        for route in list(app.router.routes()):
+            resource = route.resource
+            if resource is not None and route.method != "HEAD" and \
+                    not resource.canonical.startswith("/standin"):
+                app.router.add_route(route.method, "/api" + resource.canonical.rstrip("/"),
+                                     route.handler)
         return app
 
 
@@ -481,7 +596,11 @@ async def serve(args: argparse.Namespace) -> None:
     print(f"{args.kind} stand-in on 127.0.0.1:{args.port} (pid {os.getpid()})", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # ComfyUI has no SIGTERM handler: it dies at once, a running job with it. (With a
+    # --stop-delay, the stand-in plays a server that takes that long to stop.)
+    signals = (signal.SIGINT,) if args.kind == "comfyui" and not args.stop_delay else \
+        (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await asyncio.sleep(args.stop_delay)

@@ -79,6 +79,19 @@ class DemandProxies:
         for proxy in self.proxies:
             proxy.overload.end_quiet()
 
+    def in_flight(self, workloads: set[str]) -> list[dict[str, Any]]:
+        """The demand requests in flight to any of `workloads` (a switch would cut them)."""
+        return [t.describe() for s in self.schedulers.values()
+                for t in s.in_flight_to(workloads)]
+
+    def end_in_flight(self, workloads: set[str], reason: str) -> int:
+        """End each demand request in flight to `workloads` with an error in its own
+        answer's format (a forced switch is about to stop them); how many."""
+        tickets = [t for s in self.schedulers.values() for t in s.in_flight_to(workloads)]
+        for ticket in tickets:
+            ticket.abort(reason)
+        return len(tickets)
+
     def budgets(self) -> dict[str, tuple[int, int]]:
         """Open connections and the budget of each proxy, for the metrics."""
         return {proxy.name: (proxy.budget.open, proxy.budget.limit) for proxy in self.proxies}

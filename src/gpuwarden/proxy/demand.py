@@ -40,8 +40,11 @@ _OLLAMA_BODY = frozenset({"/api/generate", "/api/chat", "/api/show"})
 
 
 def reads_body(api: str, method: str, path: str) -> bool:
-    """Whether the request's body decides its kind (read it before classifying)."""
-    return api == "ollama" and method == "POST" and path in _OLLAMA_BODY
+    """Whether the request's body decides its kind, or, for a ComfyUI prompt, names the
+    page socket its progress goes to (read it before classifying)."""
+    if method != "POST":
+        return False
+    return path in _OLLAMA_BODY if api == "ollama" else path in ("/prompt", "/api/prompt")
 
 
 def _is_unload(body: Any) -> bool:

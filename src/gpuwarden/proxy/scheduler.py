@@ -31,6 +31,7 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -87,6 +88,7 @@ class ModePolicy:
 class _Waiter:
     mode: str
     proxy: str
+    workload: str
     client: str
     request: str  # "POST /api/chat"
     arrived: float  # monotonic
@@ -94,14 +96,35 @@ class _Waiter:
 
 
 class Ticket:
-    """A demand request let through: in flight until `done()` (its answer sent)."""
+    """A demand request let through: in flight until `done()` (its answer sent).
 
-    def __init__(self, scheduler: DemandScheduler, mode: str) -> None:
+    A switch that would stop its workload is refused while it is in flight, unless
+    forced: then `abort()` ends its answer with an error in the answer's own format."""
+
+    def __init__(self, scheduler: DemandScheduler, mode: str, *, proxy: str, workload: str,
+                 client: str, request: str) -> None:
         self._scheduler, self.mode, self._open = scheduler, mode, True
+        self.proxy, self.workload, self.client, self.request = proxy, workload, client, request
+        self.since = time.time()
+        self.aborted: str | None = None  # why a forced switch ended it
+        self.on_abort: Callable[[], object] | None = None  # set by the proxy forwarding it
+        scheduler._tickets.add(self)
+
+    def describe(self) -> dict[str, Any]:
+        return {"proxy": self.proxy, "workload": self.workload, "client": self.client,
+                "request": self.request, "mode": self.mode,
+                "for_s": round(time.time() - self.since, 1)}
+
+    def abort(self, reason: str) -> None:
+        if self._open and self.aborted is None:
+            self.aborted = reason
+            if self.on_abort is not None:
+                self.on_abort()
 
     def done(self) -> None:
         if self._open:
             self._open = False
+            self._scheduler._tickets.discard(self)
             self._scheduler._finished(self.mode)
 
 
@@ -118,6 +141,7 @@ class DemandScheduler:
         self._metrics = metrics
         self._waiting: dict[str, deque[_Waiter]] = {}
         self._in_flight: dict[str, int] = {}
+        self._tickets: set[Ticket] = set()  # the demand requests in flight
         self._blocker: dict[str, str] = {}  # why each waiting mode still waits
         self._retry_after: dict[str, float] = {}  # and for about how long, in seconds
         self._queue_error = ""
@@ -143,13 +167,14 @@ class DemandScheduler:
             raise self._reject(mode, proxy, client, request, Rejection(
                 blocks, "blocked", retry_after=60, mode=mode, active=view.mode))
         if self._may_pass(mode, workload, view):
-            return self._ticket(mode)
+            return self._ticket(mode, proxy=proxy, workload=workload, client=client,
+                                request=request)
         queue = self._waiting.setdefault(mode, deque())
         if sum(1 for w in queue if w.proxy == proxy) >= max_waiting:
             raise self._reject(mode, proxy, client, request, Rejection(
                 f"the queue for mode {mode!r} is full: {max_waiting} request(s) already wait "
                 f"(max_waiting)", "queue_full", retry_after=10, mode=mode, active=view.mode))
-        waiter = _Waiter(mode, proxy, client, request, time.monotonic(),
+        waiter = _Waiter(mode, proxy, workload, client, request, time.monotonic(),
                          asyncio.get_running_loop().create_future())
         queue.append(waiter)
         if len(queue) == 1:
@@ -185,6 +210,11 @@ class DemandScheduler:
                 self._finished(mode)  # it was let through: give its place back
             raise
         return self._observe_wait(waiter)
+
+    def in_flight_to(self, workloads: set[str]) -> list[Ticket]:
+        """The demand requests in flight to any of `workloads`, oldest first."""
+        return sorted((t for t in self._tickets if t.workload in workloads),
+                      key=lambda t: t.since)
 
     def waiting(self, mode: str | None = None, proxy: str | None = None) -> list[float]:
         """Ages (s) of the requests waiting, oldest first, for a mode and/or proxy."""
@@ -356,9 +386,11 @@ class DemandScheduler:
 
     # -- outcomes -------------------------------------------------------------
 
-    def _ticket(self, mode: str) -> Ticket:
+    def _ticket(self, mode: str, *, proxy: str, workload: str, client: str,
+                request: str) -> Ticket:
         self._in_flight[mode] = self._in_flight.get(mode, 0) + 1
-        return Ticket(self, mode)
+        return Ticket(self, mode, proxy=proxy, workload=workload, client=client,
+                      request=request)
 
     def _finished(self, mode: str) -> None:
         self._last_demand[mode] = time.monotonic()
@@ -382,7 +414,9 @@ class DemandScheduler:
         if self._metrics is not None:
             self._metrics.proxy_wait.labels(waiter.proxy).observe(
                 time.monotonic() - waiter.arrived)
-        return Ticket(self, waiter.mode)  # counted in flight by _let_through
+        # Counted in flight by _let_through.
+        return Ticket(self, waiter.mode, proxy=waiter.proxy, workload=waiter.workload,
+                      client=waiter.client, request=waiter.request)
 
     def _forget(self, waiter: _Waiter) -> None:
         queue = self._waiting.get(waiter.mode)

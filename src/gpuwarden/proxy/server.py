@@ -12,11 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import html
+import json
 import logging
 import time
+import uuid
+from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -27,7 +30,7 @@ from ..events import EventBus, Severity
 from .browser import BrowserPolicy
 from .cache import ReadCache, cache_key
 from .demand import Kind, classify, local_answer, reads_body
-from .scheduler import DemandScheduler, Rejection, Ticket
+from .scheduler import DemandScheduler, Rejection
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
@@ -47,6 +50,19 @@ CACHE_HEADER = "X-Gpuwarden-Cache"
 # An overload episode (connections refused at the budget, or cut as too slow) ends once
 # none has been for this long; it is announced once at its start and once at its end.
 _EPISODE_QUIET_S = 60.0
+# How often a held page socket looks whether its upstream runs again.
+_HELD_POLL_S = 0.25
+# How long a prompt waits for its page's socket to be bridged before it is forwarded.
+_BRIDGE_WAIT_S = 10.0
+
+
+@dataclass
+class _Answer:
+    """What a demand request's forward has sent so far, for ending it early."""
+
+    response: web.StreamResponse | None = None  # prepared: its head went out
+    content_type: str = ""
+    sized: bool = False  # a Content-Length was announced
 
 
 class _BodyStalled(Exception):
@@ -146,9 +162,10 @@ class WorkloadProxy:
         self._session: aiohttp.ClientSession | None = None
         self._door: Door | None = None
         self._sockets: set[web.WebSocketResponse] = set()
+        self._held: dict[str, _HeldSocket] = {}  # page sockets by clientId
         self._writes: set[asyncio.Future[None]] = set()
         self.counts = {"forwarded": 0, "cached": 0, "local": 0, "rejected": 0,
-                       "unavailable": 0, "error": 0, "forbidden": 0}
+                       "unavailable": 0, "error": 0, "forbidden": 0, "cut": 0}
 
     def cache_load(self) -> None:
         """Index the answers kept by an earlier run (blocking)."""
@@ -295,13 +312,55 @@ class WorkloadProxy:
             self._count("rejected")
             return web.json_response(rejection.to_dict(), status=503,
                                      headers={"Retry-After": str(rejection.retry_after)})
+        if self.api == "comfyui" and body:
+            # Its progress goes only to the page socket it names: bridge that first.
+            with contextlib.suppress(ValueError, AttributeError):
+                client_id = json.loads(body).get("client_id")
+                if isinstance(client_id, str):
+                    await self.bridged(client_id, _BRIDGE_WAIT_S)
+        answer = _Answer()
+        # The forward runs as a task of its own so that a forced switch can end it
+        # (Ticket.abort) and the handler still closes the answer properly.
+        relay = asyncio.ensure_future(self._forward(request, body, None, answer))
+        ticket.on_abort = relay.cancel
         try:
-            return await self._forward(request, body, None, ticket)
+            return await relay
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if ticket.aborted is None or (task is not None and task.cancelling()):
+                raise  # the client went away
+            return await self._end_cut(request, answer, ticket.aborted)
         finally:
             ticket.done()
 
+    async def _end_cut(self, request: web.Request, answer: _Answer,
+                       reason: str) -> web.StreamResponse:
+        """A forced switch ended this answer: say so in the answer's own format (an
+        NDJSON line as Ollama writes its errors, an OpenAI server-sent error event), or
+        answer 503 when nothing was sent yet."""
+        self._count("cut")
+        response = answer.response
+        if response is None:
+            return web.json_response({"error": reason, "workload": self.name}, status=503)
+        if answer.sized:
+            response.force_close()  # a body of announced length cannot say more
+            return response
+        kind = answer.content_type
+        notice = b""
+        if "ndjson" in kind or "application/json" in kind:
+            notice = json.dumps({"error": reason}).encode() + b"\n"
+        elif "text/event-stream" in kind:
+            error = {"error": {"message": reason, "type": "gpuwarden_switch",
+                               "param": None, "code": None}}
+            notice = b"data: " + json.dumps(error).encode() + b"\n\n"
+        with contextlib.suppress(ConnectionError):
+            if notice:
+                await response.write(notice)
+            await response.write_eof()
+        return response
+
     async def _forward(self, request: web.Request, body: bytes | None, key: str | None,
-                       ticket: Ticket | None = None) -> web.StreamResponse:
+                       answer: _Answer | None = None) -> web.StreamResponse:
         assert self._session is not None
         headers = self._upstream_headers(request)
         data: Any = None
@@ -334,6 +393,9 @@ class WorkloadProxy:
                     "chunked" not in upstream.headers.get("Transfer-Encoding", ""):
                 response.content_length = upstream.content_length
             await response.prepare(request)
+            if answer is not None:
+                answer.response, answer.content_type = response, upstream.content_type
+                answer.sized = response.content_length is not None
             keep = key is not None and upstream.status == 200
             kept: list[bytes] = []
             size = 0
@@ -400,22 +462,21 @@ class WorkloadProxy:
     # -- websockets ------------------------------------------------------------
 
     async def _websocket(self, request: web.Request) -> web.StreamResponse:
-        """A websocket (ComfyUI's /ws): relayed frame by frame. Not demand: an open
-        page never holds the GPU; it closes when its upstream stops."""
-        assert self._session is not None
+        """A websocket: ComfyUI's `/ws`, held by the proxy while ComfyUI is down and
+        bridged to it, under the same clientId, whenever it runs. Not demand: an open
+        page never holds the GPU or asks for it; a prompt does (see `_demand`)."""
+        if self.api == "comfyui":
+            return await self._comfy_socket(request)
         if not self._up():
             self._count("unavailable")
             return self._unavailable(request)
+        assert self._session is not None
         protocols = [p.strip() for p in
                      request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
-        headers = {k: v for k, v in request.headers.items()
-                   if k.lower() in ("cookie", "authorization", "user-agent")}
-        if "Origin" in request.headers:
-            headers["Origin"] = self._upstream_origin
         try:
             upstream = await self._session.ws_connect(
-                self.upstream + request.raw_path, headers=headers, protocols=protocols,
-                autoping=False, max_msg_size=0)
+                self.upstream + request.raw_path, headers=self._socket_headers(request),
+                protocols=protocols, autoping=False, max_msg_size=0)
         except (aiohttp.ClientError, OSError) as exc:
             self._count("error")
             return web.json_response(
@@ -426,21 +487,117 @@ class WorkloadProxy:
         self._sockets.add(client)
         self._count("forwarded")
         try:
-            pumps = [asyncio.ensure_future(_relay(upstream, client)),
-                     asyncio.ensure_future(_relay(client, upstream))]
-            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-            for pump in pumps:
-                pump.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
+            await _bridge(client, upstream)
         finally:
             self._sockets.discard(client)
             await upstream.close()
             await client.close()
         return client
 
+    def _socket_headers(self, request: web.Request) -> dict[str, str]:
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() in ("cookie", "authorization", "user-agent")}
+        if "Origin" in request.headers:
+            headers["Origin"] = self._upstream_origin
+        return headers
 
-async def _relay(source: Any, sink: Any) -> None:
-    """Frames from one websocket to the other, until a close or an error."""
+    async def _comfy_socket(self, request: web.Request) -> web.StreamResponse:
+        assert self._session is not None
+        protocols = [p.strip() for p in
+                     request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+        headers = self._socket_headers(request)
+        # ComfyUI names a socket by its clientId, and sends a prompt's progress only to
+        # the socket named in the prompt: the upstream socket must carry the same one.
+        # A page that gave none gets one here, as ComfyUI would make up its own sid.
+        client_id = request.query.get("clientId") or uuid.uuid4().hex
+        query = {**request.query, "clientId": client_id}
+        target = self.upstream + request.path + "?" + urlencode(query)
+        client = web.WebSocketResponse(protocols=protocols, autoping=False, max_msg_size=0)
+        await client.prepare(request)
+        held = _HeldSocket(client_id)
+        self._sockets.add(client)
+        self._held[client_id] = held  # a second socket with the same id replaces the first
+        self._count("forwarded")
+        first_frame: str | None = None  # the page's first frame, kept for the upstream
+        said_status = False
+        try:
+            while not client.closed:
+                if self._up():
+                    try:
+                        upstream = await self._session.ws_connect(
+                            target, headers=headers, protocols=protocols, autoping=False,
+                            max_msg_size=0)
+                    except (aiohttp.ClientError, OSError) as exc:
+                        log.debug("proxy %s: websocket to %s not open yet: %r", self.name,
+                                  target, exc)
+                    else:
+                        held.bridged.set()
+                        try:
+                            if first_frame is not None:
+                                await upstream.send_str(first_frame)
+                            await _bridge(client, upstream)
+                        finally:
+                            held.bridged.clear()
+                            await upstream.close()
+                        said_status = True  # the page has had ComfyUI's own
+                        continue  # the upstream went (ComfyUI stopped): hold the page
+                if not said_status:
+                    # What ComfyUI's first frame says, so the page knows its sid.
+                    await client.send_json({"type": "status", "data": {"status": {
+                        "exec_info": {"queue_remaining": 0}}, "sid": client_id}})
+                    said_status = True
+                try:
+                    message = await client.receive(timeout=_HELD_POLL_S)
+                except TimeoutError:
+                    continue
+                if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING,
+                                    aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                    break
+                if message.type == aiohttp.WSMsgType.TEXT and first_frame is None:
+                    first_frame = message.data  # e.g. feature_flags, which must come first
+        finally:
+            if self._held.get(client_id) is held:
+                del self._held[client_id]
+            self._sockets.discard(client)
+            await client.close()
+        return client
+
+    async def bridged(self, client_id: str, timeout: float) -> None:
+        """Wait (up to `timeout`) until the page's socket named `client_id`, if one is
+        held, is bridged to the upstream: a prompt forwarded before that would send its
+        progress to no socket."""
+        held = self._held.get(client_id)
+        if held is None or held.bridged.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await held.bridged.wait()
+
+
+@dataclass
+class _HeldSocket:
+    """A page's socket the proxy holds, and whether it is bridged to the upstream."""
+
+    client_id: str
+    bridged: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+async def _bridge(client: web.WebSocketResponse, upstream: Any) -> None:
+    """Frames both ways until either side closes."""
+    pumps = [asyncio.ensure_future(_relay(upstream, client, close_sink=False)),
+             asyncio.ensure_future(_relay(client, upstream))]
+    try:
+        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pump in pumps:
+            pump.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+
+
+async def _relay(source: Any, sink: Any, *, close_sink: bool = True) -> None:
+    """Frames from one websocket to the other, until a close or an error; then the
+    other side is closed too, unless `close_sink` is false (a page's socket outlives
+    the upstream's)."""
     with contextlib.suppress(ConnectionResetError, aiohttp.ClientError):
         async for message in source:
             if message.type == aiohttp.WSMsgType.TEXT:
@@ -453,5 +610,6 @@ async def _relay(source: Any, sink: Any) -> None:
                 await sink.pong(message.data)
             elif message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.ERROR):
                 break
-    with contextlib.suppress(ConnectionResetError, aiohttp.ClientError):
-        await sink.close()
+    if close_sink:
+        with contextlib.suppress(ConnectionResetError, aiohttp.ClientError):
+            await sink.close()

@@ -35,6 +35,9 @@ class ReleaseReport:
     workload: str
     actions: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    # A forced release of ComfyUI: its pending jobs, which the stop loses (/interrupt
+    # ends only the running one); None when its queue could not be read.
+    dropped_jobs: int | None = None
 
 
 class QueueUnreadable(Exception):
@@ -48,12 +51,23 @@ async def comfyui_queue_size(client: httpx.AsyncClient, url: str, timeout: float
         QueueUnreadable: no answer in time, an error status, or a body that is not a
             queue.
     """
+    running, pending = await comfyui_queue(client, url, timeout)
+    return running + pending
+
+
+async def comfyui_queue(client: httpx.AsyncClient, url: str,
+                        timeout: float) -> tuple[int, int]:
+    """ComfyUI's running and pending jobs (`GET /queue`), within `timeout` seconds.
+
+    Raises:
+        QueueUnreadable: as comfyui_queue_size.
+    """
     try:
         async with asyncio.timeout(timeout):  # the whole exchange, not each read
             resp = await client.get(f"{url}/queue", timeout=_TIMEOUT)
         resp.raise_for_status()
         doc = resp.json()
-        return len(doc["queue_running"]) + len(doc["queue_pending"])
+        return len(doc["queue_running"]), len(doc["queue_pending"])
     except TimeoutError as exc:
         raise QueueUnreadable(f"GET {url}/queue did not answer within {timeout:g} s") from exc
     except httpx.HTTPStatusError as exc:
@@ -112,8 +126,16 @@ async def graceful_release(
                 report.actions.append(f"ollama unload {model_name}")
         else:
             if force:
+                try:
+                    running, report.dropped_jobs = await comfyui_queue(client, url, 5.0)
+                except QueueUnreadable as exc:
+                    running = 0
+                    report.errors.append(f"cannot count the jobs it drops: {exc}")
                 (await client.post(f"{url}/interrupt", timeout=_TIMEOUT)).raise_for_status()
-                report.actions.append("comfyui interrupt")
+                report.actions.append(
+                    f"comfyui interrupt ({running} running"
+                    + ("" if report.dropped_jobs is None else
+                       f", {report.dropped_jobs} pending dropped by the stop") + ")")
             resp = await client.post(
                 f"{url}/free",
                 json={"unload_models": True, "free_memory": True},
