@@ -10,8 +10,12 @@ bench/proxy.py's.
 Ollama: `/`, `/api/version`, `/api/tags`, `/api/show`, `/api/ps`, streaming NDJSON
 `/api/generate` and `/api/chat` (or one JSON with `stream: false`), `/api/embed`,
 `options.num_predict` tokens (`options.standin_first_delay` before the first and
-`options.standin_token_delay` between them),
-`keep_alive: 0` unload (gives the model's VRAM back; the next request loads it),
+`options.standin_token_delay` between them; `options.standin_abort` ends an answer
+with `done: false`), the model's VRAM held by a runner child process, as Ollama's
+`ollama runner` holds it, `keep_alive` as Ollama reads it (numbers, Go durations, 400
+for `"-1"` or a bool), an unload answered at once and done a moment later or when
+the requests under way end, Ollama's error shapes (404 JSON for an unknown model,
+plain-text 404 and 405),
 `/v1/models`, `/v1/chat/completions` (server-sent events with `stream: true`), and
 `/api/blobs/{digest}` uploads. ComfyUI: its page, `/system_stats`, `/object_info`,
 `/prompt`, `/queue`, `/history`, `/ws` (status and progress messages), `/interrupt`,
@@ -33,8 +37,10 @@ import heapq
 import ipaddress
 import json
 import os
+import re
 import signal
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -152,12 +158,149 @@ def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def ollama_app(vram: Vram, tokens: int, token_delay: float) -> web.Application:
+# Go's time.ParseDuration, which Ollama applies to a string keep_alive.
+_GO_DURATION = re.compile(r"^[-+]?((\d+(\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h))+$")
+_GO_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0,
+              "h": 3600.0}
+
+
+class KeepAliveError(ValueError):
+    """Ollama's 400 for a keep_alive it cannot read."""
+
+
+def keep_alive_seconds(value: Any) -> float | None:
+    """Ollama's keep_alive: None (unset), a number of seconds, or a Go duration
+    string; negative is forever. Raises KeepAliveError as Ollama answers 400."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise KeepAliveError(f"Unsupported type: '{type(value).__name__}'")
+    if isinstance(value, int | float):
+        return float(value)
+    if not isinstance(value, str):
+        raise KeepAliveError(f"Unsupported type: '{type(value).__name__}'")
+    if value in ("0", "+0", "-0"):
+        return 0.0
+    if not _GO_DURATION.match(value):
+        if re.fullmatch(r"[-+]?\d+(\.\d*)?", value):
+            raise KeepAliveError(f'time: missing unit in duration "{value}"')
+        raise KeepAliveError(f'time: invalid duration "{value}"')
+    sign = -1.0 if value.startswith("-") else 1.0
+    total = sum(float(n) * _GO_UNIT_S[u] for n, _, _, u in
+                re.findall(r"(\d+(\.\d*)?|\.\d+)()(ns|us|µs|ms|s|m|h)", value))
+    return sign * total
+
+
+class Runner:
+    """The loaded model's runner: a child process holding its VRAM, as Ollama's
+    `ollama runner` (0.24) or `llama-server` (0.32) is, started on the first request
+    and killed on unload. An unload is answered at once and done a moment later, or,
+    while a request runs, when the last one ends (Ollama's own order)."""
+
+    def __init__(self, ledger: Path, mib: int) -> None:
+        self.ledger, self.mib = ledger, mib
+        self.proc: asyncio.subprocess.Process | None = None
+        self.busy = 0
+        self.unload_asked_at: float | None = None
+        self.keep_alive_s = 300.0
+        self.expires_at = 0.0
+        self._lock = asyncio.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def load(self, keep_alive: float | None) -> None:
+        async with self._lock:
+            if not self.loaded:
+                self.proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "gpuwarden.gpu.hold", "--ledger", str(self.ledger),
+                    "--name", f"ollama-runner-{os.getpid()}", "--mib", str(self.mib),
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+                assert self.proc.stdout is not None
+                await self.proc.stdout.readline()  # "holding ...": the VRAM is taken
+                if keep_alive is None:
+                    self.keep_alive_s = 300.0  # a fresh load without one gets 5 m
+        if keep_alive is not None:
+            self.keep_alive_s = keep_alive  # unset keeps the last explicit value
+        self.unload_asked_at = None
+        self.expires_at = time.time() + self.keep_alive_s
+
+    def request_started(self) -> None:
+        self.busy += 1
+
+    def request_ended(self) -> None:
+        self.busy -= 1
+        if not self.busy and self.unload_asked_at is not None:
+            asyncio.get_running_loop().call_later(0.005, self._kill)
+
+    def unload(self) -> None:
+        """Answered at once by the caller; the runner goes a few ms later, or once the
+        requests under way have ended."""
+        self.unload_asked_at = time.time()
+        if not self.busy:
+            asyncio.get_running_loop().call_later(0.005, self._kill)
+
+    def _kill(self) -> None:
+        if self.unload_asked_at is not None and not self.busy and self.loaded:
+            assert self.proc is not None
+            self.proc.kill()  # Ollama SIGKILLs its runner
+            self.proc = None
+
+    def ps_entry(self) -> dict[str, Any]:
+        expires = self.unload_asked_at if self.unload_asked_at is not None else \
+            self.expires_at
+        forever = self.keep_alive_s < 0 and self.unload_asked_at is None
+        return {"name": MODEL, "model": MODEL, "size": self.mib << 20, "digest": "0" * 64,
+                "details": {"parent_model": "", "format": "gguf", "family": "llama",
+                            "families": ["llama"], "parameter_size": "7B",
+                            "quantization_level": "Q4_K_M"},
+                "expires_at": "2319-03-18T16:00:00.000000000Z" if forever else
+                time.strftime("%Y-%m-%dT%H:%M:%S.000000000Z", time.gmtime(expires)),
+                "size_vram": self.mib << 20, "context_length": 4096}
+
+
+_MODEL_NAMES = (MODEL, MODEL.split(":")[0], f"{MODEL.split(':')[0]}:latest")
+
+
+@web.middleware
+async def ollama_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Go's net/http answers: plain text 404 and 405, not JSON."""
+    try:
+        return await handler(request)
+    except web.HTTPMethodNotAllowed as exc:
+        return web.Response(status=405, text="405 method not allowed",
+                            headers={"Allow": ", ".join(sorted(exc.allowed_methods))})
+    except web.HTTPNotFound:
+        return web.Response(status=404, text="404 page not found")
+
+
+def ollama_app(runner: Runner, tokens: int, token_delay: float) -> web.Application:
     stats: dict[str, Any] = {"unloads": 0, "requests": []}
     routes = web.RouteTableDef()
 
     async def record(request: web.Request) -> None:
         stats["requests"].append(f"{request.method} {request.path}")
+
+    async def body_of(request: web.Request) -> dict[str, Any]:
+        try:
+            doc = json.loads(await request.read())
+        except ValueError as exc:
+            raise web.HTTPBadRequest(text=json.dumps({"error": f"invalid character: {exc}"}),
+                                     content_type="application/json") from None
+        if not isinstance(doc, dict):
+            raise web.HTTPBadRequest(text=json.dumps({"error": "json: cannot unmarshal"}),
+                                     content_type="application/json")
+        return doc
+
+    def missing(model: Any, openai: bool = False) -> web.Response | None:
+        if model in _MODEL_NAMES:
+            return None
+        message = f"model '{model or ''}' not found"
+        if openai:
+            return web.json_response({"error": {"message": message, "type": "not_found_error",
+                                                "param": None, "code": None}}, status=404)
+        return web.json_response({"error": message}, status=404)
 
     @routes.get("/")
     async def root(request: web.Request) -> web.Response:
@@ -165,74 +308,95 @@ def ollama_app(vram: Vram, tokens: int, token_delay: float) -> web.Application:
 
     @routes.get("/api/version")
     async def version(request: web.Request) -> web.Response:
-        return web.json_response({"version": "0.12.3"})
+        return web.json_response({"version": "0.24.0"})
 
     @routes.get("/api/tags")
     async def tags(request: web.Request) -> web.Response:
         return web.json_response({"models": [{
             "name": MODEL, "model": MODEL, "modified_at": "2026-11-01T00:00:00Z",
-            "size": vram.mib << 20, "digest": "0" * 64,
+            "size": runner.mib << 20, "digest": "0" * 64,
             "details": {"format": "gguf", "family": "llama", "parameter_size": "7B",
                         "quantization_level": "Q4_K_M"}}]})
 
     @routes.post("/api/show")
     async def show(request: web.Request) -> web.Response:
-        doc = await request.json()
-        return web.json_response({"modelfile": f"FROM {doc.get('model')}",
-                                  "details": {"family": "llama"}, "capabilities": ["completion"]})
+        doc = await body_of(request)
+        return missing(doc.get("model")) or web.json_response({
+            "modelfile": f"FROM {doc.get('model')}", "details": {"family": "llama"},
+            "capabilities": ["completion"], "model_info": {}, "tensors": []})
 
     @routes.get("/api/ps")
     async def ps(request: web.Request) -> web.Response:
-        models = [] if vram.fd is None else [{"name": MODEL, "model": MODEL,
-                                              "size_vram": vram.mib << 20}]
-        return web.json_response({"models": models})
+        return web.json_response({"models": [runner.ps_entry()] if runner.loaded else []})
 
     async def generate(request: web.Request, chat: bool) -> web.StreamResponse:
         await record(request)
-        doc = await request.json()
-        if doc.get("keep_alive") in (0, "0") and not doc.get("prompt") and \
-                not doc.get("messages"):
-            vram.unload()
+        doc = await body_of(request)
+        if (refusal := missing(doc.get("model"))) is not None:
+            return refusal
+        try:
+            keep_alive = keep_alive_seconds(doc.get("keep_alive"))
+        except KeepAliveError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        empty = not doc.get("prompt") and not doc.get("messages")
+        if keep_alive == 0 and empty:
+            runner.unload()
             stats["unloads"] += 1
-            return web.json_response({"model": doc.get("model"), "created_at": now_iso(),
-                                      "response": "", "done": True, "done_reason": "unload"})
-        vram.load()
+            answer: dict[str, Any] = {"model": doc["model"], "created_at": now_iso(),
+                                      "done": True, "done_reason": "unload"}
+            if chat:
+                answer["message"] = {"role": "assistant", "content": ""}
+            else:
+                answer["response"] = ""
+            return web.json_response(answer)
+        await runner.load(keep_alive)
+        if empty:  # a preload
+            return web.json_response({"model": doc["model"], "created_at": now_iso(),
+                                      "response": "", "done": True, "done_reason": "load"})
         options = doc.get("options") or {}
         count = int(options.get("num_predict", tokens))
         delay = float(options.get("standin_token_delay", token_delay))
         prefill = float(options.get("standin_first_delay", 0.0))
-        if prefill:
-            await asyncio.sleep(prefill)  # the prompt's evaluation, before the first token
+        runner.request_started()
+        try:
+            if prefill:
+                await asyncio.sleep(prefill)  # the prompt's evaluation, before the first token
 
-        def chunk(i: int, done: bool) -> dict[str, Any]:
-            text = "" if done else f"tok{i} "
-            body: dict[str, Any] = {"model": doc.get("model", MODEL), "created_at": now_iso(),
-                                    "done": done}
-            if chat:
-                body["message"] = {"role": "assistant", "content": text}
-            else:
-                body["response"] = text
-            if done:
-                body.update(done_reason="stop", eval_count=count, total_duration=1)
-            return body
+            def chunk(i: int, done: bool) -> dict[str, Any]:
+                text = "" if done else f"tok{i} "
+                body: dict[str, Any] = {"model": doc.get("model", MODEL),
+                                        "created_at": now_iso(), "done": done}
+                if chat:
+                    body["message"] = {"role": "assistant", "content": text}
+                else:
+                    body["response"] = text
+                if done:
+                    body.update(done_reason="length" if "num_predict" in options else "stop",
+                                eval_count=count, total_duration=1)
+                return body
 
-        if doc.get("stream") is False:
-            text = "".join(f"tok{i} " for i in range(count))
-            last = chunk(count, True)
-            if chat:
-                last["message"]["content"] = text
-            else:
-                last["response"] = text
-            return web.json_response(last)
-        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-        await resp.prepare(request)
-        for i in range(count):
-            await resp.write(json.dumps(chunk(i, False)).encode() + b"\n")
-            if delay:
-                await asyncio.sleep(delay)
-        await resp.write(json.dumps(chunk(count, True)).encode() + b"\n")
-        await resp.write_eof()
-        return resp
+            if doc.get("stream") is False:
+                text = "".join(f"tok{i} " for i in range(count))
+                last = chunk(count, True)
+                if options.get("standin_abort"):
+                    # Ollama's answer when generation was cut (a token repeated too often)
+                    last = {"model": doc["model"], "created_at": now_iso(), "done": False}
+                if chat:
+                    last["message"] = {"role": "assistant", "content": text}
+                else:
+                    last["response"] = text
+                return web.json_response(last)
+            resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+            await resp.prepare(request)
+            for i in range(count):
+                await resp.write(json.dumps(chunk(i, False)).encode() + b"\n")
+                if delay:
+                    await asyncio.sleep(delay)
+            await resp.write(json.dumps(chunk(count, True)).encode() + b"\n")
+            await resp.write_eof()
+            return resp
+        finally:
+            runner.request_ended()
 
     @routes.post("/api/generate")
     async def api_generate(request: web.Request) -> web.StreamResponse:
@@ -245,7 +409,10 @@ def ollama_app(vram: Vram, tokens: int, token_delay: float) -> web.Application:
     @routes.post("/api/embed")
     async def embed(request: web.Request) -> web.Response:
         await record(request)
-        vram.load()
+        doc = await body_of(request)
+        if (refusal := missing(doc.get("model"))) is not None:
+            return refusal
+        await runner.load(None)
         return web.json_response({"model": MODEL, "embeddings": [[0.1, 0.2, 0.3]]})
 
     @routes.get("/v1/models")
@@ -256,30 +423,37 @@ def ollama_app(vram: Vram, tokens: int, token_delay: float) -> web.Application:
     @routes.post("/v1/chat/completions")
     async def completions(request: web.Request) -> web.StreamResponse:
         await record(request)
-        doc = await request.json()
-        vram.load()
+        doc = await body_of(request)
+        if (refusal := missing(doc.get("model"), openai=True)) is not None:
+            return refusal
+        await runner.load(None)
         ident = f"chatcmpl-{uuid.uuid4().hex[:8]}"
         count = int(doc.get("max_tokens") or tokens)
         delay = float((doc.get("options") or {}).get("standin_token_delay", token_delay))
         if not doc.get("stream"):
             return web.json_response({
                 "id": ident, "object": "chat.completion", "created": int(time.time()),
-                "model": doc.get("model"), "choices": [{
+                "model": doc.get("model"), "system_fingerprint": "fp_ollama", "choices": [{
                     "index": 0, "finish_reason": "stop", "message": {
                         "role": "assistant",
                         "content": "".join(f"tok{i} " for i in range(count))}}]})
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        for i in range(count):
-            event = {"id": ident, "object": "chat.completion.chunk", "created": int(time.time()),
-                     "model": doc.get("model"), "choices": [{
-                         "index": 0, "delta": {"role": "assistant", "content": f"tok{i} "},
-                         "finish_reason": None}]}
-            await resp.write(f"data: {json.dumps(event)}\n\n".encode())
-            await asyncio.sleep(delay)
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
-        return resp
+        runner.request_started()
+        try:
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            for i in range(count):
+                event = {"id": ident, "object": "chat.completion.chunk",
+                         "created": int(time.time()), "model": doc.get("model"),
+                         "system_fingerprint": "fp_ollama", "choices": [{
+                             "index": 0, "delta": {"role": "assistant", "content": f"tok{i} "},
+                             "finish_reason": None}]}
+                await resp.write(f"data: {json.dumps(event)}\n\n".encode())
+                await asyncio.sleep(delay)
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            return resp
+        finally:
+            runner.request_ended()
 
     @routes.post("/api/blobs/{digest}")
     async def blobs(request: web.Request) -> web.Response:
@@ -291,9 +465,10 @@ def ollama_app(vram: Vram, tokens: int, token_delay: float) -> web.Application:
 
     @routes.get("/standin/stats")
     async def get_stats(request: web.Request) -> web.Response:
-        return web.json_response({**stats, "loaded": vram.fd is not None})
+        return web.json_response({**stats, "loaded": runner.loaded,
+                                  "runner_pid": runner.proc.pid if runner.proc else None})
 
-    app = web.Application(client_max_size=1 << 30, middlewares=[ollama_guard])
+    app = web.Application(client_max_size=1 << 30, middlewares=[ollama_guard, ollama_errors])
     app.add_routes(routes)
     return app
 
@@ -580,19 +755,25 @@ class Comfy:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    vram = Vram(args.ledger, args.kind, args.mib)
-    vram.load()  # a model loaded at start, as after a warm-up
-    await asyncio.sleep(args.start_delay)
+    # A model loaded at start, as after a warm-up: Ollama's in a runner process of its
+    # own, ComfyUI's in its one process.
+    runner = Runner(args.ledger, args.mib) if args.kind == "ollama" else None
+    vram = Vram(args.ledger, args.kind, args.mib) if args.kind == "comfyui" else None
     background: list[asyncio.Task[None]] = []
-    if args.kind == "ollama":
-        app = ollama_app(vram, args.tokens, args.token_delay)
+    if runner is not None:
+        await runner.load(None)
+        await asyncio.sleep(args.start_delay)
+        app = ollama_app(runner, args.tokens, args.token_delay)
     else:
+        assert vram is not None
+        vram.load()
+        await asyncio.sleep(args.start_delay)
         comfy = Comfy(vram, args.job_seconds)
         app = comfy.app()
         background.append(asyncio.get_running_loop().create_task(comfy.worker()))
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", args.port).start()
+    web_runner = web.AppRunner(app, access_log=None)
+    await web_runner.setup()
+    await web.TCPSite(web_runner, "127.0.0.1", args.port).start()
     print(f"{args.kind} stand-in on 127.0.0.1:{args.port} (pid {os.getpid()})", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -606,8 +787,12 @@ async def serve(args: argparse.Namespace) -> None:
     await asyncio.sleep(args.stop_delay)
     for task in background:
         task.cancel()
-    await runner.cleanup()
-    vram.unload()
+    await web_runner.cleanup()
+    if vram is not None:
+        vram.unload()
+    if runner is not None and runner.proc is not None and runner.proc.returncode is None:
+        runner.proc.kill()
+        await runner.proc.wait()
 
 
 def main(argv: list[str] | None = None) -> None:
