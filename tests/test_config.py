@@ -48,8 +48,8 @@ def test_unknown_keys_are_errors_with_their_path(tmp_path: Path) -> None:
     path = write_toml(tmp_path / "c.toml", {"thresholds": {"warn": 0.8, "wran": 0.5},
                                             "deamon": {"x": 1}})
     problems = problems_of(path)
-    assert "thresholds.wran: unknown key" in problems
-    assert "deamon: unknown key" in problems
+    assert "thresholds.wran: unknown key; did you mean 'warn'?" in problems
+    assert "deamon: unknown key; did you mean 'daemon'?" in problems
 
 
 def test_thresholds_out_of_order_are_errors(tmp_path: Path) -> None:
@@ -115,8 +115,8 @@ def test_bad_environment_override_is_named(tmp_path: Path,
     # Blamed on the variable that set it, not on the file.
     assert any(p.startswith("GPUWARDEN_RELEASE__TIMEOUT (environment, for release.timeout"
                             "): not a duration") for p in problems), problems
-    assert "GPUWARDEN_THRESHOLDS__WARNN (environment, for thresholds.warnn): unknown key" \
-        in problems
+    assert "GPUWARDEN_THRESHOLDS__WARNN (environment, for thresholds.warnn): unknown key; " \
+        "did you mean 'warn'?" in problems
     monkeypatch.delenv("GPUWARDEN_RELEASE__TIMEOUT")
     monkeypatch.delenv("GPUWARDEN_THRESHOLDS__WARNN")
     monkeypatch.setenv("GPUWARDEN_MODES", "[not json")
@@ -261,7 +261,7 @@ def test_one_run_names_the_typo_the_bad_value_and_what_lies_behind_them(
     })
     problems = problems_of(path)
     assert problems[:3] == [
-        "thresholds.wran: unknown key",
+        "thresholds.wran: unknown key; did you mean 'warn'?",
         "workloads.a.stop_timeout: not a duration: 'soon' (use e.g. 90s, 45m, 1h30m)",
         "workloads.b: kind = 'process' needs command = ['argv0', ...]"]
     # Found behind them in the same run: the order of the thresholds and the missing
@@ -305,3 +305,17 @@ def test_every_value_the_example_shows_is_the_default_unless_marked_example() ->
                     f"the default ({getattr(model, key)!r}): fix it or mark it # example"
                 checked += 1
     assert checked > 40
+
+
+def test_a_typo_gets_one_message_with_a_suggestion(tmp_path: Path) -> None:
+    path = write_toml(tmp_path / "c.toml", {
+        "workloads.ollama": {"kind": "proces", "command": ["x"], "stop_timout": 5},
+        "modes.llm": {"workloads": ["ollama"]}})
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    problems = caught.value.problems
+    assert [p for p in problems if p.startswith("workloads.ollama.kind")] == [
+        "workloads.ollama.kind: Input should be 'docker', 'process' or 'systemd' "
+        "(got 'proces'; did you mean 'process'?)"], problems  # not also "missing"
+    assert "workloads.ollama.stop_timout: unknown key; did you mean 'stop_timeout'?" \
+        in problems

@@ -135,6 +135,13 @@ def test_cli_exits_3_when_no_daemon_answers(node: SimNode) -> None:
     result = run_cli("--config", str(config), "status")
     assert result.returncode == 3
     assert "no gpuwarden daemon answers" in result.stderr
+    # --json: one JSON document on stdout all the same, for every verb that has it.
+    for verb in (["status"], ["mode"], ["mode", "image"], ["events"]):
+        result = run_cli("--config", str(config), *verb, "--json")
+        assert result.returncode == 3, (verb, result)
+        doc = json.loads(result.stdout)
+        assert doc["ok"] is False and "no gpuwarden daemon answers" in doc["error"], doc
+        assert doc["exit_code"] == 3
 
 
 def test_daemon_refuses_an_invalid_config_with_the_same_messages(tmp_path: Path) -> None:

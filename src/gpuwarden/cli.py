@@ -5,7 +5,9 @@ The client verbs (status, mode, unblock, events) talk HTTP to the daemon's contr
 socket, to --url with a token, or to --node NAME from ~/.config/gpuwarden/nodes.toml;
 `fleet status` asks every listed node at once. Exit codes: 0 done, 1 refused or failed, 2 bad
 usage or config, 3 daemon unreachable, 4 mode --timeout ran out while the switch
-goes on, 130 interrupted (Ctrl-C; a switch already under way goes on).
+goes on, 5 permission denied (on the control socket or the config), 130 interrupted
+(Ctrl-C; a switch already under way goes on). With --json, stdout always holds one
+JSON document, {"ok": false, "error": ...} when the verb could not do its work.
 """
 
 from __future__ import annotations
@@ -33,13 +35,19 @@ if TYPE_CHECKING:
 __all__ = ["ControlClient", "main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_STILL_SWITCHING = 0, 1, 2, 3, 4
+EXIT_DENIED = 5
 EXIT_INTERRUPTED = 130
+# --json: a failure is also one JSON document on stdout (set by main).
+_json_errors = False
 # Seconds a client verb waits for one answer from the daemon (not for a whole switch).
 _ANSWER_TIMEOUT = 30.0
 
 
 def _die(message: str, code: int) -> NoReturn:
     print(f"gpuwarden: {message}", file=sys.stderr)
+    if _json_errors:
+        print(json.dumps({"ok": False, "error": message, "exit_code": code}, indent=2,
+                         sort_keys=True))
     raise SystemExit(code)
 
 
@@ -81,7 +89,7 @@ def _client(args: argparse.Namespace, timeout: float | None = None) -> ControlCl
         if "Permission denied" in str(exc):
             _die(f"permission denied reading {exc.source}: gpuwarden's config and control "
                  f"socket are for root and the gpuwarden group ({GROUP_HINT})",
-                 EXIT_UNREACHABLE)
+                 EXIT_DENIED)
         _die(str(exc), EXIT_USAGE)
     return ControlClient(socket=where, timeout=timeout)
 
@@ -821,15 +829,16 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global _colour
+    global _colour, _json_errors
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(_verb_in(argv))
     args = parser.parse_args(argv)
     _colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    _json_errors = bool(getattr(args, "json", False))
     try:
         code: int = args.func(args)
     except DaemonUnreachable as exc:
-        _die(str(exc), EXIT_UNREACHABLE)
+        _die(str(exc), EXIT_DENIED if exc.denied else EXIT_UNREACHABLE)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:

@@ -11,11 +11,13 @@ import base64
 import binascii
 import contextvars
 import copy
+import difflib
 import ipaddress
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -863,10 +865,32 @@ def _env_variable(path: str) -> str | None:
     return next((name for name in os.environ if name.upper() == wanted), None)
 
 
+def _known_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys the table at `loc` takes (Config's fields, then each section's)."""
+    node: Any = Config
+    for part in loc:
+        fields = getattr(node, "model_fields", None)
+        if fields is not None:
+            if str(part) not in fields:
+                return []
+            node = fields[str(part)].annotation
+        elif get_origin(node) is dict:
+            node = get_args(node)[1]  # [workloads.NAME]: NAME is anybody's
+        else:
+            return []
+        while get_origin(node) in (Annotated, Union, UnionType):  # Optional, Annotated
+            node = next((a for a in get_args(node) if a is not type(None)), None)
+    fields = getattr(node, "model_fields", None)
+    return list(fields) if fields is not None else []
+
+
 def _describe(err: Any, path: str, msg: str) -> str:
     value = err.get("input")
     if err["type"] == "extra_forbidden":
-        return "unknown key"
+        loc = tuple(err["loc"])
+        close = difflib.get_close_matches(str(loc[-1]), _known_keys(loc[:-1]), n=1,
+                                          cutoff=0.7)
+        return f"unknown key; did you mean {close[0]!r}?" if close else "unknown key"
     if err["type"] == "missing":
         return "required key is missing"
     if any(word in path.lower() for word in _SECRET_KEYS):
@@ -874,6 +898,11 @@ def _describe(err: Any, path: str, msg: str) -> str:
     if err["type"] in ("less_than_equal", "less_than") and path.startswith("thresholds.") \
             and isinstance(value, int | float) and 1 < value <= 100:
         return f"a fraction of VRAM, not a percentage (got {value!r}; write {value / 100:.2f})"
+    if err["type"] == "literal_error" and isinstance(value, str):
+        options = re.findall(r"'([^']*)'", str((err.get("ctx") or {}).get("expected", "")))
+        close = difflib.get_close_matches(value, options, n=1, cutoff=0.6)
+        if close:
+            return f"{msg} (got {value!r}; did you mean {close[0]!r}?)"
     if isinstance(value, str | int | float | bool) and err["type"] != "value_error":
         return f"{msg} (got {value!r})"
     return msg
@@ -922,10 +951,13 @@ def _validate(data: dict[str, Any]) -> tuple[Config | None, list[str]]:
             except ValidationError as exc:
                 removed = False
                 for err in exc.errors():
-                    problem = _format_error(err)
-                    if problem not in problems:
-                        problems.append(problem)
                     path = ".".join(str(part) for part in err["loc"])
+                    problem = _format_error(err)
+                    # A key set aside for its bad value is then "missing": said once.
+                    repeated = err["type"] == "missing" and any(
+                        p.startswith(f"{path}: ") for p in problems)
+                    if problem not in problems and not repeated:
+                        problems.append(problem)
                     variable = _env_variable(path) if err["type"] != "missing" else None
                     if variable is not None:
                         stashed[variable] = os.environ.pop(variable)

@@ -333,7 +333,7 @@ class ControlClient:
         if isinstance(exc, PermissionError):
             return DaemonUnreachable(
                 f"permission denied on {self.where}: the control socket is for root "
-                f"and the gpuwarden group ({GROUP_HINT})")
+                f"and the gpuwarden group ({GROUP_HINT})", denied=True)
         reason = "no answer in time" if isinstance(exc, TimeoutError) else (
             exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc))
         return DaemonUnreachable(f"no gpuwarden daemon answers at {self.where} ({reason}); "

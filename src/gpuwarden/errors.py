@@ -57,4 +57,9 @@ class ConflictError(RefusedError):
 
 
 class DaemonUnreachable(GpuwardenError):
-    """No gpuwarden daemon answered on the control socket or URL."""
+    """No gpuwarden daemon answered on the control socket or URL; `denied` when one
+    may be there but this user may not talk to it (the socket's permissions)."""
+
+    def __init__(self, message: str, *, denied: bool = False) -> None:
+        super().__init__(message)
+        self.denied = denied
