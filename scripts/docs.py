@@ -217,13 +217,45 @@ def render_man() -> str:
                 metavar = " " + str(action.metavar or action.dest.upper())
             out += [".TP", f"\\fB{_roff(str(flags))}\\fR{_roff(metavar)}",
                     _roff(action.help or "")]
-    out += [".SH FILES", ".TP", ".I /etc/gpuwarden/config.toml",
+    out += [".SH DEMAND PROXIES",
+            "With [proxy.NAME] tables, the daemon listens where Ollama's and ComfyUI's "
+            "clients look for them and switches the GPU for the request at its door: a "
+            "chat waits for mode llm, a ComfyUI prompt for mode image, answered 503 with "
+            "Retry\-After past max_wait. Reads (model lists, ComfyUI's page) are answered "
+            "from the last answer kept while the other mode runs. A switch that would cut "
+            "a chat being answered is refused unless \-\-force. Each proxy checks Host "
+            "and Origin as Ollama and ComfyUI do (allowed_hosts, allowed_origins), and "
+            "keeps a connection budget (max_connections, idle_timeout, body_timeout).",
+            ".SH EXIT STATUS", ".TP", ".B 0", "done", ".TP", ".B 1",
+            "refused or failed (the message says why)", ".TP", ".B 2",
+            "bad usage or config, or a request the daemon finds malformed", ".TP", ".B 3",
+            "no daemon answers (or, for fleet status, a node does not)", ".TP", ".B 4",
+            "mode \-\-timeout ran out; the switch goes on", ".TP", ".B 5",
+            "permission denied on the control socket or the config", ".TP", ".B 130",
+            "interrupted (Ctrl\-C); a switch under way goes on",
+            ".PP", "With \-\-json, stdout always holds one JSON document; when the verb "
+            "could not do its work, {\(dqok\(dq: false, \(dqerror\(dq: ..., "
+            "\(dqexit_code\(dq: N}.",
+            ".SH EXAMPLES", ".nf",
+            "gpuwarden status   # GPUs, tiers, mode, workloads, proxies",
+            "gpuwarden status \-\-watch 1   # redrawn every second",
+            "gpuwarden mode image   # switch, with each step as it happens",
+            "gpuwarden mode llm \-\-json \-\-timeout 2m   # for scripts: one JSON document",
+            "gpuwarden mode image \-\-force   # even with ComfyUI jobs or chats running",
+            "gpuwarden unblock comfyui   # after fixing a crash loop",
+            "gpuwarden events \-f \-\-type 'mode.*'   # follow the switches",
+            "gpuwarden \-\-node gpu2 status   # another node of the nodes file",
+            "gpuwarden fleet status   # every node at once",
+            "gpuwarden check\-config /etc/gpuwarden/config.toml", ".fi",
+            ".SH FILES", ".TP", ".I /etc/gpuwarden/config.toml",
             "the configuration (see config.example.toml and docs/configuration.md)",
             ".TP", ".I /run/gpuwarden/gpuwarden.sock",
             "the control socket (mode 0660, group gpuwarden)", ".TP",
             ".I /var/lib/gpuwarden", "state, outboxes and child workloads' logs",
             ".SH ENVIRONMENT", ".TP", ".B GPUWARDEN_CONFIG", "the config file", ".TP",
             ".B GPUWARDEN_TOKEN", "the API token for \\-\\-url", ".TP",
+            ".B GPUWARDEN_NODES", "the nodes file for \\-\\-node and fleet status (default "
+            "~/.config/gpuwarden/nodes.toml)", ".TP",
             ".B GPUWARDEN_<SECTION>__<KEY>", "overrides one config key", ".TP",
             ".B NO_COLOR", "no colour in status",
             ".SH SEE ALSO", "The README and docs/ in /opt/gpuwarden (installed) or the "

@@ -279,7 +279,7 @@ def _when(unix: float, now: float | None = None) -> str:
         span = f"{ago / 3600:.0f} h ago"
     else:
         span = f"{ago / 86400:.0f} days ago"
-    return f"at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(unix))} ({span})"
+    return f"at {time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(unix))} ({span})"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -517,7 +517,7 @@ def cmd_unblock(args: argparse.Namespace) -> int:
 
 
 def _event_line(event: dict[str, Any]) -> str:
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(event["time"])))
+    when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(float(event["time"])))
     who = f"  ({event['requested_by']})" if event.get("requested_by") else ""
     return (f"{event['id']:>6} {when} {event['severity']:<8} {event['event']:<24} "
             f"{event['message']}{who}")
@@ -538,15 +538,27 @@ def cmd_events(args: argparse.Namespace) -> int:
 
     client = _client(args)
     if args.follow:
-        # The daemon's stream: what the ring holds after --since, then each new event.
+        since = args.since
+        if since is None:
+            # As tail -f: the last few, then each new one (not the whole ring first).
+            resp = client.request("GET", "/v1/events", params={"since": "0", "limit": "1000"})
+            body = _json_or_die(resp)
+            if resp.status_code != 200:
+                _die(body.get("error", f"HTTP {resp.status_code}"), EXIT_FAILED)
+            recent = [e for e in body["events"] if not args.type
+                      or any(wanted(e["event"], pattern) for pattern in args.type)]
+            for event in recent[-args.lines:]:
+                show(event)
+            since = body["events"][-1]["id"] if body["events"] else 0
+        # The daemon's stream: events after `since`, then each new one.
         try:
-            for event in client.follow(since=args.since):
+            for event in client.follow(since=since):
                 if event is not None:
                     show(event)
         except KeyboardInterrupt:
             return EXIT_INTERRUPTED
         return EXIT_OK
-    resp = client.request("GET", "/v1/events", params={"since": str(args.since),
+    resp = client.request("GET", "/v1/events", params={"since": str(args.since or 0),
                                                         "limit": "1000"})
     body = _json_or_die(resp)
     if resp.status_code != 200:
@@ -732,14 +744,16 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     client.add_argument("--node", default=argparse.SUPPRESS, metavar="NAME",
                         help="the daemon of node NAME in ~/.config/gpuwarden/nodes.toml "
                              "(or $GPUWARDEN_NODES): its url and token")
-    client.add_argument("--timeout", type=_seconds, default=argparse.SUPPRESS,
-                        help="seconds (or 2s, 1m) to wait for the daemon's answer (default "
-                             "30); for mode MODE, for the whole switch (default: until it "
-                             "ends; past it: exit 4, and the switch goes on)")
+    answer = argparse.ArgumentParser(add_help=False, formatter_class=_Formatter)
+    answer.add_argument("--timeout", type=_seconds, default=argparse.SUPPRESS,
+                        help="seconds (or 2s, 1m) to wait for the daemon's answer "
+                             "(default 30)")
 
     parser = argparse.ArgumentParser(prog="gpuwarden", description=__doc__,
                                      formatter_class=_Formatter)
-    parser.add_argument("--config", metavar="PATH", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--config", metavar="PATH", default=None,
+                        help="config file, before or after the verb (default: "
+                             "$GPUWARDEN_CONFIG, else /etc/gpuwarden/config.toml)")
     parser.add_argument("--version", action="version", version=f"gpuwarden {__version__}")
     parser.add_argument("--node", metavar="NAME", default=None,
                         help="talk to node NAME of the nodes file ($GPUWARDEN_NODES, else "
@@ -758,7 +772,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                        help="a whole simulated node, no GPU or Docker needed")
     p.add_argument("--dir", help="where to put its config, ledger and state (default: temp)")
     p.set_defaults(func=cmd_demo)
-    p = verb("status", parents=[common, client],
+    p = verb("status", parents=[common, client, answer],
                        help="GPUs, tier, mode, workloads, blocks")
     p.add_argument("--json", action="store_true", help="the stable JSON document")
     p.add_argument("--watch", type=_seconds, default=None, metavar="SECONDS",
@@ -769,24 +783,29 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="the mode to switch to; without it, show each GPU's mode")
     p.add_argument("--gpu", type=int, default=None, help="the GPU (for idle on multi-GPU nodes)")
     p.add_argument("--force", action="store_true",
-                   help="interrupt ComfyUI jobs instead of refusing to switch")
+                   help="switch even though ComfyUI has jobs (the running one is interrupted,"
+                        " the pending ones dropped) or chats are being answered through a "
+                        "demand proxy (each ends with an error)")
+    p.add_argument("--timeout", type=_seconds, default=None,
+                   help="seconds (or 2s, 1m) to wait for the whole switch; past it: exit 4, "
+                        "and the switch goes on (default: until it ends)")
     p.add_argument("--no-wait", action="store_true", help="return once the switch is under way")
     p.add_argument("--json", action="store_true",
                    help="the result as one JSON document (no progress)")
     p.set_defaults(func=cmd_mode)
-    # For `mode`, --timeout bounds the wait for the whole switch (default: until it ends);
-    # past it the CLI exits 4 and the switch goes on.
-    p.set_defaults(timeout=None)
-    p = verb("unblock", parents=[common, client],
+    p = verb("unblock", parents=[common, client, answer],
                        help="lift a crash-loop block (refused unless VRAM is clear)")
     p.add_argument("workload", metavar="WORKLOAD", help="the blocked workload's name")
     p.set_defaults(func=cmd_unblock)
-    p = verb("events", parents=[common, client],
+    p = verb("events", parents=[common, client, answer],
                        help="recent events (the daemon keeps the last 1000); --follow tails")
     p.add_argument("--follow", "-f", action="store_true",
                    help="keep printing new events until Ctrl-C")
-    p.add_argument("--since", type=_event_id, default=0, metavar="ID",
-                   help="only events after this id")
+    p.add_argument("--since", type=_event_id, default=None, metavar="ID",
+                   help="only events after this id (with --follow: all of those the daemon "
+                        "still keeps, then each new one)")
+    p.add_argument("-n", "--lines", type=int, default=10, metavar="N",
+                   help="with --follow and no --since: start with the last N (default 10)")
     p.add_argument("--type", action="append", metavar="GLOB",
                    help="only these event names (shell pattern, e.g. 'mode.*'; repeatable)")
     p.add_argument("--json", action="store_true", help="one JSON document per line")

@@ -359,7 +359,9 @@ class ModeSwitcher:
             other = running.transition
             raise self._refused(transition, index, force, ConflictError(
                 f"a switch to {other.to_mode!r} is already running on GPU {index} "
-                f"(id {other.id})", {"id": other.id, "to": other.to_mode, "gpu": index}),
+                f"(id {other.id}, step {other.step}); ask again once it has ended "
+                f"(`gpuwarden mode` shows it; `gpuwarden mode {other.to_mode}` waits for it)",
+                {"id": other.id, "to": other.to_mode, "gpu": index}),
                 cause)
         loop = asyncio.get_running_loop()
         outgoing = frozenset(self._workloads_of(current))

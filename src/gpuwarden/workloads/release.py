@@ -92,13 +92,14 @@ async def check_release_allowed(
     except QueueUnreadable as exc:
         raise ConflictError(
             f"workload {name!r} (ComfyUI): cannot tell whether jobs are queued ({exc}); "
-            "switch with force to stop it anyway",
+            "switch with --force (API: \"force\": true) to stop it anyway",
             {"workload": name, "jobs": None, "queue_error": str(exc)},
         ) from exc
     if jobs:
         raise ConflictError(
             f"workload {name!r} (ComfyUI) has {jobs} job(s) running or queued; "
-            "wait for them or switch with force to interrupt",
+            "wait for them, or switch with --force (API: \"force\": true) to interrupt the "
+            "running one and drop the rest",
             {"workload": name, "jobs": jobs},
         )
 
