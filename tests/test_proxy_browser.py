@@ -115,9 +115,9 @@ def test_browser_rules_through_both_proxies_against_the_upstreams_own(
 
 
 def test_allowed_hosts_and_origins_let_a_named_site_in(proxied: ProxiedNode) -> None:
-    proxied.start(default_mode="llm", ollama_proxy={
+    daemon = proxied.start(default_mode="llm", ollama_proxy={
         "allowed_hosts": ["host.docker.internal", "*.lan"],
-        "allowed_origins": ["http://webui.lan:3000"]})
+        "allowed_origins": ["http://webui.lan:3000", "app://obsidian.md"]})
     port = proxied.ollama_proxy
     for host in ("host.docker.internal", "gpu.lan"):
         assert http_status(port, "GET", "/api/tags", _headers(host, port, None)) == 200
@@ -126,6 +126,22 @@ def test_allowed_hosts_and_origins_let_a_named_site_in(proxied: ProxiedNode) -> 
                        _headers("gpu.lan", port, "http://webui.lan:3000")) == 200
     assert http_status(port, "GET", "/api/tags",
                        _headers("gpu.lan", port, "http://webui.lan:3001")) == 403
+    # An app's own scheme, and the page's own origin given back for CORS.
+    resp = httpx.get(f"http://127.0.0.1:{port}/api/tags", timeout=30,
+                     headers=_headers("127.0.0.1", port, "app://obsidian.md"))
+    assert resp.status_code == 200
+    assert resp.headers["Access-Control-Allow-Origin"] == "app://obsidian.md"
+    # While Ollama is stopped, an allowed page's preflight is answered, so its chat
+    # can follow and ask for the GPU.
+    run_cli("--config", str(proxied.node.config_path), "mode", "image", "--timeout", "60")
+    daemon.wait_mode("image", timeout=60)
+    pre = httpx.options(f"http://127.0.0.1:{port}/api/chat", timeout=30, headers={
+        **_headers("gpu.lan", port, "http://webui.lan:3000"),
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type"})
+    assert pre.status_code == 204, pre.text
+    assert pre.headers["Access-Control-Allow-Origin"] == "http://webui.lan:3000"
+    assert pre.headers["Access-Control-Allow-Headers"] == "content-type"
 
 
 def test_check_config_names_a_bad_allowed_host_or_origin(proxied: ProxiedNode) -> None:

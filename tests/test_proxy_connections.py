@@ -174,8 +174,8 @@ def test_5000_half_sent_connections_per_proxy_starve_nothing(proxied: ProxiedNod
 
 
 def test_slow_clients_are_cut_and_busy_ones_never(proxied: ProxiedNode) -> None:
-    """idle_timeout and body_timeout of 1 s: a half-sent head and an idle keep-alive
-    are closed and counted, a stalled body is answered 408; a 4 s stream, a quiet
+    """idle_timeout and body_timeout of 1 s: a half-sent head is closed and counted, an
+    idle keep-alive closed quietly, a stalled body answered 408; a 4 s stream, a quiet
     websocket and a chat waiting 4 s for an image job are not cut. One event per
     episode."""
     bounds = {"idle_timeout": "1s", "body_timeout": "1s"}
@@ -233,8 +233,10 @@ def test_slow_clients_are_cut_and_busy_ones_never(proxied: ProxiedNode) -> None:
     assert out["status"] == 200 and len(out["lines"]) == out["tokens"] + 1
 
     doc = proxied.proxy_status("ollama")["connections"]
-    assert doc["cut"]["idle"] >= 2 and doc["cut"]["body"] == 1, doc
-    assert proxied.proxy_status("comfyui")["connections"]["cut"] == {"idle": 0, "body": 0}
+    # The half-sent head and the stalled body are cut; the idle keep-alive was closed
+    # quietly (a pooled client or a browser's preconnect is not an attack).
+    assert doc["cut"] == {"head": 1, "body": 1}, doc
+    assert proxied.proxy_status("comfyui")["connections"]["cut"] == {"head": 0, "body": 0}
     events = daemon.events("proxy.overload")
     assert [e["proxy"] for e in events] == ["ollama"], events  # once per episode
     plain = run_cli("--config", str(proxied.node.config_path), "status")

@@ -44,6 +44,9 @@ class _Connection:
 
     idle_since: float  # loop time it opened, or its last request ended
     active: int = 0  # requests being handled (a stream, a wait, a websocket)
+    # Bytes of a next request arrived since (a head under way): a client that stops
+    # there is slow, or hostile; one that sends nothing is an idle keep-alive.
+    partial: bool = False
 
 
 @dataclass
@@ -51,16 +54,18 @@ class ConnectionBudget:
     """Connections open on one door, at most `limit`; the next is answered 503.
 
     With `idle_timeout` (and the door's app wrapped in `track_requests`), a connection
-    with no request being handled for that long is cut: one that has not delivered a
-    whole request head since it opened or since its last answer. A request being
-    handled is never cut by it, however long it streams or waits.
+    with no request being handled for that long is closed: one that has not delivered
+    a whole request head since it opened or since its last answer. A request being
+    handled is never closed by it, however long it streams or waits. Only one that
+    had begun a request head is counted as cut (`on_cut`, "head"); a keep-alive or a
+    browser's preconnect that simply sent nothing more is closed quietly.
     """
 
     door: str
     limit: int
     open: int = 0
     refused: int = 0
-    cut: int = 0  # connections closed for idleness (idle_timeout)
+    cut: int = 0  # connections closed with a request head half sent (idle_timeout)
     lingering: int = 0  # refused connections still draining (see _BudgetedProtocol)
     on_refused: Callable[[str], None] = field(default=lambda door: None)
     idle_timeout: float | None = None
@@ -128,8 +133,9 @@ class _BudgetedProtocol(asyncio.Protocol):
             self._idle_check = loop.call_later(timeout if state.active else left,
                                                self._check_idle)
             return
-        budget.cut += 1
-        budget.on_cut(budget.door, "idle")
+        if state.partial:
+            budget.cut += 1
+            budget.on_cut(budget.door, "head")
         self._idle_check = None
         self._transport.close()
 
@@ -150,6 +156,9 @@ class _BudgetedProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._admitted:
+            state = self._budget.connections.get(self._inner)
+            if state is not None and not state.active:
+                state.partial = True
             self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -198,6 +207,7 @@ def track_requests(budget: ConnectionBudget) -> Callable[..., Awaitable[web.Stre
             result: web.StreamResponse = await handler(request)
             return result
         state.active += 1
+        state.partial = False
         try:
             result = await handler(request)
             return result

@@ -589,8 +589,14 @@ def config_warnings(config: Config) -> list[str]:
             "off Public Bot in the Developer Portal")
     for name, proxy in config.proxy.items():
         address = parse_listen(proxy.listen)
-        if address is not None and not (address[0] == "localhost" or
-                                        ipaddress.ip_address(address[0]).is_loopback):
+        loopback = address is not None and (
+            address[0] == "localhost" or ipaddress.ip_address(address[0]).is_loopback)
+        if loopback and proxy.allowed_hosts:
+            warnings.append(
+                f"proxy.{name}.allowed_hosts: names hosts, but listen {proxy.listen} is a "
+                "loopback address, which containers on a bridge network and other hosts "
+                "cannot reach: listen on an address they reach for those names to matter")
+        if address is not None and not loopback:
             warnings.append(
                 f"proxy.{name}.listen: {proxy.listen} is reachable from other hosts, and the "
                 "proxy adds no authentication (Ollama and ComfyUI have none): anyone who "

@@ -113,7 +113,7 @@ class Metrics:
                                     ("proxy",), buckets=_WAIT_BUCKETS, registry=r)
         self.proxy_requests = Counter("gpuwarden_proxy_requests",
                                       "Requests by outcome (forwarded, cached, local, "
-                                      "rejected, unavailable, error, forbidden, cut)",
+                                      "rejected, unavailable, error, forbidden, cut_by_switch)",
                                       ("proxy", "outcome"), registry=r)
         self.proxy_rejected = Counter("gpuwarden_proxy_rejected",
                                       "Demand requests answered 503, by cause (max_wait, "
@@ -128,8 +128,9 @@ class Metrics:
             ("proxy",), registry=r)
         self.proxy_connections_cut = Counter(
             "gpuwarden_proxy_connections_cut",
-            "Proxy connections closed for sending too slowly, by reason (idle: no "
-            "request head within idle_timeout; body: a body paused past body_timeout)",
+            "Proxy connections closed for sending too slowly, by reason (head: a request "
+            "head begun and not finished within idle_timeout; body: a body paused past "
+            "body_timeout)",
             ("proxy", "reason"), registry=r)
         self.proxy_connections = Gauge("gpuwarden_proxy_connections",
                                        "Open connections per demand proxy", ("proxy",),

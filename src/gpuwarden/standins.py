@@ -126,7 +126,14 @@ async def ollama_guard(request: web.Request, handler: Handler) -> web.StreamResp
     origin = request.headers.get("Origin")
     if not _ollama_host_allowed(host) or (origin and not _ollama_origin_allowed(origin, host)):
         return web.Response(status=403)
-    return await handler(request)
+    cors = {"Access-Control-Allow-Origin": origin} if origin else {}
+    if request.method == "OPTIONS":  # gin's CORS answers a preflight itself
+        return web.Response(status=204, headers={
+            **cors, "Access-Control-Allow-Methods": "GET, POST, PUT, PATCH, DELETE, HEAD, "
+            "OPTIONS"})
+    response = await handler(request)
+    response.headers.update(cors)
+    return response
 
 
 @web.middleware

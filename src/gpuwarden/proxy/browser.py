@@ -18,6 +18,7 @@ Open WebUI's backend, AnythingLLM, curl) is judged by its `Host` alone.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -50,15 +51,20 @@ def split_host(value: str) -> tuple[str, int | None] | None:
 
 def normalize_origin(value: str) -> str | None:
     """`scheme://host[:port]` in lower case with the default port dropped; None when
-    it is not an origin (a path, userinfo, another scheme, or `null`)."""
+    it is not an origin (a path, userinfo, or `null`). Besides http and https, an app's
+    own scheme (`app://obsidian.md`, `vscode-webview://ID`) is an origin too."""
     try:
         parts = urlsplit(value.strip().lower())
         port = parts.port
     except ValueError:
         return None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if "://" not in value or not re.fullmatch(r"[a-z][a-z0-9+.-]*", parts.scheme):
         return None
     if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        return None
+    if parts.scheme not in ("http", "https"):
+        return f"{parts.scheme}://{parts.netloc}"
+    if not parts.hostname:
         return None
     host = parts.hostname.rstrip(".")
     if ":" in host:
@@ -138,7 +144,7 @@ class BrowserPolicy:
         origin = normalize_origin(origin_header)
         if origin is not None and origin in self._origins:
             return Verdict(True)
-        if origin is not None:
+        if origin is not None and origin.startswith(("http://", "https://")):
             parts = urlsplit(origin)
             port = parts.port or (80 if parts.scheme == "http" else 443)
             if port == self.port and parts.hostname and self.host_allowed(parts.hostname):

@@ -76,11 +76,11 @@ class Overload:
     def __init__(self, proxy: str, bus: EventBus, metrics: Metrics | None) -> None:
         self._proxy, self._bus, self._metrics = proxy, bus, metrics
         self.refused = 0
-        self.cut: dict[str, int] = {"idle": 0, "body": 0}
+        self.cut: dict[str, int] = {"head": 0, "body": 0}
         self._episode: dict[str, Any] | None = None
 
     def record(self, what: str, limit: int, open_now: int) -> None:
-        """`what`: "refused", or a cut's reason ("idle", "body")."""
+        """`what`: "refused", or a cut's reason ("head", "body")."""
         if what == "refused":
             self.refused += 1
         else:
@@ -165,7 +165,7 @@ class WorkloadProxy:
         self._held: dict[str, _HeldSocket] = {}  # page sockets by clientId
         self._writes: set[asyncio.Future[None]] = set()
         self.counts = {"forwarded": 0, "cached": 0, "local": 0, "rejected": 0,
-                       "unavailable": 0, "error": 0, "forbidden": 0, "cut": 0}
+                       "unavailable": 0, "error": 0, "forbidden": 0, "cut_by_switch": 0}
 
     def cache_load(self) -> None:
         """Index the answers kept by an earlier run (blocking)."""
@@ -237,6 +237,8 @@ class WorkloadProxy:
             return web.Response(status=403, text=f"forbidden: {verdict.reason}\n")
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return await self._websocket(request)
+        if request.method == "OPTIONS" and not self._up():
+            return self._preflight(request)
         body: bytes | None = None
         if reads_body(self.api, request.method, request.path):
             try:
@@ -264,6 +266,20 @@ class WorkloadProxy:
                                      headers={CACHE_HEADER: "local"})
         self._count("unavailable")
         return self._unavailable(request, unseen=kind is Kind.READ)
+
+    @staticmethod
+    def _preflight(request: web.Request) -> web.Response:
+        """A browser's CORS preflight while the upstream is down, answered as Ollama's
+        and ComfyUI's servers answer it (204), for a page whose Origin passed the
+        checks: its request that follows is what asks for the GPU."""
+        headers = {"Access-Control-Allow-Methods": "GET, POST, PUT, PATCH, DELETE, HEAD, "
+                   "OPTIONS", "Access-Control-Max-Age": "43200"}
+        if origin := request.headers.get("Origin"):
+            headers["Access-Control-Allow-Origin"] = origin
+            headers["Vary"] = "Origin"
+        if wanted := request.headers.get("Access-Control-Request-Headers"):
+            headers["Access-Control-Allow-Headers"] = wanted
+        return web.Response(status=204, headers=headers)
 
     async def _read_body(self, request: web.Request) -> bytes:
         """The whole body, each piece within body_timeout of the last (_BodyStalled)."""
@@ -338,7 +354,7 @@ class WorkloadProxy:
         """A forced switch ended this answer: say so in the answer's own format (an
         NDJSON line as Ollama writes its errors, an OpenAI server-sent error event), or
         answer 503 when nothing was sent yet."""
-        self._count("cut")
+        self._count("cut_by_switch")
         response = answer.response
         if response is None:
             return web.json_response({"error": reason, "workload": self.name}, status=503)
@@ -386,8 +402,14 @@ class WorkloadProxy:
                  "workload": self.name}, status=502)
         try:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            origin = request.headers.get("Origin")
             for name, value in upstream.headers.items():
                 if name.lower() not in _HOP_BY_HOP and name.lower() != "content-length":
+                    if name.lower() == "access-control-allow-origin" and origin and \
+                            value != "*":
+                        # The upstream allowed its own origin (the one it was sent); the
+                        # page's is the one the proxy checked.
+                        value = origin
                     response.headers.add(name, value)
             if upstream.content_length is not None and \
                     "chunked" not in upstream.headers.get("Transfer-Encoding", ""):
