@@ -223,7 +223,7 @@ def format_status(doc: dict[str, Any]) -> str:
         lines.append(f"proxy {proxy['workload']:<10} {proxy['listen']} -> {proxy['upstream']}"
                      f"  {state}, {proxy['in_flight']} in flight{waiting}; "
                      f"{proxy['forwarded']} forwarded, {proxy['cached']} from cache, "
-                     f"{proxy['rejected']} rejected"
+                     f"{proxy['rejected']} demand answered 503"
                      + (f", {proxy['forbidden']} forbidden (Host or Origin)"
                         if proxy.get("forbidden") else "")
                      + _connections_note(proxy.get("connections")))
@@ -372,8 +372,11 @@ def cmd_mode(args: argparse.Namespace) -> int:
     elif bad_input:
         print(f"gpuwarden: {body.get('error')}", file=sys.stderr)
     elif not ok:
-        print(f"gpuwarden: switch to {args.mode} refused or failed: {body.get('error')}",
-              file=sys.stderr)
+        # Refused: nothing was changed. Failed: it acted, and ended in the state status
+        # shows (idle, or the mode rolled back to).
+        refused = resp.status_code == 409 or "refused" in (body.get("detail") or {})
+        print(f"gpuwarden: switch to {args.mode} {'refused' if refused else 'FAILED'}: "
+              f"{body.get('error')}", file=sys.stderr)
     elif body.get("pending"):
         print(f"switch to {args.mode} under way on GPU {body['gpu']} (id {body['id']})")
     else:

@@ -61,7 +61,7 @@ class Vram:
     """A claim in the sim's ledger, held by an open, flocked file while loaded."""
 
     def __init__(self, ledger: Path, name: str, mib: int) -> None:
-        self.path = ledger / f"{name}-{os.getpid()}.mib"
+        self.path = ledger / f"{name}.mib"
         self.mib = mib
         self.fd: int | None = None
 
@@ -204,8 +204,11 @@ class Runner:
     and killed on unload. An unload is answered at once and done a moment later, or,
     while a request runs, when the last one ends (Ollama's own order)."""
 
-    def __init__(self, ledger: Path, mib: int) -> None:
-        self.ledger, self.mib = ledger, mib
+    def __init__(self, ledger: Path, mib: int, claim: str) -> None:
+        """`claim`: the name of its VRAM claim in the sim's ledger, the same at every
+        start of this workload (a killed runner cannot remove its file: the next one
+        writes over it)."""
+        self.ledger, self.mib, self.claim = ledger, mib, claim
         self.proc: asyncio.subprocess.Process | None = None
         self.busy = 0
         self.unload_asked_at: float | None = None
@@ -222,7 +225,7 @@ class Runner:
             if not self.loaded:
                 self.proc = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "gpuwarden.gpu.hold", "--ledger", str(self.ledger),
-                    "--name", f"ollama-runner-{os.getpid()}", "--mib", str(self.mib),
+                    "--name", self.claim, "--mib", str(self.mib),
                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
                 assert self.proc.stdout is not None
                 await self.proc.stdout.readline()  # "holding ...": the VRAM is taken
@@ -764,8 +767,11 @@ class Comfy:
 async def serve(args: argparse.Namespace) -> None:
     # A model loaded at start, as after a warm-up: Ollama's in a runner process of its
     # own, ComfyUI's in its one process.
-    runner = Runner(args.ledger, args.mib) if args.kind == "ollama" else None
-    vram = Vram(args.ledger, args.kind, args.mib) if args.kind == "comfyui" else None
+    # Claims named by port: the same workload's next start writes over its last one.
+    claim = f"{args.kind}-{args.port}"
+    runner = Runner(args.ledger, args.mib, f"{claim}-runner") if args.kind == "ollama" \
+        else None
+    vram = Vram(args.ledger, claim, args.mib) if args.kind == "comfyui" else None
     background: list[asyncio.Task[None]] = []
     if runner is not None:
         await runner.load(None)
