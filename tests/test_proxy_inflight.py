@@ -6,6 +6,7 @@ ComfyUI jobs its stop dropped."""
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import httpx
@@ -87,9 +88,17 @@ def test_a_chat_in_flight_refuses_a_switch_and_a_forced_one_ends_it_cleanly(
 
 def test_a_forced_switch_away_from_comfyui_says_which_jobs_it_drops(
         proxied: ProxiedNode) -> None:
-    proxied.start(default_mode="image", job_seconds=30.0)
+    daemon = proxied.start(default_mode="image", job_seconds=30.0)
     for _ in range(3):
         prompt(proxied.comfy)
+    # Status shows ComfyUI's jobs (its queue, read at each sample).
+    deadline = time.monotonic() + 30
+    while next(w for w in daemon.status()["workloads"] if w["name"] == "comfyui")[
+            "jobs"] != {"running": 1, "pending": 2, "error": None}:
+        assert time.monotonic() < deadline, daemon.status()["workloads"]
+        time.sleep(0.1)
+    plain = run_cli("--config", str(proxied.node.config_path), "status")
+    assert "jobs: 1 running, 2 queued" in plain.stdout, plain.stdout
     forced = run_cli("--config", str(proxied.node.config_path), "mode", "llm", "--force",
                      "--json")
     assert forced.returncode == 0, forced

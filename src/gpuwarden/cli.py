@@ -208,9 +208,15 @@ def format_status(doc: dict[str, Any]) -> str:
         gpu = "-" if wl["gpu"] is None else wl["gpu"]
         stopped = wl.get("stopped")
         why = ""
-        if stopped:
+        if wl["state"] in ("unknown", "missing") and wl.get("detail"):
+            why = f"  {wl['detail']}"  # Docker unreachable, no such container, ...
+        elif stopped:
             when = f", {_when(stopped['at'])}" if stopped.get("at") else ""
             why = f"  {stopped['reason']}{when}"
+        if wl.get("jobs"):
+            jobs = wl["jobs"]
+            why += (f"  jobs: {jobs['running']} running, {jobs['pending']} queued"
+                    if jobs.get("error") is None else f"  queue unreadable: {jobs['error']}")
         lines.append(f"  {wl['name']:<16} {wl['kind']:<8} {wl['state']:<9} gpu {gpu}"
                      f"{paint(blocked, 'red')}{why}")
     for proxy in doc.get("proxies", []):

@@ -162,6 +162,7 @@ class Daemon:
         self._restore_task: asyncio.Task[None] | None = None
         self.service: Service | None = None
         self._proxies: DemandProxies | None = None
+        self._queue_reader: asyncio.Task[None] | None = None
 
     async def setup(self) -> None:
         if self.state is not DaemonState.NEW:
@@ -260,6 +261,10 @@ class Daemon:
             self._storms.end_quiet()
         if self._proxies is not None:
             self._proxies.end_quiet_episodes()
+        if self._queue_reader is None or self._queue_reader.done():
+            # In the background: a hung ComfyUI must not hold up sampling.
+            self._queue_reader = asyncio.get_running_loop().create_task(
+                self.service.read_queues())
         if self._guard is not None and self._restore_task is not None and \
                 self._restore_task.done():
             self._guard.check(self.service.workload_statuses)
@@ -482,9 +487,10 @@ class Daemon:
             loop.remove_signal_handler(sig)
         if self._scheduler is not None and self._scheduler.running:
             self._scheduler.shutdown(wait=False)
-        if self._restore_task is not None:
-            self._restore_task.cancel()
-            await asyncio.gather(self._restore_task, return_exceptions=True)
+        for task in (self._restore_task, self._queue_reader):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._proxies is not None:  # waiting requests are answered 503 first
             await self._proxies.close()
         if self._docker_events is not None:

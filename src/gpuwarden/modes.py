@@ -901,6 +901,9 @@ class ModeSwitcher:
             else:
                 target = st.mode or self._config.daemon.default_mode
                 requested_by = "daemon"
+            # A first boot has nothing to restore: it starts the default mode.
+            what = "restore" if st.transition is not None or st.mode else \
+                "start the default mode"
             if target not in self._config.all_modes() or (
                 target != IDLE_MODE and self._config.all_modes()[target].gpu != gpu
             ):
@@ -915,7 +918,7 @@ class ModeSwitcher:
                     await self._store.save_async(self._state)
                 # A blocked workload: the mode stays as recorded, its workload stays down
                 # until a person unblocks it; strays are stopped by the mode guard.
-                self._bus.publish("mode.switch.failed", f"GPU {gpu}: cannot restore {target}: "
+                self._bus.publish("mode.switch.failed", f"GPU {gpu}: cannot {what} {target}: "
                                   f"{exc}", severity=Severity.ERROR, gpu=gpu, to=target,
                                   requested_by=requested_by, error=str(exc))
 

@@ -25,7 +25,7 @@ from .modes import ModeSwitcher, SwitchResult
 from .state import State
 from .watchdog import Watchdog
 from .workloads.base import Workload, WorkloadState, WorkloadStatus
-from .workloads.release import comfyui_queue_size
+from .workloads.release import QueueUnreadable, comfyui_queue, comfyui_queue_size
 from .workloads.supervisor import WorkloadSupervisor, describe_stop
 
 __all__ = ["ProxyView", "Service"]
@@ -74,6 +74,8 @@ class Service:
         self._mode_workloads = {name: tuple(mode.workloads)
                                 for name, mode in config.all_modes().items()}
         self.http: httpx.AsyncClient | None = None  # the daemon's, for ComfyUI queues
+        # Each running ComfyUI's jobs as last read (read_queues), for status.
+        self._jobs: dict[str, dict[str, Any]] = {}
 
     # -- sampling (called by the daemon's scheduler) ---------------------------
 
@@ -164,6 +166,7 @@ class Service:
                                                      "reason": block.reason},
                 "gpu": self.config.gpu_of_workload(name),
                 "priority": workload.config.priority,
+                "jobs": self._jobs.get(name) if st.running else None,
             })
         modes = {
             name: {"workloads": list(mode.workloads), "gpu": mode.gpu, "lease_s": mode.lease}
@@ -318,6 +321,23 @@ class Service:
         """Why `workload` is blocked after a crash loop (None: it is not)."""
         block = self._state.blocks.get(workload)
         return None if block is None else block.reason
+
+    async def read_queues(self, timeout: float = 2.0) -> None:
+        """Read each running ComfyUI's queue, for status: its running and queued jobs,
+        or why the queue cannot be read."""
+        for name, workload in self._workloads.items():
+            config, status = workload.config, self._statuses.get(name)
+            if config.release != "comfyui" or not config.url or self.http is None or \
+                    status is None or not status.running:
+                self._jobs.pop(name, None)
+                continue
+            try:
+                running, pending = await comfyui_queue(self.http, config.url.rstrip("/"),
+                                                       timeout)
+            except QueueUnreadable as exc:
+                self._jobs[name] = {"running": None, "pending": None, "error": str(exc)}
+            else:
+                self._jobs[name] = {"running": running, "pending": pending, "error": None}
 
     async def queued_jobs(self, workload: str, timeout: float) -> int:
         """ComfyUI's running plus pending jobs (0 for a workload without a queue).

@@ -63,7 +63,7 @@ class Rejection(Exception):
                  active: str, waited_s: float = 0.0) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.cause = cause  # max_wait | queue_full | blocked | switch_failed
+        self.cause = cause  # max_wait | queue_full | blocked | switch_failed | stopping
         self.retry_after = retry_after
         self.mode = mode
         self.active = active
@@ -239,12 +239,15 @@ class DemandScheduler:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        now = time.monotonic()
+        active = self._view().mode
         for mode, queue in self._waiting.items():
             for waiter in queue:
                 if not waiter.future.done():
                     waiter.future.set_exception(Rejection(
-                        "gpuwarden is stopping", "switch_failed", retry_after=10, mode=mode,
-                        active=""))
+                        "gpuwarden is stopping; ask again once it is back (systemctl status "
+                        "gpuwarden)", "stopping", retry_after=10, mode=mode, active=active,
+                        waited_s=now - waiter.arrived))
 
     async def _run(self) -> None:
         while True:
