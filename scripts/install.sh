@@ -2,12 +2,15 @@
 # Install gpuwarden as a systemd service (idempotent), or remove it.
 #
 #   scripts/install.sh                 install into /opt/gpuwarden, /etc/gpuwarden, enable, start
+#                                      (a config still identical to the example is not
+#                                      started: edit it first, or give --enable)
 #   scripts/install.sh --uninstall     stop, disable, remove the unit and /opt/gpuwarden
 #                                      (config and state are kept; --purge removes them too)
 #   scripts/install.sh --prefix DIR    install under DIR (paths in the unit point there)
 #   DESTDIR=DIR scripts/install.sh     stage into DIR (paths in the unit stay final)
 #   --purge                            with --uninstall: also the config, state and user
 #   --no-enable                        install without enabling or starting the unit
+#   --enable                           enable and start even with the unedited example
 #   --operator USER                    add USER to the gpuwarden group (status, mode, ...)
 #   --wheelhouse DIR                   install offline from wheels in DIR (pip wheel ...)
 #   PYTHON=/usr/bin/python3.11         the Python the venv is based on
@@ -28,6 +31,7 @@ prefix=""
 action="install"
 purge=0
 enable=1
+force_enable=0
 python="${PYTHON:-python3}"
 wheelhouse=""
 operators=()
@@ -38,6 +42,7 @@ while [ $# -gt 0 ]; do
     --uninstall) action="uninstall"; shift ;;
     --purge) purge=1; shift ;;
     --no-enable) enable=0; shift ;;
+    --enable) force_enable=1; shift ;;
     --operator) operators+=("${2:?--operator needs a user}"); shift 2 ;;
     --operator=*) operators+=("${1#--operator=}"); shift ;;
     --wheelhouse) wheelhouse="${2:?--wheelhouse needs a folder}"; shift 2 ;;
@@ -216,6 +221,17 @@ if [ -d "$prefix/etc/polkit-1" ] || [ -d /usr/share/polkit-1 ]; then
   say "polkit rule: $polkit_rule"
 elif grep -Eq '^[[:space:]]*kind[[:space:]]*=[[:space:]]*"(systemd|process)"' "$etc/config.toml"; then
   say "no polkit here: the service cannot manage its workloads' units (install polkitd)"
+fi
+# The example names containers "ollama" and "comfyui": on a host that happens to have
+# them, starting now would stop, start and re-policy them before anyone read the
+# config. So an unedited example installs, checks, and waits for its operator.
+if [ "$enable" = 1 ] && [ "$force_enable" = 0 ] && \
+    cmp -s "$etc/config.toml" "$src/config.example.toml"; then
+  enable=0
+  say "$etc/config.toml is still the example: nothing was enabled or started."
+  say "next: edit it for this host (workloads, modes, proxies), check it with"
+  say "  $opt/venv/bin/gpuwarden check-config $etc/config.toml"
+  say "then run this script again (or systemctl enable --now gpuwarden)."
 fi
 if systemd_running; then
   systemctl daemon-reload

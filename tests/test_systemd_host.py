@@ -83,6 +83,19 @@ def comfyui_answers(host: SystemdHost) -> None:
                    check=True, capture_output=True, timeout=60)
 
 
+def test_a_first_install_with_the_example_config_starts_nothing(host: SystemdHost) -> None:
+    """No config yet: the example is installed and checked, and nothing is enabled or
+    started until it has been edited (or --enable is given)."""
+    installed = host.run("/src/scripts/install.sh --wheelhouse /wheels", timeout=600,
+                         check=False)
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    assert "still the example: nothing was enabled or started" in installed.stdout
+    assert "check-config" in installed.stdout  # the next steps
+    assert host.active() != "active"
+    enabled = host.run("systemctl is-enabled gpuwarden", check=False).stdout.strip()
+    assert enabled != "enabled", enabled
+
+
 def test_install_on_a_host_without_docker_starts_after_ready(host: SystemdHost) -> None:
     host.run("useradd -m alice && useradd -m bob")
     host.write("/etc/gpuwarden/config.toml", CONFIG)
