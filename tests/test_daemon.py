@@ -509,3 +509,31 @@ def test_the_demo_removes_its_temporary_folder_at_exit() -> None:
             demo.kill()
     assert demo.returncode == 0
     assert not config.parent.exists()
+
+
+def test_after_kill_9_the_next_start_stops_what_was_left_running(
+        node: SimNode, start_daemon) -> None:
+    """A daemon killed with SIGKILL leaves its process workloads running with their
+    VRAM. Ten times: kill -9, start again on the same state: exactly one Ollama runs
+    after each start, no VRAM is unowned, and the survivor's stop is audited."""
+    config = node.write(**two_process_modes(node))
+
+    def ollamas() -> list[Any]:
+        return [p for p in processes_naming(str(node.ledger))
+                if "--name" in p.info["cmdline"] and "ollama" in p.info["cmdline"]]
+
+    counts, unowned = [], []
+    for round_ in range(10):
+        daemon = start_daemon(config, node.socket)
+        if round_:  # the survivor is stopped, its VRAM proven back, then llm restored
+            orphan = daemon.wait_event("workload.orphan", workload="ollama")[0]
+            assert orphan["released"] is True, orphan
+        daemon.wait_event("mode.reconcile" if round_ else "mode.switch.completed")
+        doc = daemon.wait_used(6000)
+        counts.append(len(ollamas()))
+        unowned.append(sum(p["used_mib"] or 0 for p in doc["gpus"][0]["processes"]
+                           if p["workload"] is None))
+        daemon.stop(signal.SIGKILL)
+    node.kill_holders()
+    print(f"\nprocesses per workload after each restart: {counts}; unowned MiB: {unowned}")
+    assert counts == [1] * 10 and unowned == [0] * 10

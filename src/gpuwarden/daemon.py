@@ -113,7 +113,8 @@ def build_workloads(config: Config, owners: OwnerIndex,
             assert systemd is not None
             workloads[name] = TransientUnitWorkload(name, wl, bus=systemd, owners=owners)
         elif wl.kind == "process":
-            workloads[name] = ProcessWorkload(name, wl, log_dir=log_dir, owners=owners)
+            workloads[name] = ProcessWorkload(name, wl, log_dir=log_dir, owners=owners,
+                                              record_dir=config.daemon.state_dir / "children")
         elif wl.kind == "systemd":
             assert systemd is not None
             workloads[name] = SystemdWorkload(name, wl, bus=systemd, owners=owners)
@@ -241,7 +242,40 @@ class Daemon:
         )
         await self._start_discord()
         self.notifier.ready(self._status_line())
-        self._restore_task = loop.create_task(self._switcher.restore())
+        self._restore_task = loop.create_task(self._restore())
+
+    async def _restore(self) -> None:
+        """Stop what an earlier daemon left running, then restore each GPU's mode."""
+        assert self._switcher is not None
+        await self._stop_orphans()
+        await self._switcher.restore()
+
+    async def _stop_orphans(self) -> None:
+        """A daemon killed without stopping its process workloads (SIGKILL, a crash)
+        leaves them running with their VRAM: stop each one found by the pid and start
+        time it recorded, and prove its VRAM came back, before anything starts. So there
+        is never a second copy of a workload."""
+        assert self.service is not None and self._switcher is not None
+        supervisor = self.service.supervisor
+        assert supervisor is not None
+        for name, workload in self._workloads.items():
+            if not isinstance(workload, ProcessWorkload):
+                continue
+            async with supervisor.lock(name):
+                found = await asyncio.to_thread(workload.stop_orphan)
+            if found is None:
+                continue
+            reason = "left running by a gpuwarden that was killed without stopping it"
+            supervisor.note_stop(name, by="daemon start", reason=reason)
+            gpu = self.config.gpu_of_workload(name)
+            verdict = None if gpu is None else \
+                await self._switcher.verify_released(gpu, {name})
+            self.bus.publish(
+                "workload.orphan", f"{name}: {found} was {reason}; stopped it before "
+                "starting anything" + ("" if verdict is None or verdict.clear else
+                                       f", but its VRAM is not back: {verdict.reason}"),
+                severity=Severity.WARNING, workload=name, gpu=gpu, process=found,
+                released=None if verdict is None else verdict.clear)
 
     async def _tick(self) -> None:
         assert self.service is not None

@@ -792,6 +792,10 @@ class ModeSwitcher:
                 holders=verdict.holders, **common, **fields)
         return verdict
 
+    async def verify_released(self, gpu: int, released: set[str]) -> Verdict:
+        """Wait (up to release.timeout) until `released` hold no VRAM on `gpu`."""
+        return await self._verify(gpu, released)
+
     async def _verify(self, gpu: int, released: set[str], tr: Transition | None = None,
                       stopped: set[str] | None = None) -> Verdict:
         """Poll the GPU until the released workloads' VRAM is back, or time out. With

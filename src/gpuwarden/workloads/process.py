@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import pwd
 import shutil
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 from dbus_fast import Variant
 
 from ..config import WorkloadConfig
@@ -38,13 +40,18 @@ class ProcessWorkload:
     kind = "process"
 
     def __init__(
-        self, name: str, config: WorkloadConfig, *, log_dir: Path, owners: OwnerIndex
+        self, name: str, config: WorkloadConfig, *, log_dir: Path, owners: OwnerIndex,
+        record_dir: Path | None = None,
     ) -> None:
+        """`record_dir`: where the running child's pid and start time are kept, so that
+        a daemon killed without stopping it (SIGKILL, a crash) finds it at its next
+        start (`stop_orphan`)."""
         if not config.command:
             raise ValueError(f"workload {name!r} has no command")
         self.name = name
         self.config = config
         self._log_dir = log_dir
+        self._record = None if record_dir is None else record_dir / f"{name}.json"
         self._owners = owners
         self._proc: subprocess.Popen[bytes] | None = None
         self._stop_requested = False
@@ -95,7 +102,53 @@ class ProcessWorkload:
                     ) from exc
             self._started_at = time.time()
             self._owners.set_root(self.name, self._proc.pid)
+            self._write_record(self._proc.pid, argv)
             return self.status()
+
+    def _write_record(self, pid: int, argv: list[str]) -> None:
+        if self._record is None:
+            return
+        try:
+            created = psutil.Process(pid).create_time()
+        except psutil.Error:
+            return  # gone already: nothing to find again
+        self._record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._record.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": pid, "create_time": created, "argv": argv}))
+        os.replace(tmp, self._record)
+
+    def _drop_record(self) -> None:
+        if self._record is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._record.unlink()
+
+    def stop_orphan(self) -> str | None:
+        """Stop this workload's process left running by an earlier daemon that did not
+        stop it (killed with SIGKILL, crashed): the pid it recorded, if that process is
+        still the one it started (same start time and command). Its whole process group
+        gets SIGTERM, then SIGKILL after stop_timeout. Returns what was stopped, or None.
+        Call before anything starts this workload."""
+        if self._record is None or not self._record.exists():
+            return None
+        try:
+            doc = json.loads(self._record.read_text())
+            pid, created = int(doc["pid"]), float(doc["create_time"])
+            proc = psutil.Process(pid)
+            same = abs(proc.create_time() - created) < 0.05 and \
+                proc.cmdline() == list(doc["argv"]) and \
+                proc.status() != psutil.STATUS_ZOMBIE
+        except (OSError, ValueError, KeyError, TypeError, psutil.Error):
+            same = False  # gone, reused, or unreadable: nothing of ours is left
+        if not same:
+            self._drop_record()
+            return None
+        what = f"pid {pid} ({' '.join(doc['argv'])[:120]})"
+        self._signal_group(pid, signal.SIGTERM)
+        self._wait_group_gone(pid, self.config.stop_timeout)
+        self._signal_group(pid, signal.SIGKILL)
+        self._wait_group_gone(pid, 10.0)
+        self._drop_record()
+        return what
 
     def stop(self, grace: float | None = None) -> WorkloadStatus:
         grace = self.config.stop_timeout if grace is None else grace
@@ -122,6 +175,7 @@ class ProcessWorkload:
             self._wait_group_gone(proc.pid)
             if self._exited_at is None:
                 self._exited_at = time.time()
+            self._drop_record()
             return self.status()
 
     @staticmethod

@@ -102,6 +102,11 @@ class WorkloadSupervisor:
             return await self.stop_locked(name, by=by, reason=reason,
                                           requested_by=requested_by)
 
+    def note_stop(self, name: str, *, by: str, reason: str) -> None:
+        """Remember a stop made outside stop_locked (the daemon's start stopping what
+        an earlier daemon left running), so status says why the workload is down."""
+        self._stops[name] = StopRecord(time.time(), by, reason)
+
     def last_stop(self, name: str) -> StopRecord | None:
         return self._stops.get(name)
 
