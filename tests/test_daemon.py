@@ -537,3 +537,38 @@ def test_after_kill_9_the_next_start_stops_what_was_left_running(
     node.kill_holders()
     print(f"\nprocesses per workload after each restart: {counts}; unowned MiB: {unowned}")
     assert counts == [1] * 10 and unowned == [0] * 10
+
+
+def test_sighup_and_reload_read_the_config_again(node: SimNode, start_daemon) -> None:
+    """SIGHUP (a closed terminal sends it too) and `gpuwarden reload` re-read the
+    config: thresholds change live, other changes are named as needing a restart,
+    and a config with problems changes nothing; the daemon serves throughout."""
+    tables = two_process_modes(node)
+    config = node.write(**tables)
+    daemon = start_daemon(config, node.socket)
+    daemon.wait_mode("llm")
+    sections = {**tables, "thresholds": {"warn": 0.5, "alert": 0.6, "critical": 0.7},
+                "workloads.comfyui": {**tables["workloads.comfyui"], "stop_timeout": 7}}
+    node.write(**sections)
+    t0 = time.monotonic()
+    daemon.proc.send_signal(signal.SIGHUP)
+    reloaded = daemon.wait_event("config.reloaded")[0]
+    took = time.monotonic() - t0
+    assert daemon.proc.poll() is None  # SIGHUP does not end it
+    assert "thresholds.warn" in reloaded["applied"]
+    assert reloaded["needs_restart"] == ["workloads.comfyui.stop_timeout"]
+    assert reloaded["requested_by"] == "signal:SIGHUP"
+    # The new thresholds judge the next samples: 6000 of 20480 MiB is 29 %, below 0.5.
+    node.hold("stray", 5000)  # 11000 MiB: 54 %, above the new warn
+    tier = daemon.wait_event("vram.tier", to="warn")[0]
+    assert tier["gpu"] == 0
+
+    # A config with problems: refused, named, nothing changes.
+    node.write(**{**sections, "thresholds": {**sections["thresholds"], "wran": 0.4}})
+    result = run_cli("--config", str(config), "reload")
+    assert result.returncode == 2, result
+    assert "wran" in result.stderr and "nothing changed" in result.stderr
+    failed = daemon.wait_event("config.reload_failed")[0]
+    assert "wran" in failed["message"]
+    assert daemon.status()["gpus"][0]["tier"] == "warn"  # still judged by 0.5
+    print(f"\nSIGHUP to config.reloaded: {took * 1000:.0f} ms")

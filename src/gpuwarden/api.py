@@ -295,6 +295,18 @@ async def _unblock(request: web.Request) -> web.Response:
     return web.json_response(result)
 
 
+async def _reload(request: web.Request) -> web.Response:
+    """Read the config file again; what could not be applied live is named."""
+    if request.can_read_body and await read_json(request) != {}:
+        raise BadRequest(422, "invalid request: (body): this route takes no body, or {}",
+                         [{"field": "(body)", "error": "must be empty or {}"}])
+    reload = request.app[SERVICE].reload
+    if reload is None:
+        raise BadRequest(409, "this daemon cannot reload", None)
+    result = await reload(request["requested_by"])
+    return web.json_response(result, status=200 if result["ok"] else 409)
+
+
 async def _events(request: web.Request) -> web.StreamResponse:
     problems = []
     values = {}
@@ -367,6 +379,7 @@ def build_app(service: Service, api: ApiConfig, metrics: Metrics, auth: ApiAuth,
     app.router.add_post("/v1/mode", _switch)
     app.router.add_get("/v1/switches/{id}", _switch_state)
     app.router.add_post("/v1/workloads/{name}/unblock", _unblock)
+    app.router.add_post("/v1/reload", _reload)
     app.router.add_get("/v1/events", _events)
     app.router.add_get("/v1/openapi.json", _openapi)
     return app

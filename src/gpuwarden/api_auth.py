@@ -246,14 +246,18 @@ class ApiAuth:
     """Bearer tokens, compared byte for byte in constant time, and signatures."""
 
     def __init__(self, config: ApiConfig, replay: ReplayGuard) -> None:
-        self._tokens = [(name, t.token.get_secret_value().encode(), t.require_signature)
-                        for name, t in config.tokens.items() if t.token is not None]
-        self._act_for = {name: frozenset(t.act_for) for name, t in config.tokens.items()}
+        self.set_tokens(config)
         secret = config.signing_secret
         self._key = whsec_key(secret.get_secret_value()) if secret is not None else None
         self._replay = replay
         self.open_read = config.open_read
         self.metrics_auth = config.metrics_need_auth()
+
+    def set_tokens(self, config: ApiConfig) -> None:
+        """The named tokens (at start, and on a reload)."""
+        self._tokens = [(name, t.token.get_secret_value().encode(), t.require_signature)
+                        for name, t in config.tokens.items() if t.token is not None]
+        self._act_for = {name: frozenset(t.act_for) for name, t in config.tokens.items()}
 
     def _bearer(self, header: bytes) -> tuple[str, bool]:
         """The token's name and whether it needs a signature. RFC 7235: the scheme is

@@ -504,6 +504,25 @@ def _switch_line(result: dict[str, Any]) -> str:
             f"{t.get('release_s', 0):.2f} s, start {t.get('start_s', 0):.2f} s)")
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    client = _client(args)
+    resp = client.request("POST", "/v1/reload")
+    body = _json_or_die(resp)
+    if args.json:
+        print(json.dumps(body, indent=2, sort_keys=True))
+    elif resp.status_code == 200:
+        print(body.get("message", "reloaded"))
+        for key in body.get("needs_restart", []):
+            print(f"  needs a restart: {key}")
+    else:
+        print(f"gpuwarden: {body.get('error', f'HTTP {resp.status_code}')}", file=sys.stderr)
+        for problem in body.get("problems", []):
+            print(f"  {problem}", file=sys.stderr)
+    if resp.status_code == 200:
+        return EXIT_OK
+    return EXIT_USAGE if resp.status_code == 409 and body.get("problems") else EXIT_FAILED
+
+
 def cmd_unblock(args: argparse.Namespace) -> int:
     client = _client(args)
     resp = client.request("POST", f"/v1/workloads/{args.workload}/unblock")
@@ -656,7 +675,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     config = _config_or_exit(args.config)
     _setup_logging()
     try:
-        return asyncio.run(run_daemon(config))
+        return asyncio.run(run_daemon(config, args.config))
     except GpuwardenError as exc:
         _die(str(exc), EXIT_FAILED)
 
@@ -714,7 +733,8 @@ class _Unused:
         pass
 
 
-VERBS = ("daemon", "demo", "status", "mode", "unblock", "events", "fleet", "secret",
+VERBS = ("daemon", "demo", "status", "mode", "unblock", "reload", "events", "fleet",
+         "secret",
          "discord-commands", "polkit-rule", "check-config")
 
 
@@ -806,6 +826,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                        help="lift a crash-loop block (refused unless VRAM is clear)")
     p.add_argument("workload", metavar="WORKLOAD", help="the blocked workload's name")
     p.set_defaults(func=cmd_unblock)
+    p = verb("reload", parents=[common, client, answer],
+             help="read the config again: thresholds, API tokens and Discord allowlists "
+                  "change at once, other changes are named as needing a restart; a "
+                  "config with problems changes nothing (exit 2); also SIGHUP and "
+                  "systemctl reload gpuwarden")
+    p.add_argument("--json", action="store_true", help="the answer as JSON")
+    p.set_defaults(func=cmd_reload)
     p = verb("events", parents=[common, client, answer],
                        help="recent events (the daemon keeps the last 1000); --follow tails")
     p.add_argument("--follow", "-f", action="store_true",

@@ -34,7 +34,7 @@ from .config import Config, config_warnings
 from .crashloop import CrashLoopGuard
 from .docker_events import ContainerEvent, DockerEventWatcher
 from .enforcement import ModeGuard
-from .errors import GpuwardenError
+from .errors import ConfigError, GpuwardenError
 from .events import AuditWriter, DurableEventIds, EventBus, Severity
 from .gpu.attribution import OwnerIndex
 from .gpu.backend import GpuBackend, open_backend
@@ -132,8 +132,11 @@ def needs_systemd(config: Config) -> bool:
 class Daemon:
     """The running service. `setup()`, then `wait()`, and always `cleanup()`."""
 
-    def __init__(self, config: Config, *, audit: AuditWriter | None = None) -> None:
+    def __init__(self, config: Config, *, audit: AuditWriter | None = None,
+                 path: str | Path | None = None) -> None:
         self.config = config
+        self._config_path = path  # None: the default search ($GPUWARDEN_CONFIG, /etc)
+        self._auth: ApiAuth | None = None
         self.state = DaemonState.NEW
         self.stop_requested = asyncio.Event()
         self.notifier = Notifier()
@@ -235,6 +238,11 @@ class Daemon:
         self._scheduler.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_requested.set)
+        # A closed terminal or a dropped SSH session sends SIGHUP; so does an operator
+        # who wants the config read again (as Prometheus and nginx do): a reload.
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(
+            self._reload_quietly("signal:SIGHUP")))
+        self.service.reload = self.reload
         self.bus.publish(
             "daemon.started", f"gpuwarden started ({self._backend.name} backend, "
             f"socket {cfg.daemon.socket})", backend=self._backend.name,
@@ -243,6 +251,60 @@ class Daemon:
         await self._start_discord()
         self.notifier.ready(self._status_line())
         self._restore_task = loop.create_task(self._restore())
+
+    async def _reload_quietly(self, requested_by: str) -> None:
+        await self.reload(requested_by)  # its outcome is in its event
+
+    async def reload(self, requested_by: str) -> dict[str, Any]:
+        """Read the config file again and apply what can change while running: the
+        thresholds, the API's tokens and Discord's allowlists. Every other change is
+        named as needing a restart, never silently ignored. A config that fails
+        check-config changes nothing. Audited as config.reloaded or
+        config.reload_failed."""
+        from .config import load_config
+
+        try:
+            new = await asyncio.to_thread(load_config, self._config_path)
+        except ConfigError as exc:
+            problems = list(exc.problems) or [str(exc)]
+            self.bus.publish(
+                "config.reload_failed", "config not reloaded, the running one stays: "
+                + "; ".join(problems[:5]), severity=Severity.ERROR,
+                requested_by=requested_by, problems=problems)
+            return {"ok": False, "error": "the config has problems; nothing changed",
+                    "problems": problems}
+        changed = _changed_keys(self.config, new)
+        applied: list[str] = []
+        update: dict[str, Any] = {}
+        if any(k.startswith("thresholds.") for k in changed):
+            assert self.service is not None
+            self.service.watchdog.set_thresholds(new.thresholds)
+            update["thresholds"] = new.thresholds
+            applied += [k for k in changed if k.startswith("thresholds.")]
+        if any(k.startswith("api.tokens") for k in changed) and self._auth is not None:
+            self._auth.set_tokens(new.api)
+            update["api"] = self.config.api.model_copy(update={"tokens": new.api.tokens})
+            applied += [k for k in changed if k.startswith("api.tokens")]
+        lists = ("discord.allowed_role_ids", "discord.allowed_user_ids")
+        if any(k in lists for k in changed):
+            discord = self.config.discord.model_copy(update={
+                "allowed_role_ids": new.discord.allowed_role_ids,
+                "allowed_user_ids": new.discord.allowed_user_ids})
+            update["discord"] = discord
+            applied += [k for k in changed if k in lists]
+        if update:
+            self.config = self.config.model_copy(update=update)
+            if self._discord is not None:
+                self._discord.config = self.config
+        restart = [k for k in changed if k not in applied]
+        message = (f"config reloaded: {len(applied)} change(s) applied"
+                   + (f", {len(restart)} need a restart ({', '.join(restart[:8])}"
+                      f"{', ...' if len(restart) > 8 else ''})" if restart else ""))
+        self.bus.publish("config.reloaded", message,
+                         severity=Severity.WARNING if restart else Severity.INFO,
+                         requested_by=requested_by, applied=applied, needs_restart=restart)
+        return {"ok": True, "applied": applied, "needs_restart": restart,
+                "message": message}
 
     async def _restore(self) -> None:
         """Stop what an earlier daemon left running, then restore each GPU's mode."""
@@ -469,7 +531,8 @@ class Daemon:
         logging.getLogger("gpuwarden.http").addFilter(self._storms.http_filter)
         self._auth_failures = AuthFailures(api.auth_failure_burst, api.auth_failure_rate,
                                            self.bus)
-        auth = ApiAuth(api, ReplayGuard(self.config.daemon.state_dir / "api-replay.json"))
+        auth = self._auth = ApiAuth(api, ReplayGuard(self.config.daemon.state_dir /
+                                                     "api-replay.json"))
 
         def app() -> web.Application:
             assert self.service is not None and self._auth_failures is not None
@@ -517,7 +580,7 @@ class Daemon:
         self.bus.publish("daemon.stopping", "gpuwarden stopping", pid=os.getpid())
         errors: list[BaseException] = []
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         if self._scheduler is not None and self._scheduler.running:
             self._scheduler.shutdown(wait=False)
@@ -614,8 +677,27 @@ def _claim_socket_path(path: Path) -> None:
     raise GpuwardenError(f"another gpuwarden daemon is listening on {path}")
 
 
-async def run_daemon(config: Config) -> int:
-    daemon = Daemon(config)
+def _changed_keys(old: Config, new: Config) -> list[str]:
+    """The dotted keys whose values differ between two configs (secrets compared by
+    value, never shown)."""
+    def flat(doc: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(doc, dict):
+            found: dict[str, Any] = {}
+            for key, value in doc.items():
+                found.update(flat(value, f"{prefix}{key}."))
+            return found
+        return {prefix.rstrip("."): doc}
+
+    def dump(config: Config) -> dict[str, Any]:
+        # Python mode: a SecretStr stays one, and compares by its value.
+        return flat(config.model_dump(mode="python"))
+    before, after = dump(old), dump(new)
+    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+
+
+async def run_daemon(config: Config, path: str | Path | None = None) -> int:
+    """Run the daemon; `path`: the file `config` came from, read again on a reload."""
+    daemon = Daemon(config, path=path)
     try:
         await daemon.setup()
         await daemon.wait()

@@ -145,7 +145,7 @@ def run_demo(folder: Path | None) -> int:
         file=sys.stderr, flush=True,
     )
     try:
-        return asyncio.run(run_daemon(config))
+        return asyncio.run(run_daemon(config, path))
     except KeyboardInterrupt:
         return 0
     finally:

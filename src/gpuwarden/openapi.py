@@ -130,6 +130,19 @@ def openapi_document(config: Config) -> dict[str, Any]:
                 "responses": {"200": _json({"$ref": "#/components/schemas/SwitchState"},
                                            "the switch"),
                               **_errors(404)}}},
+            "/v1/reload": {"post": {
+                "summary": "read the config file again: thresholds, API tokens and Discord "
+                           "allowlists change live; other changes are named as needing a "
+                           "restart (409 when the file has problems: nothing changes)",
+                "security": secured,
+                "requestBody": {"required": False, "content": {"application/json": {
+                    "schema": {"type": "object", "additionalProperties": False}}}},
+                "responses": {"200": _json({"type": "object", "properties": {
+                    "ok": {"type": "boolean"},
+                    "applied": {"type": "array", "items": {"type": "string"}},
+                    "needs_restart": {"type": "array", "items": {"type": "string"}},
+                    "message": {"type": "string"}}}, "reloaded"),
+                    **_errors(409, 413, 415, 422)}}},
             "/v1/workloads/{name}/unblock": {"post": {
                 "summary": "lift a crash-loop block (409 unless VRAM is clear)",
                 "security": secured,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +74,8 @@ class Service:
         self._mode_workloads = {name: tuple(mode.workloads)
                                 for name, mode in config.all_modes().items()}
         self.http: httpx.AsyncClient | None = None  # the daemon's, for ComfyUI queues
+        # Read the config again and apply what can change live (set by the daemon).
+        self.reload: Callable[[str], Awaitable[dict[str, Any]]] | None = None
         # Each running ComfyUI's jobs as last read (read_queues), for status.
         self._jobs: dict[str, dict[str, Any]] = {}
 
@@ -130,6 +132,10 @@ class Service:
                 blocked=set(self._state.blocks),
             )
         return critical
+
+    @property
+    def watchdog(self) -> Watchdog:
+        return self._watchdog
 
     @property
     def workload_statuses(self) -> dict[str, WorkloadStatus]:

@@ -45,6 +45,11 @@ class TierTracker:
     """The tier of one GPU, fed one used fraction per sample."""
 
     def __init__(self, thresholds: ThresholdsConfig) -> None:
+        self.set_thresholds(thresholds)
+        self.tier = Tier.OK
+        self._above: list[Tier] = []  # raw tiers of consecutive samples above `tier`
+
+    def set_thresholds(self, thresholds: ThresholdsConfig) -> None:
         self._limits = {
             Tier.WARN: thresholds.warn,
             Tier.ALERT: thresholds.alert,
@@ -52,8 +57,6 @@ class TierTracker:
         }
         self._margin = thresholds.clear_margin
         self._sustain = thresholds.sustain
-        self.tier = Tier.OK
-        self._above: list[Tier] = []  # raw tiers of consecutive samples above `tier`
 
     def _raw(self, fraction: float, margin: float = 0.0) -> Tier:
         tier = Tier.OK
@@ -210,6 +213,13 @@ class Watchdog:
         # Alert groups a receiver was sent an alert for before a restart and no
         # resolution yet: resolved at the first sample that finds them clear.
         self.unresolved: set[str] = set()
+
+    def set_thresholds(self, thresholds: ThresholdsConfig) -> None:
+        """New tier limits (a reload): each GPU keeps its tier, judged by them from the
+        next sample on."""
+        self._thresholds = thresholds
+        for watch in self._gpus.values():
+            watch.tracker.set_thresholds(thresholds)
 
     def tier(self, gpu: int) -> Tier:
         watch = self._gpus.get(gpu)
