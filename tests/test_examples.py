@@ -64,3 +64,5 @@ def test_compose_clients_point_at_the_proxies_and_the_workloads_behind_them() ->
     proxy = "http://" + config.proxy["ollama"].listen
     assert services["open-webui"]["environment"]["OLLAMA_BASE_URL"] == proxy
     assert services["anythingllm"]["environment"]["OLLAMA_BASE_PATH"] == proxy
+    assert services["open-webui"]["environment"]["COMFYUI_BASE_URL"] == \
+        "http://" + config.proxy["comfyui"].listen

@@ -40,9 +40,11 @@ import os
 import re
 import signal
 import socket
+import struct
 import sys
 import time
 import uuid
+import zlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -159,6 +161,19 @@ async def comfyui_guard(request: web.Request, handler: Handler) -> web.StreamRes
         if loopback and host_domain and origin_domain and host_domain != origin_domain:
             return web.Response(status=403)
     return await handler(request)
+
+
+def _png(width: int = 64, height: int = 64) -> bytes:
+    """A small valid PNG (a gradient): what SaveImage wrote, as far as a page can tell."""
+    rows = b"".join(b"\0" + b"".join(bytes((x * 4 % 256, y * 4 % 256, 160))
+                                      for x in range(width)) for y in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
 
 
 def now_iso() -> str:
@@ -592,6 +607,9 @@ class Comfy:
                 await self.send({"type": "execution_success", "data": {
                     "prompt_id": pid, "timestamp": int(time.time() * 1000)}}, client)
             status = "error" if interrupted else "success"
+            # On stdout too (the workload's log), since history dies with the process.
+            print(json.dumps({"job": pid, "status": status, "finished_at": time.time()}),
+                  flush=True)
             self.history[pid] = {"prompt": self.row(job),
                                  "outputs": {} if interrupted else {"9": {"images": images}},
                                  "status": {"status_str": status, "completed": not interrupted,
@@ -709,7 +727,9 @@ class Comfy:
 
         @routes.get("/view")
         async def view(request: web.Request) -> web.StreamResponse:
-            size = int(request.query.get("size", "1024"))
+            if "size" not in request.query:  # an image a browser can show
+                return web.Response(body=_png(), content_type="image/png")
+            size = int(request.query["size"])  # a download of that many bytes, for tests
             resp = web.StreamResponse(headers={"Content-Type": "image/png"})
             resp.content_length = size
             await resp.prepare(request)
