@@ -35,6 +35,8 @@ __all__ = ["ModeGuard"]
 
 log = logging.getLogger(__name__)
 
+# How many times the guard stops a workload that is started again while it stops it.
+_STOP_ATTEMPTS = 3
 # How often a lease whose workload still has jobs queued is looked at again.
 _LEASE_RECHECK_S = 10.0
 
@@ -54,6 +56,7 @@ class ModeGuard:
             w.config.container: name for name, w in workloads.items() if w.config.container
         }
         self._stopping: set[str] = set()
+        self._seen_again: set[str] = set()  # started again while being stopped
         self._lease_checked: dict[int, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -88,7 +91,10 @@ class ModeGuard:
     async def on_started(self, name: str, source: str) -> None:
         """A workload was seen starting (Docker event or periodic check)."""
         reason = self.violates(name)
-        if reason is None or name in self._stopping:
+        if reason is None:
+            return
+        if name in self._stopping:
+            self._seen_again.add(name)  # looked at again once this stop is over
             return
         self._stopping.add(name)
         try:
@@ -106,16 +112,32 @@ class ModeGuard:
                     severity=Severity.WARNING, workload=name, gpu=gpu,
                     mode=self._switcher.mode_of(gpu or 0), source=source,
                 )
-                try:
-                    # Killed, not stopped gracefully: it holds VRAM the active mode counts
-                    # on, and it runs no work of that mode's that a grace could save.
-                    await self._supervisor.stop_locked(name, by="mode guard", reason=reason,
-                                                       grace=0.0, before=status)
-                except Exception as exc:
-                    self._bus.publish("mode.violation", f"could not stop {name}: {exc}",
-                                      severity=Severity.ERROR, workload=name, error=str(exc))
+                for attempt in range(_STOP_ATTEMPTS):
+                    try:
+                        # Killed, not stopped gracefully: it holds VRAM the active mode
+                        # counts on, and runs no work of that mode's a grace could save.
+                        await self._supervisor.stop_locked(name, by="mode guard",
+                                                           reason=reason, grace=0.0,
+                                                           before=status)
+                        break
+                    except Exception as exc:
+                        # Started again while it was being stopped (a restart policy, a
+                        # person): that start is stopped too, its event having found
+                        # this stop under way.
+                        again = await self._supervisor.status(name)
+                        if again.running and attempt + 1 < _STOP_ATTEMPTS and \
+                                again.started_at != status.started_at:
+                            status = again
+                            continue
+                        self._bus.publish("mode.violation", f"could not stop {name}: {exc}",
+                                          severity=Severity.ERROR, workload=name,
+                                          error=str(exc))
+                        break
         finally:
             self._stopping.discard(name)
+            if name in self._seen_again:
+                self._seen_again.discard(name)
+                self.spawn(self.on_started(name, source))
 
     def check(self, statuses: dict[str, WorkloadStatus]) -> None:
         """The periodic sweep: stray workloads, then leases (both in the background)."""
