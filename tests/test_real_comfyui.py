@@ -1,6 +1,7 @@
 """The real ComfyUI behind gpuwarden, end to end: as a process workload holding
 simulated VRAM (a `gpuwarden.gpu.hold` claim beside it), behind its demand proxy, with
-the Ollama stand-in in the other mode. Runs when GPUWARDEN_TEST_COMFYUI is a command
+the Ollama stand-in in the other mode; its own page in headless chromium through the
+proxy. Runs when GPUWARDEN_TEST_COMFYUI is a command
 that starts ComfyUI on `{port}` (test_upstream_contract.py's variable), and prints the
 figures the README quotes; skips otherwise, saying why.
 """
@@ -14,6 +15,7 @@ import shlex
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -114,4 +116,39 @@ def test_real_comfyui_through_its_proxy(node: SimNode, start_daemon: Any) -> Non
         figures.append(f"{where}: page {page.status_code}, /queue {queue.status_code}, "
                        f"/prompt {post.status_code} with the page's own Origin")
         assert (page.status_code, queue.status_code, post.status_code) == (200, 200, 200)
+
+    # ComfyUI's own page through the proxy, in a browser: it loads, queues a workflow
+    # (Run) and shows the result on its canvas.
+    figures.append(_page_in_a_browser(proxy, node.root / "comfyui-page.png"))
     print("\n" + "\n".join(figures))
+
+
+def _page_in_a_browser(proxy: str, screenshot: Path) -> str:
+    from playwright.sync_api import sync_playwright
+
+    from .test_open_webui import CHROMIUM, CHROMIUM_ARGS
+
+    flow = quick_workflow(int(time.time()) + 11)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                     args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        # Only loopback: the page's calls to other hosts (ComfyUI's own services) fail.
+        page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(
+            ("http://127.0.0.1:", "ws://127.0.0.1:", "data:", "blob:")) else route.abort())
+        t0 = time.monotonic()
+        page.goto(proxy + "/")
+        page.wait_for_function("() => window.app && window.app.graph", timeout=120_000)
+        loaded = time.monotonic() - t0
+        page.evaluate("(flow) => window.app.loadApiJson(flow, 'gpuwarden.json')", flow)
+        t0 = time.monotonic()
+        page.get_by_role("button", name="Run", exact=True).click()
+        page.wait_for_function(
+            """() => (window.app.graph._nodes || window.app.graph.nodes).some(
+                   n => n.imgs && n.imgs.length && n.imgs[0].complete
+                        && n.imgs[0].naturalWidth > 0)""", timeout=120_000)
+        shown = time.monotonic() - t0
+        page.screenshot(path=str(screenshot))
+        browser.close()
+    return (f"ComfyUI's page through the proxy: loaded in {loaded:.1f} s, Run to the "
+            f"result on its canvas {shown:.2f} s (screenshot {screenshot})")
