@@ -373,7 +373,10 @@ def cmd_mode(args: argparse.Namespace) -> int:
     ok = bool(body.get("ok"))
     # An unknown mode, a GPU the mode is not on, a malformed request: bad usage.
     bad_input = resp.status_code in (400, 404, 422)
+    code = EXIT_USAGE if bad_input else EXIT_OK if ok else EXIT_FAILED
     if args.json:
+        if code:
+            body["exit_code"] = code
         print(json.dumps(body, indent=2, sort_keys=True))
     elif bad_input:
         print(f"gpuwarden: {body.get('error')}", file=sys.stderr)
@@ -387,9 +390,7 @@ def cmd_mode(args: argparse.Namespace) -> int:
         print(f"switch to {args.mode} under way on GPU {body['gpu']} (id {body['id']})")
     else:
         print(_switch_line(body))
-    if bad_input:
-        return EXIT_USAGE
-    return EXIT_OK if ok else EXIT_FAILED
+    return code
 
 
 # The events that end a switch: its result is then read once.
@@ -508,19 +509,22 @@ def cmd_reload(args: argparse.Namespace) -> int:
     client = _client(args)
     resp = client.request("POST", "/v1/reload")
     body = _json_or_die(resp)
+    code = EXIT_OK if resp.status_code == 200 else \
+        EXIT_USAGE if resp.status_code == 409 and body.get("problems") else EXIT_FAILED
     if args.json:
-        print(json.dumps(body, indent=2, sort_keys=True))
+        print(json.dumps({**body, **({"exit_code": code} if code else {})}, indent=2,
+                         sort_keys=True))
     elif resp.status_code == 200:
         print(body.get("message", "reloaded"))
+        for key in body.get("applied", []):
+            print(f"  applied: {key}")
         for key in body.get("needs_restart", []):
             print(f"  needs a restart: {key}")
     else:
         print(f"gpuwarden: {body.get('error', f'HTTP {resp.status_code}')}", file=sys.stderr)
         for problem in body.get("problems", []):
             print(f"  {problem}", file=sys.stderr)
-    if resp.status_code == 200:
-        return EXIT_OK
-    return EXIT_USAGE if resp.status_code == 409 and body.get("problems") else EXIT_FAILED
+    return code
 
 
 def cmd_unblock(args: argparse.Namespace) -> int:

@@ -596,6 +596,11 @@ def config_warnings(config: Config) -> list[str]:
                 f"proxy.{name}.allowed_hosts: names hosts, but listen {proxy.listen} is a "
                 "loopback address, which containers on a bridge network and other hosts "
                 "cannot reach: listen on an address they reach for those names to matter")
+        if address is not None and not loopback and not _is_local_address(address[0]):
+            warnings.append(
+                f"proxy.{name}.listen: {address[0]} is not an address of this host now; "
+                "the daemon cannot start until it is (a Docker bridge's gateway exists "
+                "while Docker runs)")
         if address is not None and not loopback:
             warnings.append(
                 f"proxy.{name}.listen: {proxy.listen} is reachable from other hosts, and the "
@@ -620,6 +625,19 @@ def config_warnings(config: Config) -> list[str]:
                     "preempts; raise workloads.NAME.priority")
     warnings.extend(_open_files_warnings(config))
     return warnings
+
+
+def _is_local_address(host: str) -> bool:
+    """Whether `host` is a wildcard or one of this host's interface addresses now."""
+    import socket
+
+    import psutil
+
+    if host in ("0.0.0.0", "::", ""):
+        return True
+    return any(a.address.split("%", 1)[0] == host
+               for addresses in psutil.net_if_addrs().values() for a in addresses
+               if a.family in (socket.AF_INET, socket.AF_INET6))
 
 
 # The shipped unit's LimitNOFILE= (systemd/gpuwarden.service).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import errno
 import grp
 import logging
 import os
@@ -514,10 +515,15 @@ class Daemon:
         try:
             await proxies.start()
         except OSError as exc:
-            raise GpuwardenError(
-                f"a demand proxy cannot listen: {exc}. Is the workload itself still on "
-                "that address? Move it to another port (its url) and leave the proxy "
-                "the address clients use ([proxy.NAME] listen)") from exc
+            if exc.errno == errno.EADDRNOTAVAIL:
+                hint = ("that address is not one of this host's (yet): a bridge's gateway "
+                        "exists only while Docker runs (start gpuwarden after it), or fix "
+                        "[proxy.NAME] listen")
+            else:
+                hint = ("is the workload itself still on that address? Move it to another "
+                        "port (its url) and leave the proxy the address clients use "
+                        "([proxy.NAME] listen)")
+            raise GpuwardenError(f"a demand proxy cannot listen: {exc}; {hint}") from exc
         self._proxies = proxies
         self.service.status_sections["proxies"] = proxies.status
         self.metrics.proxy_budgets = proxies.budgets
