@@ -115,6 +115,15 @@ def two_process_modes(node: SimNode, **extra: dict[str, Any]) -> dict[str, dict[
     return sections
 
 
+def wait_for(condition: Any, what: str, timeout: float = 30) -> Any:
+    """condition()'s first truthy value, polled until `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while not (found := condition()):
+        assert time.monotonic() < deadline, f"never saw {what}"
+        time.sleep(0.05)
+    return found
+
+
 def processes_naming(folder: str) -> list[Any]:
     """Live processes (not zombies, not this one) whose command line names `folder`."""
     import psutil

@@ -7,12 +7,19 @@ import json
 import os
 import signal
 import subprocess
-import time
 from typing import Any
 
 import pytest
 
-from .conftest import PYTHON, Containers, DaemonProcess, SimNode, run_cli, two_process_modes
+from .conftest import (
+    PYTHON,
+    Containers,
+    DaemonProcess,
+    SimNode,
+    run_cli,
+    two_process_modes,
+    wait_for,
+)
 from .standins import ComfyStandIn
 from .test_modes_docker import ExclusivityProbe, docker_config, holder_containers, switch
 
@@ -20,14 +27,6 @@ from .test_modes_docker import ExclusivityProbe, docker_config, holder_container
 def gpu_state(node: SimNode) -> dict[str, Any]:
     doc: dict[str, Any] = json.loads((node.state_dir / "state.json").read_text())
     return doc
-
-
-def wait_for(condition: Any, what: str, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (found := condition()):
-        assert time.monotonic() < deadline, f"never saw {what}"
-        time.sleep(0.05)
-    return found
 
 
 def workload(daemon: DaemonProcess, name: str) -> dict[str, Any]:

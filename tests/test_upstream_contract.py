@@ -35,6 +35,7 @@ import httpx
 import psutil
 import pytest
 
+from .conftest import wait_for
 from .standins import free_port
 
 
@@ -166,14 +167,6 @@ def queue(up: Upstream) -> dict[str, Any]:
     return doc
 
 
-def wait_for(condition: Any, what: str, timeout: float = 120) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (found := condition()):
-        assert time.monotonic() < deadline, f"never saw {what}"
-        time.sleep(0.05)
-    return found
-
-
 def running_id(up: Upstream) -> str | None:
     rows = queue(up)["queue_running"]
     return str(rows[0][1]) if rows else None
@@ -188,7 +181,7 @@ def history_of(up: Upstream, prompt_id: str) -> dict[str, Any] | None:
 def start_slow(up: Upstream) -> str:
     """A job that runs for many seconds (the stand-in: 60), running once this returns."""
     pid = post_prompt(up, slow_workflow(next(_SEEDS)), seconds=60.0)["prompt_id"]
-    wait_for(lambda: running_id(up) == pid, "the slow job running")
+    wait_for(lambda: running_id(up) == pid, "the slow job running", 120)
     return str(pid)
 
 
@@ -196,7 +189,7 @@ def empty_queue(up: Upstream) -> None:
     httpx.post(f"{up.url}/queue", json={"clear": True}, timeout=10)
     httpx.post(f"{up.url}/interrupt", json={}, timeout=10)
     wait_for(lambda: queue(up) == {"queue_running": [], "queue_pending": []},
-             "an empty queue")
+             "an empty queue", 120)
 
 
 def test_comfyui_refuses_a_foreign_origin_on_a_loopback_host(comfyui: Upstream) -> None:
@@ -259,7 +252,8 @@ def test_comfyui_interrupt_acts_only_on_the_running_job(comfyui: Upstream) -> No
         # Without an id: the running job ends, interrupted; the pending one starts.
         assert httpx.post(f"{comfyui.url}/interrupt", timeout=10).status_code == 200
         wait_for(lambda: running_id(comfyui) == waiting, "the pending job started", 60)
-        entry = wait_for(lambda: history_of(comfyui, running), "the interrupted job's history")
+        entry = wait_for(lambda: history_of(comfyui, running),
+                         "the interrupted job's history", 120)
         assert entry["status"]["status_str"] == "error"
         assert entry["status"]["completed"] is False
     finally:
@@ -268,7 +262,7 @@ def test_comfyui_interrupt_acts_only_on_the_running_job(comfyui: Upstream) -> No
 
 def test_comfyui_free_only_sets_flags_and_never_interrupts(comfyui: Upstream) -> None:
     pid = post_prompt(comfyui, slow_workflow(next(_SEEDS), steps=2), seconds=2.0)["prompt_id"]
-    wait_for(lambda: running_id(comfyui) == pid, "the job running")
+    wait_for(lambda: running_id(comfyui) == pid, "the job running", 120)
     resp = httpx.post(f"{comfyui.url}/free", json={"unload_models": True, "free_memory": True},
                       timeout=10)
     assert resp.status_code == 200 and resp.content == b""

@@ -285,19 +285,13 @@ class WorkloadProxy:
         """The whole body, each piece within body_timeout of the last (_BodyStalled)."""
         parts: list[bytes] = []
         size = 0
-        while True:
-            try:
-                async with asyncio.timeout(self._body_timeout):
-                    part = await request.content.readany()
-            except TimeoutError:
-                raise _BodyStalled() from None
-            if not part:
-                return b"".join(parts)
+        async for part in self._streamed_body(request):
             size += len(part)
             if size > _CLASSIFY_BODY_LIMIT:
                 raise web.HTTPRequestEntityTooLarge(max_size=_CLASSIFY_BODY_LIMIT,
                                                     actual_size=size)
             parts.append(part)
+        return b"".join(parts)
 
     async def _streamed_body(self, request: web.Request) -> Any:
         """The body as it comes, for the upstream, each piece within body_timeout."""
@@ -493,8 +487,7 @@ class WorkloadProxy:
             self._count("unavailable")
             return self._unavailable(request)
         assert self._session is not None
-        protocols = [p.strip() for p in
-                     request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+        protocols = _protocols(request)
         try:
             upstream = await self._session.ws_connect(
                 self.upstream + request.raw_path, headers=self._socket_headers(request),
@@ -525,8 +518,7 @@ class WorkloadProxy:
 
     async def _comfy_socket(self, request: web.Request) -> web.StreamResponse:
         assert self._session is not None
-        protocols = [p.strip() for p in
-                     request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+        protocols = _protocols(request)
         headers = self._socket_headers(request)
         # ComfyUI names a socket by its clientId, and sends a prompt's progress only to
         # the socket named in the prompt: the upstream socket must carry the same one.
@@ -602,6 +594,12 @@ class _HeldSocket:
 
     client_id: str
     bridged: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def _protocols(request: web.Request) -> list[str]:
+    """The websocket subprotocols a client offers."""
+    offered = request.headers.get("Sec-WebSocket-Protocol", "")
+    return [p.strip() for p in offered.split(",") if p.strip()]
 
 
 async def _bridge(client: web.WebSocketResponse, upstream: Any) -> None:
