@@ -518,8 +518,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
         print(body.get("message", "reloaded"))
         for key in body.get("applied", []):
             print(f"  applied: {key}")
-        for key in body.get("needs_restart", []):
-            print(f"  needs a restart: {key}")
+        for key, why in sorted(body.get("not_applied", {}).items()):
+            print(f"  not applied: {key}: {why}")
     else:
         print(f"gpuwarden: {body.get('error', f'HTTP {resp.status_code}')}", file=sys.stderr)
         for problem in body.get("problems", []):
@@ -694,7 +694,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _setup_logging()
     from pathlib import Path
 
-    return run_demo(Path(args.dir) if args.dir else None)
+    return run_demo(Path(args.dir) if args.dir else None, crash_loop=args.crash_loop)
 
 
 def _setup_logging() -> None:
@@ -804,6 +804,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p = verb("demo", parents=[common],
                        help="a whole simulated node, no GPU or Docker needed")
     p.add_argument("--dir", help="where to put its config, ledger and state (default: temp)")
+    p.add_argument("--crash-loop", action="store_true",
+                   help="add crashy to mode llm: a workload that keeps crashing, restarted "
+                        "by its restart policy until the crash-loop guard blocks it")
     p.set_defaults(func=cmd_demo)
     p = verb("status", parents=[common, client, answer],
                        help="GPUs, tier, mode, workloads, blocks")

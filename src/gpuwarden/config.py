@@ -623,6 +623,16 @@ def config_warnings(config: Config) -> list[str]:
                     f"proxy.{name}.preempt: true, but mode {mode!r} (priority {own}, its "
                     "workloads' highest) is not above any other mode on its GPU, so it never "
                     "preempts; raise workloads.NAME.priority")
+    from .daemon import process_runner  # here: the daemon imports this module
+
+    if process_runner(config) == "systemd":
+        for name, wl in config.workloads.items():
+            if wl.kind == "process" and wl.restart_policy != "no":
+                warnings.append(
+                    f"workloads.{name}.restart_policy: applies to process workloads run as "
+                    "children; run as a transient unit (as here) it is not restarted: a "
+                    "kind = \"systemd\" unit with "
+                    "Restart= is, watched by the crash-loop guard")
     warnings.extend(_open_files_warnings(config))
     return warnings
 

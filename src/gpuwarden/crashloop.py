@@ -64,13 +64,13 @@ class CrashLoopGuard:
         self._sampler = sampler
         self._switcher = switcher
         self._verifier = ReleaseVerifier(config.release.tolerance_mib)
-        self._by_container = {
-            w.config.container: name for name, w in workloads.items()
-            if isinstance(w, DockerWorkload)
-        }
         self._history: dict[str, _History] = {}
         self._blocking: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def reconfigure(self, config: Config) -> None:
+        """Use a reloaded config (the workloads dict is shared, and changed in place)."""
+        self._config = config
 
     def limits(self, name: str) -> tuple[int, float]:
         wl = self._workloads[name].config
@@ -80,6 +80,10 @@ class CrashLoopGuard:
     def is_blocked(self, name: str) -> bool:
         return name in self._state.blocks
 
+    def holds_down(self, name: str) -> bool:
+        """Blocked, or being blocked now: nothing may start it."""
+        return name in self._state.blocks or name in self._blocking
+
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
@@ -87,7 +91,9 @@ class CrashLoopGuard:
 
     def on_event(self, event: ContainerEvent) -> None:
         """Feed one container event (on the loop; Docker calls are spawned)."""
-        name = self._by_container.get(event.name)
+        name = next((n for n, w in self._workloads.items()
+                     if isinstance(w, DockerWorkload) and w.config.container == event.name),
+                    None)
         if name is not None:
             self.observe(name, event.action, event.time_ns / 1e9,
                          event.attributes.get("exitCode"))
@@ -188,7 +194,9 @@ class CrashLoopGuard:
                 except WorkloadError as exc:
                     errors.append(str(exc))
             held = (f"stopped, {workload.unit} masked for this boot" if masked else "stopped")\
-                if isinstance(workload, SystemdWorkload) else "restart policy set to no, stopped"
+                if isinstance(workload, SystemdWorkload) else \
+                "restart policy set to no, stopped" if isinstance(workload, DockerWorkload) \
+                else "its restarts held, stopped"
             figures = await self._figures(name)
             self._bus.publish(
                 "crashloop.blocked",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import errno
 import grp
@@ -31,7 +32,7 @@ from .api_server import (
     serve,
 )
 from .audit import open_audit
-from .config import Config, config_warnings
+from .config import Config, WorkloadConfig, config_warnings, parse_listen
 from .crashloop import CrashLoopGuard
 from .docker_events import ContainerEvent, DockerEventWatcher
 from .enforcement import ModeGuard
@@ -42,13 +43,15 @@ from .gpu.backend import GpuBackend, open_backend
 from .metrics import Metrics
 from .modes import ModeSwitcher
 from .protect import ProtectiveActions
+from .reload import InUse, ReloadPlan, plan_reload
+from .restarts import ChildRestarter
 from .sdnotify import Notifier
 from .service import Service
 from .sinks import DiscordWebhookSink, N8nSink, OutboxSink, severity_named
 from .state import StateStore
 from .systemd_dbus import SystemdBus, SystemdBusError
 from .watchdog import LeakDetector, Watchdog
-from .workloads.base import Workload
+from .workloads.base import Workload, WorkloadState
 from .workloads.docker import DockerClientFactory, DockerWorkload
 from .workloads.process import ProcessWorkload, TransientUnitWorkload
 from .workloads.supervisor import WorkloadSupervisor
@@ -103,13 +106,19 @@ def process_runner(config: Config) -> str:
 
 
 def build_workloads(config: Config, owners: OwnerIndex,
-                    systemd: SystemdBus | None = None) -> dict[str, Workload]:
-    """The workload objects; `systemd` is needed for units and transient units."""
+                    systemd: SystemdBus | None = None, *,
+                    clients: DockerClientFactory | None = None,
+                    only: set[str] | None = None) -> dict[str, Workload]:
+    """The workload objects (of the names in `only`, if given); `systemd` is needed for
+    units and transient units."""
     workloads: dict[str, Workload] = {}
     log_dir = config.daemon.state_dir / "logs"
-    clients = DockerClientFactory(config.docker)  # one engine, one client for every container
+    # One engine, one client for every container.
+    clients = clients or DockerClientFactory(config.docker)
     transient = process_runner(config) == "systemd"
     for name, wl in config.workloads.items():
+        if only is not None and name not in only:
+            continue
         if wl.kind == "process" and transient:
             assert systemd is not None
             workloads[name] = TransientUnitWorkload(name, wl, bus=systemd, owners=owners)
@@ -168,6 +177,9 @@ class Daemon:
         self.service: Service | None = None
         self._proxies: DemandProxies | None = None
         self._queue_reader: asyncio.Task[None] | None = None
+        self._reload_lock = asyncio.Lock()
+        self._docker_clients = DockerClientFactory(config.docker)
+        self._restarter: ChildRestarter | None = None
 
     async def setup(self) -> None:
         if self.state is not DaemonState.NEW:
@@ -184,7 +196,8 @@ class Daemon:
         self._backend = open_backend(cfg)
         if needs_systemd(cfg):
             self._systemd = SystemdBus()
-        self._workloads = build_workloads(cfg, owners, self._systemd)
+        self._workloads = build_workloads(cfg, owners, self._systemd,
+                                          clients=self._docker_clients)
         leaks = LeakDetector(cfg.thresholds.sustain, cfg.watchdog, cfg.release.tolerance_mib,
                              self.bus)
         watchdog = Watchdog(cfg.thresholds, self.bus, leaks, cfg.watchdog.tier_reminder)
@@ -216,15 +229,14 @@ class Daemon:
                                           self.service.sample_blocking,
                                           lambda: self.service.workload_statuses
                                           if self.service else {})
-        if any(w.kind in ("docker", "systemd") for w in self._workloads.values()):
-            self._crashloop = CrashLoopGuard(cfg, self._workloads, supervisor, persisted,
-                                             store, self.bus, self.service.sample_blocking,
-                                             self._switcher)
-            self.service.crashloop = self._crashloop
-        if any(w.kind == "docker" for w in self._workloads.values()):
-            self._docker_events = DockerEventWatcher(cfg.docker, self._on_docker_event,
-                                                     self._on_docker_connection)
-            self._docker_events.start(loop)
+        self._crashloop = CrashLoopGuard(cfg, self._workloads, supervisor, persisted,
+                                         store, self.bus, self.service.sample_blocking,
+                                         self._switcher)
+        self.service.crashloop = self._crashloop
+        self._restarter = ChildRestarter(cfg, self._workloads, supervisor, self._switcher,
+                                         self._crashloop, self.bus)
+        self._restarter.attach(loop)
+        self._watch_docker()
         await self._watch_units()
 
         await self._tick()
@@ -257,55 +269,151 @@ class Daemon:
         await self.reload(requested_by)  # its outcome is in its event
 
     async def reload(self, requested_by: str) -> dict[str, Any]:
-        """Read the config file again and apply what can change while running: the
-        thresholds, the API's tokens and Discord's allowlists. Every other change is
-        named as needing a restart, never silently ignored. A config that fails
-        check-config changes nothing. Audited as config.reloaded or
-        config.reload_failed."""
+        """Read the config file again and apply what can change while running (see
+        `reload.plan_reload`); every other change is named with why, never silently
+        ignored. A config that fails check-config changes nothing. One reload at a
+        time; audited as config.reloaded or config.reload_failed."""
         from .config import load_config
 
-        try:
-            new = await asyncio.to_thread(load_config, self._config_path)
-        except ConfigError as exc:
-            problems = list(exc.problems) or [str(exc)]
-            self.bus.publish(
-                "config.reload_failed", "config not reloaded, the running one stays: "
-                + "; ".join(problems[:5]), severity=Severity.ERROR,
-                requested_by=requested_by, problems=problems)
-            return {"ok": False, "error": "the config has problems; nothing changed",
-                    "problems": problems}
-        changed = _changed_keys(self.config, new)
-        applied: list[str] = []
-        update: dict[str, Any] = {}
-        if any(k.startswith("thresholds.") for k in changed):
-            assert self.service is not None
-            self.service.watchdog.set_thresholds(new.thresholds)
-            update["thresholds"] = new.thresholds
-            applied += [k for k in changed if k.startswith("thresholds.")]
-        if any(k.startswith("api.tokens") for k in changed) and self._auth is not None:
-            self._auth.set_tokens(new.api)
-            update["api"] = self.config.api.model_copy(update={"tokens": new.api.tokens})
-            applied += [k for k in changed if k.startswith("api.tokens")]
-        lists = ("discord.allowed_role_ids", "discord.allowed_user_ids")
-        if any(k in lists for k in changed):
-            discord = self.config.discord.model_copy(update={
-                "allowed_role_ids": new.discord.allowed_role_ids,
-                "allowed_user_ids": new.discord.allowed_user_ids})
-            update["discord"] = discord
-            applied += [k for k in changed if k in lists]
-        if update:
-            self.config = self.config.model_copy(update=update)
-            if self._discord is not None:
-                self._discord.config = self.config
-        restart = [k for k in changed if k not in applied]
-        message = (f"config reloaded: {len(applied)} change(s) applied"
-                   + (f", {len(restart)} need a restart ({', '.join(restart[:8])}"
+        async with self._reload_lock:
+            try:
+                new = await asyncio.to_thread(load_config, self._config_path)
+            except ConfigError as exc:
+                problems = list(exc.problems) or [str(exc)]
+                self.bus.publish(
+                    "config.reload_failed", "config not reloaded, the running one stays: "
+                    + "; ".join(problems[:5]), severity=Severity.ERROR,
+                    requested_by=requested_by, problems=problems)
+                return {"ok": False, "error": "the config has problems; nothing changed",
+                        "problems": problems}
+            in_use = await self._in_use(new)
+            plan = plan_reload(self.config, new, in_use, self._cannot_run)
+            if plan.proxies and (taken := await self._taken_listens(plan.config)):
+                in_use = dataclasses.replace(in_use, proxies_busy=taken)
+                plan = plan_reload(self.config, new, in_use, self._cannot_run)
+            failure = await self._apply(plan)
+        restart = plan.needs_restart
+        message = (f"config reloaded: {len(plan.applied)} change(s) applied"
+                   + (f", {len(restart)} not applied ({', '.join(restart[:8])}"
                       f"{', ...' if len(restart) > 8 else ''})" if restart else ""))
+        if failure:
+            message += f"; {failure}"
         self.bus.publish("config.reloaded", message,
-                         severity=Severity.WARNING if restart else Severity.INFO,
-                         requested_by=requested_by, applied=applied, needs_restart=restart)
-        return {"ok": True, "applied": applied, "needs_restart": restart,
-                "message": message}
+                         severity=Severity.ERROR if failure else
+                         Severity.WARNING if restart else Severity.INFO,
+                         requested_by=requested_by, applied=plan.applied,
+                         needs_restart=restart, not_applied=plan.not_applied)
+        return {"ok": True, "applied": plan.applied, "needs_restart": restart,
+                "not_applied": plan.not_applied, "message": message}
+
+    async def _in_use(self, new: Config) -> InUse:
+        """What a reload must leave alone now: running workloads (or any whose state
+        cannot be read: fail closed), the active modes and theirs, a running switch,
+        requests at the proxies."""
+        assert self.service is not None and self.service.supervisor is not None
+        assert self._switcher is not None
+        statuses = await self.service.supervisor.statuses(list(self._workloads))
+        workloads = {n for n, s in statuses.items()
+                     if s.state not in (WorkloadState.STOPPED, WorkloadState.MISSING)}
+        gpus = set(self.config.gpu_indices()) | set(new.gpu_indices())
+        modes = {m for g in gpus if (m := self._switcher.mode_of(g)) is not None}
+        for mode in modes:
+            workloads |= set(self.service.workload_names(mode))
+        switching = any(self._switcher.switching(g) for g in gpus) or \
+            self._restore_task is None or not self._restore_task.done()
+        busy = self._proxies.busy() if self._proxies is not None else 0
+        return InUse(
+            workloads=frozenset(workloads), modes=frozenset(modes), switching=switching,
+            proxies_busy=f"{busy} request(s) wait or run at the demand proxies: reload "
+            "again when they are done" if busy else None,
+            discord_bot=self._discord is not None)
+
+    def _cannot_run(self, workload: WorkloadConfig) -> str | None:
+        """Why this daemon cannot take a workload so configured without a restart."""
+        if workload.kind == "systemd" and (self._systemd is None or
+                                           workload.unit not in self._units):
+            return (f"unit {workload.unit} is not watched: units are subscribed to at "
+                    "start; restart gpuwarden to add one")
+        if workload.kind == "process" and process_runner(self.config) == "systemd" and \
+                self._systemd is None:
+            return "process workloads run as transient units, and systemd was not "\
+                "connected at start: restart gpuwarden"
+        return None
+
+    async def _taken_listens(self, config: Config) -> str | None:
+        """Why a reloaded proxy could not listen (an address now taken by another
+        program), checked before the running proxies close."""
+        own = {p.listen for p in self.config.proxy.values()}
+        for name, proxy in config.proxy.items():
+            address = parse_listen(proxy.listen)
+            if proxy.listen in own or address is None:
+                continue
+            try:
+                await asyncio.to_thread(_try_bind, address)
+            except OSError as exc:
+                return f"proxy.{name}.listen: cannot listen on {proxy.listen} ({exc.strerror})"
+        return None
+
+    async def _apply(self, plan: ReloadPlan) -> str | None:
+        """Apply a reload's plan; what went wrong while applying it, or None."""
+        assert self.service is not None
+        cfg = self.config = plan.config
+        if plan.thresholds:
+            self.service.watchdog.set_thresholds(cfg.thresholds)
+        if plan.tokens and self._auth is not None:
+            self._auth.set_tokens(cfg.api)
+        self.service.config = cfg
+        if self._discord is not None:
+            self._discord.config = cfg
+        for part in (self._switcher, self._guard, self._protect, self._crashloop,
+                     self._restarter):
+            if part is not None:
+                part.reconfigure(cfg)
+        for name in plan.removed_workloads:
+            self._workloads.pop(name).close()
+        if plan.rebuilt_workloads:
+            self._workloads.update(build_workloads(
+                cfg, self.service.owners, self._systemd, clients=self._docker_clients,
+                only=plan.rebuilt_workloads))
+            self._watch_docker()
+            if self._restarter is not None:
+                self._restarter.attach(asyncio.get_running_loop())
+        if plan.receivers:
+            await self._restart_sinks()
+        if plan.proxies:
+            return await self._restart_proxies()
+        return None
+
+    async def _restart_sinks(self) -> None:
+        """The receivers again, from the reloaded config; what each had not delivered
+        waits in its outbox on disk, found again by its address."""
+        for sink in self._sinks:
+            self.bus.unsubscribe(sink.offer)
+            await sink.close()
+        self._sinks = []
+        await self._start_sinks()
+        if self._discord is not None:
+            await self._start_channel_sink(self._discord)
+        assert self.service is not None
+        for sink in self._sinks:
+            self.service.watchdog.unresolved |= sink.open_groups
+
+    async def _restart_proxies(self) -> str | None:
+        """The demand proxies again, from the reloaded config (none waits or runs)."""
+        if self._proxies is not None:
+            await self._proxies.close()
+            self._proxies = None
+            assert self.service is not None
+            self.service.status_sections.pop("proxies", None)
+        api = self.config.api
+        self._files = fit_open_files(
+            api.max_connections if api.listen else 0, api.socket_connections,
+            {name: proxy.max_connections for name, proxy in self.config.proxy.items()})
+        try:
+            await self._start_proxies()
+        except GpuwardenError as exc:
+            return f"the demand proxies are down: they could not start again: {exc}"
+        return None
 
     async def _restore(self) -> None:
         """Stop what an earlier daemon left running, then restore each GPU's mode."""
@@ -365,6 +473,14 @@ class Daemon:
         if self._guard is not None and self._restore_task is not None and \
                 self._restore_task.done():
             self._guard.check(self.service.workload_statuses)
+
+    def _watch_docker(self) -> None:
+        """Docker's events, once there is a container workload (at start or reload)."""
+        if self._docker_events is None and \
+                any(w.kind == "docker" for w in self._workloads.values()):
+            self._docker_events = DockerEventWatcher(self.config.docker, self._on_docker_event,
+                                                     self._on_docker_connection)
+            self._docker_events.start(asyncio.get_running_loop())
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -463,12 +579,21 @@ class Daemon:
             self.service.status_sections["discord"] = lambda: {
                 "state": "disabled", "detail": "no token configured"}
             return
-        from .discord_bot import DiscordChannelSink, DiscordFrontEnd
+        from .discord_bot import DiscordFrontEnd
 
         cfg = self.config
         bot = DiscordFrontEnd(self.service, cfg, self.bus)
         self._discord = bot
         self.service.status_sections["discord"] = bot.status
+        await self._start_channel_sink(bot)
+        self._discord_task = asyncio.get_running_loop().create_task(
+            bot.run(token.get_secret_value()))
+
+    async def _start_channel_sink(self, bot: DiscordFrontEnd) -> None:
+        """The alert channel's receiver, which posts through the bot."""
+        from .discord_bot import DiscordChannelSink
+
+        cfg = self.config
         if cfg.discord.alert_channel_id:
             sink = DiscordChannelSink(
                 cfg.discord.alert_channel_id, bot.logged_in_client, cfg.delivery, self.bus,
@@ -477,12 +602,11 @@ class Daemon:
             await sink.start()
             self.bus.subscribe(sink.offer)
             self._sinks.append(sink)
-        self._discord_task = asyncio.get_running_loop().create_task(
-            bot.run(token.get_secret_value()))
 
     async def _start_sinks(self) -> None:
         cfg = self.config
-        self._sink_http = httpx.AsyncClient()
+        if self._sink_http is None:
+            self._sink_http = httpx.AsyncClient()
         secret = cfg.n8n.signing_secret
         outboxes = cfg.daemon.state_dir / "outbox"
         auth = None
@@ -602,6 +726,8 @@ class Daemon:
             await self._guard.close()
         if self._crashloop is not None:
             await self._crashloop.close()
+        if self._restarter is not None:
+            await self._restarter.close()
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -683,22 +809,10 @@ def _claim_socket_path(path: Path) -> None:
     raise GpuwardenError(f"another gpuwarden daemon is listening on {path}")
 
 
-def _changed_keys(old: Config, new: Config) -> list[str]:
-    """The dotted keys whose values differ between two configs (secrets compared by
-    value, never shown)."""
-    def flat(doc: Any, prefix: str = "") -> dict[str, Any]:
-        if isinstance(doc, dict):
-            found: dict[str, Any] = {}
-            for key, value in doc.items():
-                found.update(flat(value, f"{prefix}{key}."))
-            return found
-        return {prefix.rstrip("."): doc}
-
-    def dump(config: Config) -> dict[str, Any]:
-        # Python mode: a SecretStr stays one, and compares by its value.
-        return flat(config.model_dump(mode="python"))
-    before, after = dump(old), dump(new)
-    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+def _try_bind(address: tuple[str, int]) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(address)
 
 
 async def run_daemon(config: Config, path: str | Path | None = None) -> int:

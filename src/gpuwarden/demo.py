@@ -47,14 +47,33 @@ class DemoPorts:
         return cls(*(_free_port() for _ in range(4)))
 
 
-def demo_config(folder: Path, ports: DemoPorts) -> str:
-    """The demo's config.toml, with every path inside `folder`."""
+def demo_config(folder: Path, ports: DemoPorts, *, crash_loop: bool = False) -> str:
+    """The demo's config.toml, with every path inside `folder`. `crash_loop`: mode `llm`
+    also runs `crashy`, which exits 3 two seconds after each start until the file
+    `DIR/crashy.fixed` exists; its restart policy restarts it, and the crash-loop
+    guard blocks it."""
     ledger = folder / "ledger"
 
     def standin(kind: str, port: int, mib: int, *extra: str) -> str:
         return _toml_list([sys.executable, "-m", "gpuwarden.standins", kind, "--port",
                            str(port), "--ledger", str(ledger), "--mib", str(mib), *extra])
 
+    crashy = _toml_list([sys.executable, "-m", "gpuwarden.gpu.hold", "--ledger", str(ledger),
+                         "--name", "crashy", "--mib", "1500", "--exit-after", "2",
+                         "--exit-code", "3", "--unless-exists", str(folder / "crashy.fixed")])
+    crashy_table = f"""
+# A workload that crashes 2 s after each start until DIR/crashy.fixed exists: its
+# restart policy restarts it, and the crash-loop guard blocks it at the 4th crash.
+[workloads.crashy]
+kind = "process"
+command = {crashy}
+restart_policy = "on-failure"
+stop_timeout = 2.0
+expected_mib = 1500
+crashloop_max_restarts = 3
+crashloop_window = "60s"
+""" if crash_loop else ""
+    llm = ["ollama", "crashy"] if crash_loop else ["ollama"]
     return f"""\
 # gpuwarden demo: a simulated 20 GiB GPU and two process workloads holding VRAM:
 # stand-ins of Ollama and ComfyUI, each behind a demand proxy. Every key is
@@ -94,9 +113,9 @@ release = "comfyui"
 url = "http://127.0.0.1:{ports.comfyui}"
 stop_timeout = 5.0
 expected_mib = 8000
-
+{crashy_table}
 [modes.llm]
-workloads = ["ollama"]
+workloads = {_toml_list(llm)}
 
 [modes.image]
 workloads = ["comfyui"]
@@ -111,14 +130,14 @@ min_dwell = "10s"
 """
 
 
-def run_demo(folder: Path | None) -> int:
+def run_demo(folder: Path | None, *, crash_loop: bool = False) -> int:
     """Run the demo in `folder`, or in a temporary folder removed at exit."""
     temporary = folder is None
     folder = (folder or Path(tempfile.mkdtemp(prefix="gpuwarden-demo-"))).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.toml"
     ports = DemoPorts.free()
-    path.write_text(demo_config(folder, ports), encoding="utf-8")
+    path.write_text(demo_config(folder, ports, crash_loop=crash_loop), encoding="utf-8")
     config = load_config(path)
     # Commands that work as printed, from the environment the demo runs in.
     script = Path(sys.executable).parent / "gpuwarden"
@@ -141,7 +160,13 @@ def run_demo(folder: Path | None) -> int:
         f"  curl -s http://127.0.0.1:{ports.ollama_proxy}/api/chat -d '{{\"model\": "
         "\"standin:7b\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}'"
         "   # waits for the job, then switches to llm\n"
-        f"Audit events follow as JSON lines. Ctrl-C stops the demo.\n",
+        + (f"A crash loop: crashy (in llm) exits 3 two seconds after each start; its restart "
+           "policy restarts it, and the crash-loop guard blocks it at the 4th crash:\n"
+           f"  {cli} status   # crashy: blocked, with why\n"
+           f"  {cli} unblock crashy   # starts it again: it crashes again, and is blocked\n"
+           f"  touch {folder / 'crashy.fixed'}; {cli} unblock crashy   # fixed: it stays up\n"
+           if crash_loop else "")
+        + "Audit events follow as JSON lines. Ctrl-C stops the demo.\n",
         file=sys.stderr, flush=True,
     )
     try:

@@ -52,13 +52,14 @@ class ModeGuard:
         self._supervisor = supervisor
         self._bus = bus
         self._http = http
-        self._by_container = {
-            w.config.container: name for name, w in workloads.items() if w.config.container
-        }
         self._stopping: set[str] = set()
         self._seen_again: set[str] = set()  # started again while being stopped
         self._lease_checked: dict[int, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def reconfigure(self, config: Config) -> None:
+        """Use a reloaded config (the workloads dict is shared, and changed in place)."""
+        self._config = config
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         # Stopping a container takes seconds: never inside the sampling job.
@@ -72,7 +73,8 @@ class ModeGuard:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def workload_of_container(self, container_name: str) -> str | None:
-        return self._by_container.get(container_name)
+        return next((name for name, w in self._workloads.items()
+                     if w.config.container == container_name), None)
 
     def violates(self, name: str) -> str | None:
         """Why `name` may not run now, or None when it may."""

@@ -170,6 +170,10 @@ class EventBus:
     def subscribe(self, callback: Subscriber, min_severity: Severity = Severity.DEBUG) -> None:
         self._subscribers.append((min_severity, callback))
 
+    def unsubscribe(self, callback: Subscriber) -> None:
+        """Stop calling `callback` (a receiver replaced by a reload)."""
+        self._subscribers = [(s, c) for s, c in self._subscribers if c != callback]
+
     def publish(
         self,
         name: str,

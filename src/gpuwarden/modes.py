@@ -245,6 +245,11 @@ class ModeSwitcher:
         self._tasks: set[asyncio.Task[SwitchResult]] = set()
         self._closed = False
 
+    def reconfigure(self, config: Config) -> None:
+        """Use a reloaded config; only workloads and modes not in use change (the
+        workloads dict is shared, and changed in place)."""
+        self._config = config
+
     # -- queries ---------------------------------------------------------------
 
     def mode_of(self, gpu: int) -> str | None:

@@ -37,6 +37,10 @@ class ProtectiveActions:
         self._statuses = statuses
         self._running: set[int] = set()
 
+    def reconfigure(self, config: Config) -> None:
+        """Use a reloaded config (the workloads dict is shared, and changed in place)."""
+        self._config = config
+
     def _used_mib(self, gpu: int) -> int | None:
         reading = self._sampler().node.gpu(gpu)
         return reading.used_mib if reading is not None and reading.ok else None

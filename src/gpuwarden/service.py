@@ -25,6 +25,7 @@ from .modes import ModeSwitcher, SwitchResult
 from .state import State
 from .watchdog import Watchdog
 from .workloads.base import Workload, WorkloadState, WorkloadStatus
+from .workloads.process import ProcessWorkload
 from .workloads.release import QueueUnreadable, comfyui_queue, comfyui_queue_size
 from .workloads.supervisor import WorkloadSupervisor, describe_stop
 
@@ -58,7 +59,7 @@ class Service:
         self.config = config
         self.bus = bus
         self._backend = backend
-        self._owners = owners
+        self.owners = owners  # which processes are whose, for workloads a reload adds
         self._workloads = workloads
         self._state = state
         self._watchdog = watchdog
@@ -71,8 +72,6 @@ class Service:
         self._snapshot: AttributedSample | None = None
         self._statuses: dict[str, WorkloadStatus] = {}
         self._started_at = time.time()
-        self._mode_workloads = {name: tuple(mode.workloads)
-                                for name, mode in config.all_modes().items()}
         self.http: httpx.AsyncClient | None = None  # the daemon's, for ComfyUI queues
         # Read the config again and apply what can change live (set by the daemon).
         self.reload: Callable[[str], Awaitable[dict[str, Any]]] | None = None
@@ -83,7 +82,7 @@ class Service:
 
     def sample_blocking(self) -> AttributedSample:
         """One GPU read with its processes attributed (blocking: run in a thread)."""
-        return self._owners.attribute(self._backend.sample())
+        return self.owners.attribute(self._backend.sample())
 
     def _observe_blocking(self) -> tuple[AttributedSample, dict[str, WorkloadStatus]]:
         sample = self.sample_blocking()
@@ -94,6 +93,9 @@ class Service:
         """`workload.crashed` once for a workload that stopped without being asked."""
         for name, now in statuses.items():
             before = self._statuses.get(name)
+            # A child's exit is told as it happens, by its restart policy's watcher.
+            if isinstance(self._workloads.get(name), ProcessWorkload):
+                continue
             if before is not None and before.running and not now.running and now.crashed:
                 self.bus.publish(
                     "workload.crashed", f"{name} ended on its own ({now.detail})",
@@ -321,7 +323,8 @@ class Service:
     def workload_names(self, mode: str) -> tuple[str, ...]:
         """The workloads of `mode` (none for a mode the config no longer has, such as
         one a state file from an older config names)."""
-        return self._mode_workloads.get(mode, ())
+        found = self.config.all_modes().get(mode)
+        return tuple(found.workloads) if found is not None else ()
 
     def block_of(self, workload: str) -> str | None:
         """Why `workload` is blocked after a crash loop (None: it is not)."""

@@ -2,8 +2,9 @@
 
 Writes the claim `<ledger>[/gpu<N>]/<name>.mib` and keeps it open (and flocked, so a
 daemon running as another user finds it too) until the process ends (SIGTERM,
-SIGINT, or `--exit-after`). With `--leak` the claim keeps counting
-after the process is gone, until the file is deleted: a driver that never frees.
+SIGINT, or `--exit-after`, unless the file `--unless-exists` names exists). With
+`--leak` the claim keeps counting after the process is gone, until the file is
+deleted: a driver that never frees.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--leak", action="store_true", help="the claim outlives the process")
     parser.add_argument("--exit-after", type=float, default=None, help="exit after N seconds")
     parser.add_argument("--exit-code", type=int, default=0, help="exit status for --exit-after")
+    parser.add_argument("--unless-exists", type=Path, default=None, metavar="PATH",
+                        help="ignore --exit-after once PATH exists (a crash that is fixed)")
     args = parser.parse_args(argv)
     if args.mib < 0:
         parser.error("--mib must be >= 0")
@@ -46,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, stop)
     print(f"holding {args.mib} MiB as {claim} (pid {os.getpid()})", flush=True)
     try:
-        if args.exit_after is not None:
+        fixed = args.unless_exists is not None and args.unless_exists.exists()
+        if args.exit_after is not None and not fixed:
             time.sleep(args.exit_after)
             return int(args.exit_code)
         while True:

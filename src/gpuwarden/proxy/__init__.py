@@ -92,6 +92,10 @@ class DemandProxies:
             ticket.abort(reason)
         return len(tickets)
 
+    def busy(self) -> int:
+        """Requests waiting for their mode or in flight through any proxy."""
+        return sum(s.busy() for s in self.schedulers.values())
+
     def budgets(self) -> dict[str, tuple[int, int]]:
         """Open connections and the budget of each proxy, for the metrics."""
         return {proxy.name: (proxy.budget.open, proxy.budget.limit) for proxy in self.proxies}

@@ -225,6 +225,10 @@ class DemandScheduler:
     def in_flight(self, mode: str) -> int:
         return self._in_flight.get(mode, 0)
 
+    def busy(self) -> int:
+        """Requests waiting for a mode plus demand requests in flight."""
+        return sum(len(queue) for queue in self._waiting.values()) + len(self._tickets)
+
     def blocker(self, mode: str) -> str | None:
         return self._blocker.get(mode) if self._waiting.get(mode) else None
 

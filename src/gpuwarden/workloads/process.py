@@ -20,6 +20,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,9 @@ class ProcessWorkload:
         self._started_at: float | None = None
         self._exited_at: float | None = None  # when an exit was first seen
         self._lock = threading.Lock()
+        # Told of each exit, from a thread: (name, exit code, whether a stop asked for
+        # it, seconds it ran). Set by the restart policy (restarts.ChildRestarter).
+        self.on_exit: Callable[[str, int, bool, float], None] | None = None
 
     def status(self) -> WorkloadStatus:
         proc = self._proc
@@ -103,7 +107,17 @@ class ProcessWorkload:
             self._started_at = time.time()
             self._owners.set_root(self.name, self._proc.pid)
             self._write_record(self._proc.pid, argv)
+            threading.Thread(target=self._wait_exit, args=(self._proc, time.monotonic()),
+                             name=f"wait-{self.name}", daemon=True).start()
             return self.status()
+
+    def _wait_exit(self, proc: subprocess.Popen[bytes], started: float) -> None:
+        code = proc.wait()
+        if self._exited_at is None and proc is self._proc:
+            self._exited_at = time.time()
+        callback = self.on_exit
+        if callback is not None and proc is self._proc:
+            callback(self.name, code, self._stop_requested, time.monotonic() - started)
 
     def _write_record(self, pid: int, argv: list[str]) -> None:
         if self._record is None:

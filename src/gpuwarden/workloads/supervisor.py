@@ -64,7 +64,8 @@ class WorkloadSupervisor:
 
     def lock(self, name: str) -> asyncio.Lock:
         """Held for the whole of one start or stop of `name`, and by whoever decides one."""
-        return self._locks[name]
+        # setdefault: a reload may add workloads.
+        return self._locks.setdefault(name, asyncio.Lock())
 
     async def status(self, name: str) -> WorkloadStatus:
         return await asyncio.to_thread(self._workloads[name].status)

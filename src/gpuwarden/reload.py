@@ -1,0 +1,232 @@
+"""What a reload may change while the daemon runs, and what must wait.
+
+`plan_reload` compares the running config with the one just read and decides, key by
+key, what is applied live and why the rest is not. It decides only: the daemon applies
+the plan (`Daemon.reload`). Live: thresholds, API tokens, Discord's allowlists, the
+outbound receivers, the demand proxies (while no request waits or runs through them),
+and workloads and modes that are not in use. Not live: whatever the daemon reads once
+at start (the GPU backend, the socket, the API's listen address, the bot's token), and
+a workload or mode in use, which would change under a running GPU workload.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import Config, WorkloadConfig, _cross_check
+
+__all__ = ["ReloadPlan", "changed_keys", "plan_reload"]
+
+# Receivers are rebuilt on any of these (their outboxes are kept on disk, by address).
+_RECEIVER_KEYS = ("n8n.", "delivery.", "discord.alert_webhook_url",
+                  "discord.alert_min_severity", "discord.alert_channel_id")
+_DISCORD_LISTS = ("discord.allowed_role_ids", "discord.allowed_user_ids")
+
+
+@dataclass
+class ReloadPlan:
+    """`config`: the config to run with from now on, the running one with every applied
+    change. `not_applied`: each changed key left as it was, and why."""
+
+    config: Config
+    applied: list[str] = field(default_factory=list)
+    not_applied: dict[str, str] = field(default_factory=dict)
+    thresholds: bool = False
+    tokens: bool = False
+    discord_lists: bool = False
+    receivers: bool = False
+    proxies: bool = False
+    rebuilt_workloads: set[str] = field(default_factory=set)  # new or changed, not in use
+    removed_workloads: set[str] = field(default_factory=set)
+
+    @property
+    def needs_restart(self) -> list[str]:
+        return sorted(self.not_applied)
+
+
+@dataclass(frozen=True)
+class InUse:
+    """What a reload must not change under the running node."""
+
+    workloads: frozenset[str]  # running, or in an active mode
+    modes: frozenset[str]  # active on a GPU
+    switching: bool  # a switch runs on some GPU
+    proxies_busy: str | None  # why the proxies cannot be rebuilt now, or None
+    discord_bot: bool  # the bot runs (its channel receiver can be rebuilt)
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    """The dotted keys whose values differ between two configs (secrets compared by
+    value, never shown)."""
+    def flat(doc: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(doc, dict):
+            found: dict[str, Any] = {}
+            for key, value in doc.items():
+                found.update(flat(value, f"{prefix}{key}."))
+            return found
+        return {prefix.rstrip("."): doc}
+
+    # Python mode: a SecretStr stays one, and compares by its value.
+    before = flat(old.model_dump(mode="python"))
+    after = flat(new.model_dump(mode="python"))
+    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+
+
+def _table(key: str, section: str) -> str | None:
+    """`workloads.ollama.url` -> "ollama" for section "workloads"."""
+    head = section + "."
+    return key[len(head):].split(".", 1)[0] if key.startswith(head) else None
+
+
+def _tables(keys: list[str], section: str) -> list[str]:
+    return sorted({name for k in keys if (name := _table(k, section)) is not None})
+
+
+def plan_reload(old: Config, new: Config, in_use: InUse,
+                cannot_run: Callable[[WorkloadConfig], str | None]) -> ReloadPlan:
+    """Decide what of `new` applies now. `cannot_run`: why this daemon cannot run a
+    workload so configured without a restart (a kind it does not watch), or None."""
+    changed = changed_keys(old, new)
+    plan = ReloadPlan(config=old)
+    update: dict[str, Any] = {}
+
+    def take(keys: list[str]) -> None:
+        plan.applied += keys
+
+    def leave(keys: list[str], why: str) -> None:
+        for key in keys:
+            plan.not_applied[key] = why
+
+    def keys_of(predicate: Callable[[str], bool]) -> list[str]:
+        return [k for k in changed if predicate(k)]
+
+    if found := keys_of(lambda k: k.startswith("thresholds.")):
+        plan.thresholds = True
+        update["thresholds"] = new.thresholds
+        take(found)
+    if found := keys_of(lambda k: k.startswith("api.tokens")):
+        plan.tokens = True
+        update["api"] = old.api.model_copy(update={"tokens": new.api.tokens})
+        take(found)
+    discord = old.discord
+    if found := keys_of(lambda k: k in _DISCORD_LISTS):
+        plan.discord_lists = True
+        discord = discord.model_copy(update={k.split(".", 1)[1]: getattr(new.discord,
+                                                                         k.split(".", 1)[1])
+                                             for k in _DISCORD_LISTS})
+        take(found)
+    if found := keys_of(lambda k: k.startswith(_RECEIVER_KEYS)):
+        channel = [k for k in found if k == "discord.alert_channel_id"]
+        if channel and not in_use.discord_bot:
+            leave(channel, "the Discord bot is not running (discord.token is read at start)")
+            found = [k for k in found if k not in channel]
+        if found:
+            plan.receivers = True
+            update["n8n"] = new.n8n
+            update["delivery"] = new.delivery
+            discord = discord.model_copy(update={
+                "alert_webhook_url": new.discord.alert_webhook_url,
+                "alert_min_severity": new.discord.alert_min_severity,
+                "alert_channel_id": new.discord.alert_channel_id if in_use.discord_bot
+                else old.discord.alert_channel_id})
+            take(found)
+    if discord is not old.discord:
+        update["discord"] = discord
+
+    _plan_workloads(old, new, changed, in_use, cannot_run, plan, update)
+
+    proxy_keys = keys_of(lambda k: k.startswith("proxy."))
+    # The proxies hold the workloads' and modes' config too: rebuilt with either.
+    if proxy_keys or ((plan.rebuilt_workloads or plan.removed_workloads or
+                       "modes" in update) and (old.proxy or new.proxy)):
+        if in_use.proxies_busy is not None:
+            moved = proxy_keys + [k for k in plan.applied
+                                  if k.startswith(("workloads.", "modes."))]
+            plan.applied = [k for k in plan.applied if k not in moved]
+            leave(moved, in_use.proxies_busy)
+            update.pop("workloads", None)
+            update.pop("modes", None)
+            update.pop("proxy", None)
+            plan.rebuilt_workloads.clear()
+            plan.removed_workloads.clear()
+        else:
+            candidate = old.model_copy(update={**update, "proxy": new.proxy})
+            problems = _cross_check(candidate)
+            if problems:
+                leave(proxy_keys, "with the workloads that can change now, "
+                      + problems[0])
+            else:
+                plan.proxies = True
+                update["proxy"] = new.proxy
+                take(proxy_keys)
+
+    leave([k for k in changed if k not in plan.applied and k not in plan.not_applied],
+          "read at start only: restart gpuwarden to apply")
+    plan.config = old.model_copy(update=update)
+    return plan
+
+
+def _plan_workloads(old: Config, new: Config, changed: list[str], in_use: InUse,
+                    cannot_run: Callable[[WorkloadConfig], str | None], plan: ReloadPlan,
+                    update: dict[str, Any]) -> None:
+    """Workloads and modes not in use take their new config; those in use keep theirs."""
+    workload_keys = [k for k in changed if k.startswith("workloads.")]
+    mode_keys = [k for k in changed if k.startswith("modes.")]
+    if not workload_keys and not mode_keys:
+        return
+    if in_use.switching:
+        for key in workload_keys + mode_keys:
+            plan.not_applied[key] = "a mode switch is running: reload again when it ends"
+        return
+    workloads = dict(old.workloads)
+    held: dict[str, str] = {}
+    for name in _tables(workload_keys, "workloads"):
+        if name in in_use.workloads:
+            held[name] = (f"workload {name!r} is in use (running, or in the active mode): "
+                          "switch to a mode without it, then reload")
+        elif name in new.workloads and (why := cannot_run(new.workloads[name])):
+            held[name] = why
+        elif name in new.workloads:
+            workloads[name] = new.workloads[name]
+        else:
+            workloads.pop(name, None)
+    modes = dict(old.modes)
+    held_modes: dict[str, str] = {}
+    for name in _tables(mode_keys, "modes"):
+        if name in in_use.modes:
+            held_modes[name] = (f"mode {name!r} is active: switch to another mode, "
+                                "then reload")
+        elif name in new.modes:
+            modes[name] = new.modes[name]
+        else:
+            modes.pop(name, None)
+    candidate = old.model_copy(update={"workloads": workloads, "modes": modes})
+    problems = _cross_check(candidate)
+    # A workload in use must keep its mode's GPU; an unchanged mode must still
+    # name only existing workloads: otherwise this part waits for a restart whole.
+    moved_gpu = [n for n in in_use.workloads if n in old.workloads and
+                 candidate.gpu_of_workload(n) != old.gpu_of_workload(n)]
+    if problems or moved_gpu:
+        why = ("applied alone, these changes would leave "
+               + (problems[0] if problems else
+                  f"workload {moved_gpu[0]!r}, in use, on another GPU")
+               + ": restart gpuwarden, or reload after the mode in use changes")
+        for key in workload_keys + mode_keys:
+            plan.not_applied[key] = why
+        return
+    for key in workload_keys + mode_keys:
+        why = held.get(_table(key, "workloads") or "") or \
+            held_modes.get(_table(key, "modes") or "")
+        if why:
+            plan.not_applied[key] = why
+        else:
+            plan.applied.append(key)
+    plan.rebuilt_workloads = {n for n in workloads
+                              if workloads[n] != old.workloads.get(n)}
+    plan.removed_workloads = set(old.workloads) - set(workloads)
+    if workloads != old.workloads:
+        update["workloads"] = workloads
+    if modes != old.modes:
+        update["modes"] = modes
