@@ -541,14 +541,14 @@ def test_after_kill_9_the_next_start_stops_what_was_left_running(
 
 def test_sighup_and_reload_read_the_config_again(node: SimNode, start_daemon) -> None:
     """SIGHUP (a closed terminal sends it too) and `gpuwarden reload` re-read the
-    config: thresholds change live, other changes are named as needing a restart,
+    config: thresholds change live, a workload in use keeps its config and says why,
     and a config with problems changes nothing; the daemon serves throughout."""
     tables = two_process_modes(node)
     config = node.write(**tables)
     daemon = start_daemon(config, node.socket)
     daemon.wait_mode("llm")
     sections = {**tables, "thresholds": {"warn": 0.5, "alert": 0.6, "critical": 0.7},
-                "workloads.comfyui": {**tables["workloads.comfyui"], "stop_timeout": 7}}
+                "workloads.ollama": {**tables["workloads.ollama"], "stop_timeout": 7}}
     node.write(**sections)
     t0 = time.monotonic()
     daemon.proc.send_signal(signal.SIGHUP)
@@ -556,7 +556,8 @@ def test_sighup_and_reload_read_the_config_again(node: SimNode, start_daemon) ->
     took = time.monotonic() - t0
     assert daemon.proc.poll() is None  # SIGHUP does not end it
     assert "thresholds.warn" in reloaded["applied"]
-    assert reloaded["needs_restart"] == ["workloads.comfyui.stop_timeout"]
+    assert reloaded["needs_restart"] == ["workloads.ollama.stop_timeout"]
+    assert "in use" in reloaded["not_applied"]["workloads.ollama.stop_timeout"]
     assert reloaded["requested_by"] == "signal:SIGHUP"
     # The new thresholds judge the next samples: 6000 of 20480 MiB is 29 %, below 0.5.
     node.hold("stray", 5000)  # 11000 MiB: 54 %, above the new warn

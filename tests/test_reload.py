@@ -17,7 +17,7 @@ import pytest
 
 from .conftest import PYTHON, SimNode, hold_argv, run_cli, two_process_modes, wait_for
 from .standins import free_port
-from .test_proxy import ProxiedNode, chat, in_thread, prompt, wait_job
+from .test_proxy import ProxiedNode, chat, in_thread, prompt
 from .test_sinks import SECRET, Receiver
 
 
@@ -123,14 +123,13 @@ def test_a_proxy_moves_at_a_reload_but_not_under_a_waiting_request(
     proxied.ollama = f"http://127.0.0.1:{moved}"
     proxied.config(default_mode="image", job_seconds=4.0)  # the file, with the new listen
     # A chat waiting for a running image job: the proxies stay as they are.
-    job = prompt(proxied.comfy)
+    prompt(proxied.comfy)
     thread, answer = in_thread(chat, old)
     proxied.wait_proxy("ollama", waiting=1)
     doc = reload(config)
     assert "wait or run" in doc["not_applied"]["proxy.ollama.listen"], doc
     assert f"http://{proxied.proxy_status('ollama')['listen']}" == old
-    wait_job(proxied.comfy_direct, job)
-    thread.join(120)
+    thread.join(120)  # the chat waited for the job, then its switch
     assert "error" not in answer, answer
     assert answer["result"]["status"] == 200
     assert json.loads(answer["result"]["lines"][-1])["done"]
@@ -224,3 +223,75 @@ def test_demo_crash_loop_is_blocked_and_unblock_lifts_it(tmp_path: Path) -> None
     assert b'"event": "crashloop.blocked"' in out
     _, alive = psutil.wait_procs(children, timeout=5)
     assert not alive
+
+
+def _config(**sections: dict[str, Any]) -> Any:
+    from gpuwarden.config import Config
+
+    base: dict[str, Any] = {
+        "daemon": {"default_mode": "llm"},
+        "workloads": {"ollama": {"kind": "process", "command": ["a"]},
+                      "comfyui": {"kind": "process", "command": ["b"]}},
+        "modes": {"llm": {"workloads": ["ollama"]}, "image": {"workloads": ["comfyui"]}},
+    }
+    for key, value in sections.items():
+        base[key] = value
+    return Config(**base)
+
+
+def _in_use(**changes: Any) -> Any:
+    from gpuwarden.reload import InUse
+
+    fields: dict[str, Any] = {"workloads": frozenset({"ollama"}), "modes": frozenset({"llm"}),
+                              "switching": False, "proxies_busy": None, "discord_bot": False}
+    fields.update(changes)
+    return InUse(**fields)
+
+
+def test_the_plan_names_why_each_change_waits() -> None:
+    from gpuwarden.reload import plan_reload
+
+    old = _config()
+    workloads = {"ollama": {"kind": "process", "command": ["a2"]},
+                 "comfyui": {"kind": "process", "command": ["b2"]}}
+    new = _config(workloads=workloads)
+    plan = plan_reload(old, new, _in_use(), lambda _: None)
+    assert plan.applied == ["workloads.comfyui.command"]
+    assert "in use" in plan.not_applied["workloads.ollama.command"]
+    assert plan.config.workloads["comfyui"].command == ["b2"]
+    assert plan.config.workloads["ollama"].command == ["a"]
+    assert plan.rebuilt_workloads == {"comfyui"}
+
+    # While a switch runs, nothing of workloads or modes changes.
+    plan = plan_reload(old, new, _in_use(switching=True), lambda _: None)
+    assert plan.applied == [] and "switch is running" in plan.not_applied[
+        "workloads.comfyui.command"]
+    assert plan.config.workloads == old.workloads
+
+    # A kind this daemon cannot take without a restart.
+    plan = plan_reload(old, new, _in_use(), lambda _: "units are watched from the start")
+    assert plan.not_applied["workloads.comfyui.command"] == "units are watched from the start"
+
+    # The active mode and its workload stay, though the new file drops them.
+    new = _config(workloads={"comfyui": {"kind": "process", "command": ["b"]}},
+                  modes={"image": {"workloads": ["comfyui"]}}, daemon={"default_mode": "image"})
+    plan = plan_reload(old, new, _in_use(), lambda _: None)
+    assert "in use" in plan.not_applied["workloads.ollama.command"]
+    assert "active" in plan.not_applied["modes.llm.workloads"]
+    assert "restart" in plan.not_applied["daemon.default_mode"]
+    assert plan.config.modes == old.modes and plan.config.workloads == old.workloads
+
+    # Requests at the proxies hold proxy changes, and the workload changes with them.
+    served = {"kind": "process", "release": "comfyui", "url": "http://127.0.0.1:8188"}
+    old = _config(proxy={"comfyui": {"listen": "127.0.0.1:18188"}},
+                  workloads={"ollama": {"kind": "process", "command": ["a"]},
+                             "comfyui": {**served, "command": ["b"]}})
+    new = _config(proxy={"comfyui": {"listen": "127.0.0.1:18189"}},
+                  workloads={"ollama": {"kind": "process", "command": ["a"]},
+                             "comfyui": {**served, "command": ["b2"]}})
+    plan = plan_reload(old, new, _in_use(proxies_busy="2 requests wait"), lambda _: None)
+    assert plan.not_applied == {"proxy.comfyui.listen": "2 requests wait",
+                                "workloads.comfyui.command": "2 requests wait"}
+    assert plan.config == old and not plan.proxies
+    plan = plan_reload(old, new, _in_use(), lambda _: None)
+    assert plan.proxies and plan.config.proxy["comfyui"].listen == "127.0.0.1:18189"

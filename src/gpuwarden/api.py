@@ -32,7 +32,8 @@ from .metrics import Metrics
 from .openapi import openapi_document
 from .service import Service
 
-__all__ = ["BadRequest", "SwitchRequest", "build_app", "peer_user"]
+__all__ = ["BadRequest", "SwitchRequest", "build_app", "event_stream", "peer_user",
+           "read_json"]
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +322,7 @@ async def _events(request: web.Request) -> web.StreamResponse:
         raise _invalid(problems)
     since, limit = values["since"], values["limit"]
     if "text/event-stream" in request.headers.get("Accept", ""):
-        return await _event_stream(request, since if "since" in request.query else None)
+        return await event_stream(request, since if "since" in request.query else None)
     events = request.app[SERVICE].events_since(since, limit)
     return web.json_response({"events": [e.to_dict() for e in events]},
                              dumps=lambda o: json.dumps(o, default=str))
@@ -332,10 +333,12 @@ async def _events(request: web.Request) -> web.StreamResponse:
 _HEARTBEAT_S = 15.0
 
 
-async def _event_stream(request: web.Request, since: int | None) -> web.StreamResponse:
+async def event_stream(request: web.Request, since: int | None, *,
+                       named: bool = True) -> web.StreamResponse:
     """Server-sent events: those after `since` (without it, only new ones), then each
     as it is published, until the client goes or the daemon stops. The first line
-    names the newest event id at the moment the stream began."""
+    names the newest event id at the moment the stream began. `named`: each with an
+    `event:` line (a browser's EventSource then needs a listener per name)."""
     service = request.app[SERVICE]
     # Taken before the answer's head goes out: a follower that has read the head is
     # subscribed, and any request it sends after that is seen through its events.
@@ -349,8 +352,9 @@ async def _event_stream(request: web.Request, since: int | None) -> web.StreamRe
             events = service.events_since(last, 1000)
             for event in events:
                 data = json.dumps(event.to_dict(), default=str)
-                await resp.write(f"id: {event.id}\nevent: {event.name}\ndata: {data}\n\n"
-                                 .encode())
+                head = f"id: {event.id}\nevent: {event.name}\n" if named else \
+                    f"id: {event.id}\n"
+                await resp.write(f"{head}data: {data}\n\n".encode())
                 last = event.id
             if events:
                 continue
@@ -364,8 +368,9 @@ async def _event_stream(request: web.Request, since: int | None) -> web.StreamRe
 
 
 def build_app(service: Service, api: ApiConfig, metrics: Metrics, auth: ApiAuth,
-              failures: AuthFailures) -> web.Application:
-    """The application; auth and failures are shared by the apps of both doors."""
+              failures: AuthFailures, *, node_page: bool = False) -> web.Application:
+    """The application; auth and failures are shared by the apps of both doors.
+    `node_page`: serve the node page (/ui), on the TCP door."""
     app = web.Application(middlewares=[_errors, _auth], client_max_size=api.max_body_bytes)
     app[SERVICE] = service
     app[AUTH] = auth
@@ -382,4 +387,8 @@ def build_app(service: Service, api: ApiConfig, metrics: Metrics, auth: ApiAuth,
     app.router.add_post("/v1/reload", _reload)
     app.router.add_get("/v1/events", _events)
     app.router.add_get("/v1/openapi.json", _openapi)
+    if node_page:
+        from .ui import NodePage  # it imports this module
+
+        NodePage(service, api, auth, failures).add_routes(app)
     return app

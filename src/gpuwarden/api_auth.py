@@ -259,17 +259,30 @@ class ApiAuth:
                         for name, t in config.tokens.items() if t.token is not None]
         self._act_for = {name: frozenset(t.act_for) for name, t in config.tokens.items()}
 
+    def token_named(self, presented: bytes) -> tuple[str, bool] | None:
+        """The name of the configured token `presented` is, and whether it needs a
+        signature; None when it is none of them. Every token is compared."""
+        found: tuple[str, bool] | None = None
+        for name, token, needs_signature in self._tokens:
+            if hmac.compare_digest(token, presented):
+                found = (name, needs_signature)
+        return found
+
+    def fingerprint(self, name: str) -> bytes | None:
+        """A digest of token `name`'s value (None: no such token now): a session the
+        token granted ends when the token is changed or removed."""
+        for each, token, _ in self._tokens:
+            if each == name:
+                return hashlib.sha256(b"gpuwarden-ui\0" + token).digest()[:16]
+        return None
+
     def _bearer(self, header: bytes) -> tuple[str, bool]:
         """The token's name and whether it needs a signature. RFC 7235: the scheme is
         case-insensitive, then one or more spaces, then the token, taken as is."""
         scheme, sep, presented = header.partition(b" ")
         if not sep or scheme.lower() != b"bearer":
             raise AuthError("Authorization: expected 'Bearer <token>'", "scheme")
-        presented = presented.lstrip(b" ")
-        found: tuple[str, bool] | None = None
-        for name, token, needs_signature in self._tokens:  # every one: no timing hint
-            if hmac.compare_digest(token, presented):
-                found = (name, needs_signature)
+        found = self.token_named(presented.lstrip(b" "))
         if found is None:
             raise AuthError("invalid bearer token", "token")
         return found

@@ -405,6 +405,7 @@ class Daemon:
             self._proxies = None
             assert self.service is not None
             self.service.status_sections.pop("proxies", None)
+            self.metrics.proxy_budgets = dict
         api = self.config.api
         self._files = fit_open_files(
             api.max_connections if api.listen else 0, api.socket_connections,
@@ -664,9 +665,10 @@ class Daemon:
         auth = self._auth = ApiAuth(api, ReplayGuard(self.config.daemon.state_dir /
                                                      "api-replay.json"))
 
-        def app() -> web.Application:
+        def app(node_page: bool = False) -> web.Application:
             assert self.service is not None and self._auth_failures is not None
-            return build_app(self.service, api, self.metrics, auth, self._auth_failures)
+            return build_app(self.service, api, self.metrics, auth, self._auth_failures,
+                             node_page=node_page)
 
         # Every door's budget at once, so the proxies' floods cannot take what the API
         # and the control socket need (the proxies' budgets shrink first).
@@ -681,7 +683,8 @@ class Daemon:
             host, _, port = api.listen.rpartition(":")
             tcp_budget = ConnectionBudget(
                 "tcp", self._files.tcp, on_refused=self.metrics.on_connection_refused)
-            self._doors.append(await serve(app(), tcp_budget, idle_timeout=api.idle_timeout,
+            self._doors.append(await serve(app(node_page=True), tcp_budget,
+                                           idle_timeout=api.idle_timeout,
                                            host=host.strip("[]"), port=int(port)))
         self.metrics.connections = lambda: {d.budget.door: d.budget.open for d in self._doors}
         os.chmod(path, 0o660)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import shutil
 import socket
 import sys
@@ -41,17 +42,21 @@ class DemoPorts:
     comfyui: int
     ollama_proxy: int
     comfyui_proxy: int
+    api: int  # the HTTP API and its node page
 
     @classmethod
     def free(cls) -> DemoPorts:
-        return cls(*(_free_port() for _ in range(4)))
+        return cls(*(_free_port() for _ in range(5)))
 
 
-def demo_config(folder: Path, ports: DemoPorts, *, crash_loop: bool = False) -> str:
+def demo_config(folder: Path, ports: DemoPorts, *, crash_loop: bool = False,
+                ui_token: str = "") -> str:
     """The demo's config.toml, with every path inside `folder`. `crash_loop`: mode `llm`
     also runs `crashy`, which exits 3 two seconds after each start until the file
     `DIR/crashy.fixed` exists; its restart policy restarts it, and the crash-loop
-    guard blocks it."""
+    guard blocks it. `ui_token`: the API token `demo`, which signs in on the node
+    page (made up when not given)."""
+    ui_token = ui_token or secrets.token_urlsafe(32)
     ledger = folder / "ledger"
 
     def standin(kind: str, port: int, mib: int, *extra: str) -> str:
@@ -85,6 +90,14 @@ state_dir = {json.dumps(str(folder / "state"))}
 socket = {json.dumps(str(folder / "gpuwarden.sock"))}
 socket_group = ""
 default_mode = "llm"
+
+# The HTTP API on loopback, and its node page at http://127.0.0.1:{ports.api}/ui;
+# the token signs in there to switch modes and unblock.
+[api]
+listen = "127.0.0.1:{ports.api}"
+
+[api.tokens.demo]
+token = {json.dumps(ui_token)}
 
 [gpu]
 backend = "sim"
@@ -137,7 +150,10 @@ def run_demo(folder: Path | None, *, crash_loop: bool = False) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.toml"
     ports = DemoPorts.free()
-    path.write_text(demo_config(folder, ports, crash_loop=crash_loop), encoding="utf-8")
+    token = secrets.token_urlsafe(32)
+    path.write_text(demo_config(folder, ports, crash_loop=crash_loop, ui_token=token),
+                    encoding="utf-8")
+    path.chmod(0o600)  # it holds the token
     config = load_config(path)
     # Commands that work as printed, from the environment the demo runs in.
     script = Path(sys.executable).parent / "gpuwarden"
@@ -146,6 +162,8 @@ def run_demo(folder: Path | None, *, crash_loop: bool = False) -> int:
     print(
         f"gpuwarden demo: simulated 20 GiB GPU, config in {path}"
         f"{' (removed at exit; --dir DIR keeps it)' if temporary else ''}\n"
+        f"The node page: http://127.0.0.1:{ports.api}/ui (to switch modes and unblock, "
+        f"sign in with the token {token})\n"
         f"In another terminal:\n"
         f"  {cli} status\n"
         f"  {cli} mode image\n"

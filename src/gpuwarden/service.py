@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -75,6 +76,10 @@ class Service:
         self.http: httpx.AsyncClient | None = None  # the daemon's, for ComfyUI queues
         # Read the config again and apply what can change live (set by the daemon).
         self.reload: Callable[[str], Awaitable[dict[str, Any]]] | None = None
+        # Each GPU's VRAM over the last minutes, for the node page's chart: (Unix
+        # seconds, used MiB, total MiB) per sample, ten minutes' worth.
+        self._history: dict[int, deque[tuple[float, int, int]]] = {}
+        self._history_len = max(60, min(3600, int(600 / config.daemon.sample_interval)))
         # Each running ComfyUI's jobs as last read (read_queues), for status.
         self._jobs: dict[str, dict[str, Any]] = {}
 
@@ -116,6 +121,11 @@ class Service:
         sample, statuses = await asyncio.to_thread(self._observe_blocking)
         self._report_crashes(statuses)
         self._snapshot, self._statuses = sample, statuses
+        for reading in sample.node.gpus:
+            if reading.ok:
+                self._history.setdefault(reading.index, deque(maxlen=self._history_len))\
+                    .append((round(sample.node.taken_at_wall, 2), reading.used_mib,
+                             reading.total_mib))
         running: dict[int, set[str]] = {}
         for name, status in statuses.items():
             gpu = self.config.gpu_of_workload(name)
@@ -241,6 +251,22 @@ class Service:
             "processes": processes,
         }
 
+    def vram_history(self) -> dict[int, list[tuple[float, int, int]]]:
+        """Each GPU's samples over the last ten minutes: (Unix s, used MiB, total MiB)."""
+        return {gpu: list(samples) for gpu, samples in self._history.items()}
+
+    def open_alerts(self) -> list[dict[str, Any]]:
+        """Every alert (warning and above) whose resolution has not come, newest first:
+        the last event of each alert group in the event ring, unless it resolves it."""
+        latest: dict[str, Event] = {}
+        for event in self.bus.since(0, 1_000_000):
+            group = event.fields.get("group_key")
+            if isinstance(group, str) and group:
+                latest[group] = event
+        return sorted((e.to_dict() for e in latest.values()
+                       if not e.fields.get("resolved") and e.severity >= Severity.WARNING),
+                      key=lambda doc: -doc["id"])
+
     def _last_alert(self) -> dict[str, Any] | None:
         """The last alert at error or critical (a tier, a leak, a crash loop, a GPU or
         receiver failing...), with `resolved_at` once its resolution came."""
@@ -265,7 +291,9 @@ class Service:
         timings = event.fields.get("timings") or {}
         return {"at": event.time, "from": event.fields.get("from"),
                 "to": event.fields.get("to"), "requested_by": event.requested_by,
-                "total_s": timings.get("total_s") if isinstance(timings, dict) else None}
+                "total_s": timings.get("total_s") if isinstance(timings, dict) else None,
+                "timings": timings if isinstance(timings, dict) else {},
+                "transition_id": event.fields.get("transition_id")}
 
     def modes(self) -> dict[str, Any]:
         """Each GPU's mode and the modes it may take."""
