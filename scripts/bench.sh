@@ -21,6 +21,7 @@ scripts/gpu-acceptance.sh --out "$out" || echo "bench.sh: the acceptance run FAI
 "$py" bench/sinks.py --out "$out"
 "$py" bench/discord.py --out "$out"
 "$py" bench/fleet.py --out "$out"
+"$py" bench/node_page.py --seconds 20 --rounds 2 --out "$out"
 # The replayed mixed day takes 3 x 10 minutes: bench/proxy.py alone runs it.
 "$py" bench/proxy.py --skip-day --out "$out"
 if command -v node >/dev/null && command -v npm >/dev/null; then
