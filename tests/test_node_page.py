@@ -205,3 +205,20 @@ def test_a_person_watches_and_acts_from_the_page_in_chromium(
         browser.close()
     assert outside == []
     print("\n" + "\n".join(figures) + f"\nscreenshots: {shots}")
+
+
+def test_ui_read_token_closes_reading_to_loopback_too(node: SimNode, start_daemon) -> None:
+    """Behind a reverse proxy on the same host every visitor looks local."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    config = node.write(**two_process_modes(node, **{
+        "api": {"listen": f"127.0.0.1:{port}", "ui_read": "token"},
+        "api.tokens.ops": {"token": TOKEN}}))
+    start_daemon(config, node.socket)
+    with httpx.Client(timeout=30) as client:
+        refused = client.get(f"{base}/ui/api/state")
+        assert refused.status_code == 401 and refused.json()["detail"] == {"sign_in": True}
+        assert client.get(f"{base}/ui/api/events").status_code == 401
+        assert client.get(f"{base}/ui").status_code == 200  # the page, to sign in on
+        assert sign_in(client, base).status_code == 200
+        assert client.get(f"{base}/ui/api/state").json()["signed_in"] == "ops"

@@ -339,6 +339,10 @@ class ApiConfig(_Section):
     open_read: bool = False
     # /metrics needs auth on TCP; None: only when `listen` is not a loopback address.
     metrics_auth: bool | None = None
+    # Who may read the node page without signing in: "loopback" (a browser on this
+    # host) or "token" (nobody; behind a reverse proxy on this host every visitor
+    # looks local).
+    ui_read: Literal["loopback", "token"] = "loopback"
     max_body_bytes: int = Field(65536, ge=1024, le=16 * 1024 * 1024)
     # Concurrent TCP connections; one more is answered 503 and closed. The control
     # socket has its own budget (socket_connections), so the CLI gets in regardless.

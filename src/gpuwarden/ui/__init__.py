@@ -103,6 +103,7 @@ class NodePage:
         self._auth = auth
         self._failures = failures
         self._open_read = api.open_read
+        self._loopback_reads = api.ui_read == "loopback"
         self.sessions = UiSessions(auth)
         address = parse_listen(api.listen or "") or ("127.0.0.1", 0)
         self._browser = BrowserPolicy(address[0], address[1])
@@ -137,6 +138,8 @@ class NodePage:
     def _may_read(self, request: web.Request) -> bool:
         if self._open_read or self._session(request) is not None:
             return True
+        if not self._loopback_reads:
+            return False
         try:
             return ipaddress.ip_address(request.remote or "").is_loopback
         except ValueError:
