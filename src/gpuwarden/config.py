@@ -260,8 +260,11 @@ class WorkloadConfig(_Section):
     env: dict[str, str] = {}
     # The user a process workload runs as (default: gpuwarden's own user).
     user: str | None = None
-    release: Literal["ollama", "comfyui", "none"] = "none"
+    release: Literal["ollama", "comfyui", "openai", "none"] = "none"
     url: str | None = None
+    # The model ids it serves (release "openai" or "ollama"), as the model router
+    # matches a request's "model".
+    models: list[str] = []
     stop_timeout: NonNegativeSeconds = 30.0
     ready_timeout: PositiveSeconds = 120.0
     restart_policy: Annotated[str, BeforeValidator(_check_restart_policy)] = "no"
@@ -288,6 +291,11 @@ class WorkloadConfig(_Section):
                              "own User=, a container its own user)")
         if self.release != "none" and not self.url:
             raise ValueError(f"release = {self.release!r} needs url = 'http://host:port'")
+        if self.models and self.release not in ("openai", "ollama"):
+            raise ValueError("models: names what an OpenAI-compatible engine (release = "
+                             "\"openai\") or Ollama (release = \"ollama\") serves")
+        if len(set(self.models)) != len(self.models) or not all(self.models):
+            raise ValueError("models: each id once, none empty")
         return self
 
 
@@ -730,6 +738,13 @@ def _cross_check(config: Config) -> list[str]:
     if config.api.listen is not None:
         problems.extend(_check_listen(config.api))
     problems.extend(_check_proxies(config))
+    served: dict[str, str] = {}
+    for name, each in config.workloads.items():
+        for model in each.models:
+            if model in served:
+                problems.append(f"workloads.{name}.models: {model!r} is also served by "
+                                f"workload {served[model]!r}; a model id names one workload")
+            served.setdefault(model, name)
     api_secret, n8n_secret = config.api.signing_secret, config.n8n.signing_secret
     if (api_secret is not None and n8n_secret is not None
             and api_secret.get_secret_value() == n8n_secret.get_secret_value()):
@@ -801,7 +816,7 @@ def _check_proxies(config: Config) -> list[str]:
                             f"workloads.{name}.url)")
         if (proxy.api or workload.release) not in ("ollama", "comfyui"):
             problems.append(f"{key}.api: set \"ollama\" or \"comfyui\" (workload {name!r} "
-                            "has release = \"none\", so its API is not known)")
+                            f"has release = {workload.release!r}, so its API is not known)")
         modes = config.modes_of_workload(name)
         if proxy.mode is not None and proxy.mode not in modes:
             problems.append(f"{key}.mode: {proxy.mode!r} is not a mode of workload {name!r} "

@@ -107,9 +107,11 @@ async def check_release_allowed(
 async def graceful_release(
     client: httpx.AsyncClient, name: str, config: WorkloadConfig, *, force: bool
 ) -> ReleaseReport:
-    """Unload Ollama's models, or interrupt (when forced) and free ComfyUI."""
+    """Unload Ollama's models, or interrupt (when forced) and free ComfyUI. An
+    OpenAI-compatible engine (llama.cpp's server, vLLM) has no unload: its stop is
+    its release."""
     report = ReleaseReport(workload=name)
-    if config.release == "none" or not config.url:
+    if config.release in ("none", "openai") or not config.url:
         return report
     url = config.url.rstrip("/")
     try:
@@ -152,11 +154,12 @@ async def graceful_release(
 
 async def probe_ready(client: httpx.AsyncClient, config: WorkloadConfig,
                       timeout: float = 10.0) -> bool:
-    """Whether the workload's API answers (Ollama /api/version, ComfyUI /system_stats)
-    within `timeout` seconds."""
+    """Whether the workload's API answers (Ollama /api/version, ComfyUI /system_stats,
+    an OpenAI-compatible engine /v1/models) within `timeout` seconds."""
     if config.release == "none" or not config.url:
         return True
-    path = "/api/version" if config.release == "ollama" else "/system_stats"
+    path = {"ollama": "/api/version", "comfyui": "/system_stats"}.get(config.release,
+                                                                      "/v1/models")
     try:
         resp = await client.get(config.url.rstrip("/") + path, timeout=httpx.Timeout(timeout))
     except httpx.HTTPError:
