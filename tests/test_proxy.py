@@ -136,6 +136,20 @@ def prompt(base: str, seconds: float | None = None) -> str:
     return prompt_id
 
 
+def job_end(node: SimNode, prompt_id: str, timeout: float = 60) -> dict[str, Any]:
+    """How a job ended, from the ComfyUI stand-in's log ({"status", "finished_at"}):
+    a switch may stop ComfyUI the moment its last job ends, and its history with it."""
+    log = node.state_dir / "logs" / "comfyui.log"
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in log.read_text().splitlines() if log.exists() else []:
+            if line.startswith("{") and json.loads(line).get("job") == prompt_id:
+                found: dict[str, Any] = json.loads(line)
+                return found
+        assert time.monotonic() < deadline, f"job {prompt_id} not done in {timeout}s"
+        time.sleep(0.05)
+
+
 def wait_job(base: str, prompt_id: str, timeout: float = 60) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
@@ -287,12 +301,12 @@ def test_chat_waits_for_a_running_image_job_which_finishes_untouched(
         time.sleep(0.05)
     assert daemon.events("mode.switch.started") == [] or all(
         e["to"] != "llm" for e in daemon.events("mode.switch.started"))
-    done = wait_job(proxied.comfy_direct, job)
-    finished = time.time()
+    done = job_end(proxied.node, job)
+    finished = done["finished_at"]
     waiter.join(120)
     assert "error" not in out, out
     assert out["result"]["status"] == 200 and json.loads(out["result"]["lines"][-1])["done"]
-    assert done["status"]["status_str"] == "success"
+    assert done["status"] == "success"
     started = daemon.wait_event("mode.switch.started", to="llm")[-1]
     assert started["time"] >= finished - 1.0  # not before the job ended (1 s: the poll)
     assert daemon.events("mode.switch.refused") == []  # waited, never forced or refused

@@ -500,6 +500,27 @@ class ProxyConfig(_Section):
     body_timeout: Duration = 30.0
 
 
+class RouterConfig(_Section):
+    """One OpenAI-compatible address for every workload's `models`: a request's "model"
+    picks the workload, and a model whose mode is not active is demand (`[router]`)."""
+
+    # Where clients connect (default: none, no router), e.g. "127.0.0.1:8080".
+    listen: str | None = None
+    # How long a request waits for its model's mode before it is answered 503.
+    max_wait: Duration = 120.0
+    # Requests that may wait at once per model's mode; one more is answered 503.
+    max_waiting: int = Field(100, ge=1)
+    # As [proxy.*] min_dwell, for the modes of the router's models.
+    min_dwell: NonNegativeSeconds = 30.0
+    # As [proxy.*] preempt.
+    preempt: bool = False
+    allowed_hosts: list[Annotated[str, BeforeValidator(_check_allowed_host)]] = []
+    allowed_origins: list[Annotated[str, BeforeValidator(_check_origin)]] = []
+    max_connections: int = Field(512, ge=1, le=65536)
+    idle_timeout: Duration = 15.0
+    body_timeout: Duration = 30.0
+
+
 class DeliveryConfig(_Section):
     """Outbound webhooks: a bounded queue per receiver, retries with backoff."""
 
@@ -534,6 +555,7 @@ class Config(BaseSettings):
     n8n: N8nConfig = N8nConfig()
     delivery: DeliveryConfig = DeliveryConfig()
     proxy: dict[str, ProxyConfig] = {}
+    router: RouterConfig = RouterConfig()
 
     @classmethod
     def settings_customise_sources(
@@ -578,6 +600,11 @@ class Config(BaseSettings):
         api = self.proxy[workload].api or self.workloads[workload].release
         assert api in ("ollama", "comfyui"), "validated with the config"
         return api
+
+    def routed_models(self) -> dict[str, str]:
+        """Each model id the router serves, and the workload serving it."""
+        return {model: name for name, workload in self.workloads.items()
+                for model in workload.models}
 
     def gpu_of_workload(self, workload: str) -> int | None:
         for mode in self.modes.values():
@@ -674,7 +701,9 @@ def _open_files_warnings(config: Config) -> list[str]:
     from .api_server import OWN_FILES, PROXY_FILES_PER_CONNECTION, files_needed
 
     api = config.api
-    proxies = {name: proxy.max_connections for name, proxy in config.proxy.items()}
+    proxies = {f"proxy.{name}": proxy.max_connections for name, proxy in config.proxy.items()}
+    if config.router.listen is not None:
+        proxies["router"] = config.router.max_connections
     needed = files_needed(api.max_connections if api.listen else 0, api.socket_connections,
                           proxies)
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -688,7 +717,7 @@ def _open_files_warnings(config: Config) -> list[str]:
              f"{OWN_FILES} of the daemon's own"]
     if api.listen:
         parts.insert(0, f"api.max_connections {api.max_connections}")
-    parts += [f"{PROXY_FILES_PER_CONNECTION} x proxy.{n}.max_connections {c}"
+    parts += [f"{PROXY_FILES_PER_CONNECTION} x {n}.max_connections {c}"
               for n, c in proxies.items()]
     return [f"connection budgets: they need {needed} open files ({', '.join(parts)}), more "
             f"than {where}: the daemon shrinks the proxies' budgets first, then the API's, "
@@ -738,6 +767,7 @@ def _cross_check(config: Config) -> list[str]:
     if config.api.listen is not None:
         problems.extend(_check_listen(config.api))
     problems.extend(_check_proxies(config))
+    problems.extend(_check_router(config))
     served: dict[str, str] = {}
     for name, each in config.workloads.items():
         for model in each.models:
@@ -798,6 +828,37 @@ def _workload_address(url: str | None) -> tuple[str | None, int | None]:
         return target.hostname, target.port
     except ValueError:  # a bad port in the url: reported on its own key
         return None, None
+
+
+def _check_router(config: Config) -> list[str]:
+    router = config.router
+    if router.listen is None:
+        return []
+    address = parse_listen(router.listen)
+    if address is None:
+        return [f"router.listen: {_listen_problem(router.listen)}"]
+    problems: list[str] = []
+    routed = config.routed_models()
+    if not routed:
+        problems.append("router.listen: no workload names its models (workloads.NAME.models "
+                        "= [\"id\", ...]); the router would serve nothing")
+    taken: list[tuple[str, tuple[str | None, int | None] | None]] = [
+        ("api.listen", parse_listen(config.api.listen) if config.api.listen else None)]
+    taken += [(f"proxy.{name}.listen", parse_listen(p.listen))
+              for name, p in config.proxy.items()]
+    taken += [(f"workloads.{name}.url", _workload_address(w.url))
+              for name, w in config.workloads.items()]
+    for key, other in taken:
+        if other is not None and _same_socket(address, other):
+            problems.append(f"router.listen: {router.listen} collides with {key}")
+    for name in sorted(set(routed.values())):
+        modes = config.modes_of_workload(name)
+        if len(modes) != 1:
+            problems.append(f"workloads.{name}.models: the router switches to a model's "
+                            f"mode, and workload {name!r} is in "
+                            + (f"modes {', '.join(modes)}: keep it in one" if modes
+                               else "no mode: add it to one"))
+    return problems
 
 
 def _check_proxies(config: Config) -> list[str]:

@@ -409,7 +409,7 @@ class Daemon:
         api = self.config.api
         self._files = fit_open_files(
             api.max_connections if api.listen else 0, api.socket_connections,
-            {name: proxy.max_connections for name, proxy in self.config.proxy.items()})
+            _proxy_budgets(self.config))
         try:
             await self._start_proxies()
         except GpuwardenError as exc:
@@ -631,7 +631,7 @@ class Daemon:
 
     async def _start_proxies(self) -> None:
         assert self.service is not None
-        if not self.config.proxy:
+        if not self.config.proxy and self.config.router.listen is None:
             return
         from .proxy import DemandProxies  # only nodes with proxies load them
 
@@ -651,6 +651,8 @@ class Daemon:
             raise GpuwardenError(f"a demand proxy cannot listen: {exc}; {hint}") from exc
         self._proxies = proxies
         self.service.status_sections["proxies"] = proxies.status
+        if proxies.router is not None:
+            self.service.status_sections["router"] = proxies.router.status
         self.metrics.proxy_budgets = proxies.budgets
 
     async def _listen(self, path: Path) -> None:
@@ -674,7 +676,7 @@ class Daemon:
         # and the control socket need (the proxies' budgets shrink first).
         self._files = fit_open_files(
             api.max_connections if api.listen else 0, api.socket_connections,
-            {name: proxy.max_connections for name, proxy in self.config.proxy.items()})
+            _proxy_budgets(self.config))
         socket_budget = ConnectionBudget("socket", api.socket_connections,
                                          on_refused=self.metrics.on_connection_refused)
         self._doors.append(await serve(app(), socket_budget, idle_timeout=api.idle_timeout,
@@ -810,6 +812,14 @@ def _claim_socket_path(path: Path) -> None:
             path.unlink()
             return
     raise GpuwardenError(f"another gpuwarden daemon is listening on {path}")
+
+
+def _proxy_budgets(config: Config) -> dict[str, int]:
+    """The connection budgets of the demand proxies and the model router."""
+    budgets = {name: proxy.max_connections for name, proxy in config.proxy.items()}
+    if config.router.listen is not None:
+        budgets["router"] = config.router.max_connections
+    return budgets
 
 
 def _try_bind(address: tuple[str, int]) -> None:

@@ -8,7 +8,8 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 from .cache import ReadCache
-from .scheduler import DemandScheduler, ModePolicy
+from .router import ModelRouter
+from .scheduler import ROUTER, DemandScheduler, ModePolicy
 from .server import WorkloadProxy
 
 if TYPE_CHECKING:
@@ -20,23 +21,29 @@ __all__ = ["DemandProxies"]
 
 
 class DemandProxies:
-    """Every configured proxy, started and stopped together."""
+    """Every configured proxy and the model router, started and stopped together."""
 
     def __init__(self, service: Service, bus: EventBus, metrics: Metrics | None,
                  budgets: dict[str, int] | None = None) -> None:
-        """`budgets`: each proxy's max_connections as fitted to the open-files limit."""
+        """`budgets`: each proxy's max_connections (and the router's, as "router") as
+        fitted to the open-files limit."""
         config = service.config
+        router = config.router
+        routed = sorted(set(config.routed_models().values())) if router.listen else []
+        fronts = [(config.proxy_mode(name), p.min_dwell, p.preempt)
+                  for name, p in config.proxy.items()]
+        fronts += [(config.modes_of_workload(name)[0], router.min_dwell, router.preempt)
+                   for name in routed]
         policies: dict[str, ModePolicy] = {}
-        for name, proxy in config.proxy.items():
-            mode = config.proxy_mode(name)
+        for mode, dwell, preempt in fronts:
             known = policies.get(mode)
             policies[mode] = ModePolicy(
-                dwell_s=max(proxy.min_dwell, known.dwell_s if known else 0.0),
+                dwell_s=max(dwell, known.dwell_s if known else 0.0),
                 priority=config.mode_priority(mode),
-                preempt=proxy.preempt or bool(known and known.preempt))
+                preempt=preempt or bool(known and known.preempt))
         self.schedulers: dict[int, DemandScheduler] = {}
-        self.proxies: list[WorkloadProxy] = []
-        for name in config.proxy:
+
+        def scheduler_of(name: str) -> DemandScheduler:
             gpu = config.gpu_of_workload(name)
             assert gpu is not None, "checked with the config"
             scheduler = self.schedulers.get(gpu)
@@ -45,9 +52,22 @@ class DemandProxies:
                     gpu, name, service, bus,
                     {m: p for m, p in policies.items() if config.all_modes()[m].gpu == gpu},
                     metrics)
+            return scheduler
+
+        self.proxies: list[WorkloadProxy] = []
+        for name in config.proxy:
             cache = ReadCache(config.daemon.state_dir / "proxy" / name)
-            self.proxies.append(WorkloadProxy(name, config, service, scheduler, cache, bus,
-                                              metrics, (budgets or {}).get(name)))
+            self.proxies.append(WorkloadProxy(name, config, service, scheduler_of(name),
+                                              cache, bus, metrics,
+                                              (budgets or {}).get(name)))
+        self.router: ModelRouter | None = None
+        if routed:
+            lanes = {name: WorkloadProxy(
+                name, config, service, scheduler_of(name),
+                ReadCache(config.daemon.state_dir / "proxy" / f"router-{name}"), bus,
+                metrics, lane_of=router) for name in routed}
+            self.router = ModelRouter(config, lanes, bus, metrics,
+                                      (budgets or {}).get(ROUTER))
 
     async def start(self) -> None:
         """Listen on every proxy's address (raises OSError when one is taken)."""
@@ -55,14 +75,17 @@ class DemandProxies:
             await asyncio.to_thread(proxy.cache_load)
         for scheduler in self.schedulers.values():
             scheduler.start()
-        started: list[WorkloadProxy] = []
+        fronts: list[WorkloadProxy | ModelRouter] = [*self.proxies]
+        if self.router is not None:
+            fronts.append(self.router)
+        started: list[WorkloadProxy | ModelRouter] = []
         try:
-            for proxy in self.proxies:
-                await proxy.start()
-                started.append(proxy)
+            for front in fronts:
+                await front.start()
+                started.append(front)
         except BaseException:
-            for proxy in started:
-                await proxy.close()
+            for front in started:
+                await front.close()
             raise
 
     async def close(self) -> None:
@@ -70,6 +93,8 @@ class DemandProxies:
             await scheduler.close()
         for proxy in self.proxies:
             await proxy.close()
+        if self.router is not None:
+            await self.router.close()
 
     def status(self) -> list[dict[str, Any]]:
         return [proxy.status() for proxy in self.proxies]
@@ -78,6 +103,8 @@ class DemandProxies:
         """Announce the end of each proxy's overload that has been quiet long enough."""
         for proxy in self.proxies:
             proxy.overload.end_quiet()
+        if self.router is not None:
+            self.router.overload.end_quiet()
 
     def in_flight(self, workloads: set[str]) -> list[dict[str, Any]]:
         """The demand requests in flight to any of `workloads` (a switch would cut them)."""
@@ -98,4 +125,7 @@ class DemandProxies:
 
     def budgets(self) -> dict[str, tuple[int, int]]:
         """Open connections and the budget of each proxy, for the metrics."""
-        return {proxy.name: (proxy.budget.open, proxy.budget.limit) for proxy in self.proxies}
+        found = {proxy.name: (proxy.budget.open, proxy.budget.limit) for proxy in self.proxies}
+        if self.router is not None:
+            found[ROUTER] = (self.router.budget.open, self.router.budget.limit)
+        return found

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from ..metrics import Metrics
     from ..service import ProxyView, Service
 
-__all__ = ["DemandScheduler", "ModePolicy", "Rejection", "Ticket"]
+__all__ = ["ROUTER", "DemandScheduler", "ModePolicy", "Rejection", "Ticket"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,10 @@ _IDLE_GRACE_S = 5.0
 # How long a read of ComfyUI's queue may take before it counts as busy.
 _QUEUE_TIMEOUT_S = 5.0
 
+
+# The model router's name where a proxy's would be: its switches are requested_by
+# "router:<client>".
+ROUTER = "router"
 
 class Rejection(Exception):
     """A demand request answered 503: why, and when to try again."""
@@ -324,7 +328,7 @@ class DemandScheduler:
 
     def _runs(self, mode: str) -> bool:
         """Every workload the waiting requests of `mode` go to runs."""
-        return all(self._service.proxy_view(w.proxy).running for w in self._waiting[mode])
+        return all(self._service.proxy_view(w.workload).running for w in self._waiting[mode])
 
     def _may_pass(self, mode: str, workload: str, view: ProxyView) -> bool:
         if view.mode != mode or view.switching_to is not None or not view.running:
@@ -473,7 +477,8 @@ class DemandScheduler:
                  "preempted": force}
         self._blocker[target] = f"switching to {target}"
         self._switch = asyncio.get_running_loop().create_task(
-            self._do_switch(target, f"proxy:{first.client}", cause, force))
+            self._do_switch(target, f"{ROUTER if first.proxy == ROUTER else 'proxy'}:"
+                                    f"{first.client}", cause, force))
 
     async def _do_switch(self, target: str, requested_by: str, cause: dict[str, Any],
                          force: bool) -> None:

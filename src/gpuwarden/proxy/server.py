@@ -25,12 +25,12 @@ import aiohttp
 from aiohttp import web
 
 from ..api_server import ConnectionBudget, Door, serve, track_requests
-from ..config import Config, parse_listen
+from ..config import Config, ProxyConfig, RouterConfig, parse_listen
 from ..events import EventBus, Severity
 from .browser import BrowserPolicy
 from .cache import ReadCache, cache_key
 from .demand import Kind, classify, local_answer, reads_body
-from .scheduler import DemandScheduler, Rejection
+from .scheduler import ROUTER, DemandScheduler, Rejection
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
@@ -122,14 +122,24 @@ class WorkloadProxy:
 
     def __init__(self, name: str, config: Config, service: Service,
                  scheduler: DemandScheduler, cache: ReadCache, bus: EventBus,
-                 metrics: Metrics | None = None, max_connections: int | None = None) -> None:
+                 metrics: Metrics | None = None, max_connections: int | None = None,
+                 *, lane_of: RouterConfig | None = None) -> None:
         """`max_connections`: the budget that fits the open-files limit (default: the
-        configured one)."""
-        proxy = config.proxy[name]
+        configured one). `lane_of`: this is not a listening proxy but the model router's
+        way to workload `name` (`route`), with the router's settings."""
+        proxy = config.proxy[name] if lane_of is None else ProxyConfig(
+            listen=lane_of.listen or "127.0.0.1:0", max_wait=lane_of.max_wait,
+            max_waiting=lane_of.max_waiting, min_dwell=lane_of.min_dwell,
+            preempt=lane_of.preempt, allowed_hosts=lane_of.allowed_hosts,
+            allowed_origins=lane_of.allowed_origins, idle_timeout=lane_of.idle_timeout,
+            body_timeout=lane_of.body_timeout)
         self.name = name
+        # Who asks the scheduler and is counted: the proxy's own workload, or "router".
+        self.front = name if lane_of is None else ROUTER
         self.listen = proxy.listen
-        self.api = config.proxy_api(name)
-        self.mode = config.proxy_mode(name)
+        self.api = config.proxy_api(name) if lane_of is None else "openai"
+        self.mode = config.proxy_mode(name) if lane_of is None else \
+            config.modes_of_workload(name)[0]
         url = config.workloads[name].url
         assert url, "checked with the config"
         self.upstream = url.rstrip("/")
@@ -171,12 +181,19 @@ class WorkloadProxy:
         """Index the answers kept by an earlier run (blocking)."""
         self._cache.load()
 
-    async def start(self) -> None:
+    def open_session(self) -> None:
         # No total timeout: a model load, then a long stream, may take many minutes.
         self._session = aiohttp.ClientSession(
             auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
             connector=aiohttp.TCPConnector(limit=0),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+
+    async def route(self, request: web.Request, body: bytes) -> web.StreamResponse:
+        """The model router's request for this workload, its body read: demand."""
+        return await self._demand(request, body)
+
+    async def start(self) -> None:
+        self.open_session()
         app = web.Application(client_max_size=_CLASSIFY_BODY_LIMIT,
                               middlewares=[track_requests(self.budget)])
         app.router.add_route("*", "/{tail:.*}", self._handle)
@@ -214,10 +231,17 @@ class WorkloadProxy:
                             "refused": self.overload.refused, "cut": dict(self.overload.cut)},
         }
 
+    def demand_state(self) -> dict[str, Any]:
+        """Its mode's requests in flight, and those of this front waiting, with why."""
+        waits = self._scheduler.waiting(mode=self.mode, proxy=self.front)
+        return {"mode": self.mode, "in_flight": self._scheduler.in_flight(self.mode),
+                "waiting": len(waits), "oldest_wait_s": round(waits[0], 3) if waits else None,
+                "blocker": self._scheduler.blocker(self.mode)}
+
     def _count(self, outcome: str) -> None:
         self.counts[outcome] += 1
         if self._metrics is not None:
-            self._metrics.proxy_requests.labels(self.name, outcome).inc()
+            self._metrics.proxy_requests.labels(self.front, outcome).inc()
 
     def _up(self) -> bool:
         """The upstream runs in the active mode, with no switch under way."""
@@ -238,7 +262,7 @@ class WorkloadProxy:
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return await self._websocket(request)
         if request.method == "OPTIONS" and not self._up():
-            return self._preflight(request)
+            return self.preflight(request)
         body: bytes | None = None
         if reads_body(self.api, request.method, request.path):
             try:
@@ -268,7 +292,7 @@ class WorkloadProxy:
         return self._unavailable(request, unseen=kind is Kind.READ)
 
     @staticmethod
-    def _preflight(request: web.Request) -> web.Response:
+    def preflight(request: web.Request) -> web.Response:
         """A browser's CORS preflight while the upstream is down, answered as Ollama's
         and ComfyUI's servers answer it (204), for a page whose Origin passed the
         checks: its request that follows is what asks for the GPU."""
@@ -315,7 +339,7 @@ class WorkloadProxy:
         client = request.remote or "unknown"
         try:
             ticket = await self._scheduler.admit(
-                self.mode, proxy=self.name, workload=self.name, client=client,
+                self.mode, proxy=self.front, workload=self.name, client=client,
                 request=f"{request.method} {request.path}", max_wait=self._max_wait,
                 max_waiting=self._max_waiting)
         except Rejection as rejection:

@@ -1,0 +1,137 @@
+"""The model router over a real daemon: two OpenAI-compatible engines (the Ollama
+stand-in's /v1 API, as `release = "openai"` workloads) in two modes, one model each,
+behind `[router] listen`. The real llama.cpp engine is in tests/test_llama_cpp.py."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from .conftest import PYTHON, DaemonProcess, SimNode, run_cli
+from .standins import free_port
+
+A, B = "standin:7b", "standin:latest"  # both answered by the stand-in; one per engine
+
+
+class RoutedNode:
+    def __init__(self, node: SimNode, start_daemon: Any) -> None:
+        self.node = node
+        self._start = start_daemon
+        self.ports = {"a": free_port(), "b": free_port()}
+        self.router = f"http://127.0.0.1:{free_port()}"
+        self.daemon: DaemonProcess | None = None
+
+    def config(self, *, token_delay: float = 0.01) -> Path:
+        def engine(name: str, model: str, mib: int) -> dict[str, Any]:
+            port = self.ports[name]
+            return {"kind": "process", "stop_timeout": 2, "release": "openai",
+                    "url": f"http://127.0.0.1:{port}", "models": [model], "ready_timeout": 30,
+                    "command": [PYTHON, "-m", "gpuwarden.standins", "ollama", "--port",
+                                str(port), "--ledger", str(self.node.ledger), "--mib",
+                                str(mib), "--token-delay", str(token_delay)]}
+        return self.node.write(
+            workloads__a=engine("a", A, 6000), workloads__b=engine("b", B, 9000),
+            modes__one={"workloads": ["a"]}, modes__two={"workloads": ["b"]},
+            router={"listen": self.router.removeprefix("http://"), "min_dwell": 0,
+                    "max_wait": 60})
+
+    def start(self, **kwargs: Any) -> DaemonProcess:
+        self.daemon = self._start(self.config(**kwargs), self.node.socket)
+        self.daemon.wait_mode("idle")
+        return self.daemon
+
+
+@pytest.fixture
+def routed(node: SimNode, start_daemon: Any) -> RoutedNode:
+    return RoutedNode(node, start_daemon)
+
+
+def chat(base: str, model: str, *, stream: bool = True, max_tokens: int = 5,
+         content_type: str = "application/json") -> dict[str, Any]:
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}],
+                       "stream": stream, "max_tokens": max_tokens})
+    t0 = time.monotonic()
+    with httpx.stream("POST", f"{base}/v1/chat/completions", content=body,
+                      headers={"Content-Type": content_type}, timeout=120) as resp:
+        lines = [line for line in resp.iter_lines() if line]
+        return {"status": resp.status_code, "lines": lines, "s": time.monotonic() - t0}
+
+
+def test_models_are_listed_while_stopped_and_unknown_ones_are_404(routed: RoutedNode) -> None:
+    daemon = routed.start()
+    listed = httpx.get(f"{routed.router}/v1/models", timeout=10).json()
+    assert {(m["id"], m["owned_by"]) for m in listed["data"]} == {(A, "a"), (B, "b")}
+    assert httpx.get(f"{routed.router}/v1/models/{A}", timeout=10).json()["id"] == A
+    unknown = httpx.post(f"{routed.router}/v1/chat/completions",
+                         json={"model": "gpt-5", "messages": []}, timeout=10)
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["code"] == "model_not_found"
+    assert "gpt-5" in unknown.json()["error"]["message"]
+    bad = httpx.post(f"{routed.router}/v1/chat/completions", content=b"not json",
+                     timeout=10)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "model"
+    assert httpx.get(f"{routed.router}/v1/chat/completions", timeout=10).status_code == 405
+    assert daemon.status()["gpus"][0]["mode"] == "idle"  # nothing of that started a mode
+
+
+def test_requests_route_by_model_across_switches_whatever_the_content_type(
+        routed: RoutedNode) -> None:
+    daemon = routed.start()
+    first = chat(routed.router, A, content_type="text/plain")  # llama-swap needs JSON
+    assert first["status"] == 200 and first["lines"][-1] == "data: [DONE]", first
+    started = daemon.wait_event("mode.switch.completed", to="one")[0]
+    assert started["requested_by"].startswith("router:127.0.0.1")
+    second = chat(routed.router, B, stream=False)
+    assert second["status"] == 200
+    assert json.loads(second["lines"][0])["choices"][0]["message"]["content"]
+    daemon.wait_event("mode.switch.completed", to="two")
+    assert daemon.status()["gpus"][0]["mode"] == "two"
+    embed = httpx.post(f"{routed.router}/v1/embeddings", json={"model": B, "input": "x"},
+                       timeout=30)
+    assert embed.status_code in (200, 404)  # routed to b (the stand-in has no /v1 embed)
+    router = daemon.status()["router"]
+    assert router["models"] == {A: "a", B: "b"} and router["routed"] >= 3
+
+
+def test_sixteen_clients_stream_and_a_chat_in_flight_is_not_cut(routed: RoutedNode) -> None:
+    daemon = routed.start(token_delay=0.05)
+    results: list[dict[str, Any]] = []
+
+    def client(model: str, tokens: int) -> None:
+        results.append({"model": model, **chat(routed.router, model, max_tokens=tokens),
+                        "ended": time.time()})
+
+    threads = [threading.Thread(target=client, args=(A, 10)) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert len(results) == 16 and all(r["status"] == 200 for r in results), results
+    assert all(r["lines"][-1] == "data: [DONE]" and len(r["lines"]) == 11 for r in results)
+    # A long chat to A, then one to B: B waits for A's answer, which is whole.
+    results.clear()
+    slow = threading.Thread(target=client, args=(A, 60))  # about 3 s of tokens
+    slow.start()
+    deadline = time.monotonic() + 30
+    while not any(w["in_flight"] for w in daemon.status()["router"]["workloads"].values()):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    other = threading.Thread(target=client, args=(B, 3))
+    other.start()
+    slow.join(120)
+    other.join(120)
+    by_model = {r["model"]: r for r in results}
+    assert by_model[A]["status"] == 200 and len(by_model[A]["lines"]) == 61, by_model[A]
+    assert by_model[B]["status"] == 200
+    started = daemon.wait_event("mode.switch.started", to="two")[0]
+    assert started["time"] >= by_model[A]["ended"] - 0.5  # not before A's answer ended
+    assert started["requested_by"].startswith("router:")
+    assert "cut_requests" not in daemon.wait_event("mode.switch.completed", to="two")[0]
+    result = run_cli("--config", str(routed.node.config_path), "status")
+    assert result.returncode == 0
