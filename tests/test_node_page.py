@@ -161,10 +161,17 @@ def test_a_person_watches_and_acts_from_the_page_in_chromium(
         figures.append(f"CLI switch shown on the page {time.monotonic() - t0:.2f} s after "
                        "the CLI returned")
 
+        # A wrong token says so, and the next reads do not wipe it.
+        page.fill("#token", "wrong-" + "w" * 32)
+        page.click("#sign-in button")
+        expect(page.locator("#banner")).to_contain_text("sign-in refused: not a token")
+        page.wait_for_timeout(2500)  # a read of the state comes every 2 s
+        expect(page.locator("#banner")).to_contain_text("sign-in refused")
         # Sign in, and switch from the page.
         page.fill("#token", TOKEN)
         page.click("#sign-in button")
         expect(page.locator("#signed-in")).to_have_text("signed in as ops")
+        expect(page.locator("#banner")).to_be_hidden()
         page.click("[data-mode='llm']")
         expect(page.locator("#progress-0")).to_contain_text("llm is running", timeout=60_000)
         expect(page.locator("#mode-0")).to_have_text("llm")

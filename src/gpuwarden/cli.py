@@ -531,6 +531,12 @@ def cmd_unblock(args: argparse.Namespace) -> int:
     client = _client(args)
     resp = client.request("POST", f"/v1/workloads/{args.workload}/unblock")
     body = _json_or_die(resp)
+    if args.json:
+        code = EXIT_USAGE if resp.status_code in (404, 422) else \
+            EXIT_OK if resp.status_code == 200 and not body.get("error") else EXIT_FAILED
+        print(json.dumps({**body, **({"ok": False, "exit_code": code} if code else {})},
+                         indent=2, sort_keys=True))
+        return code
     if resp.status_code in (404, 422):  # no such workload: bad usage
         _die(body.get("error", f"HTTP {resp.status_code}"), EXIT_USAGE)
     if resp.status_code != 200:
@@ -579,7 +585,7 @@ def cmd_events(args: argparse.Namespace) -> int:
                 _die(body.get("error", f"HTTP {resp.status_code}"), EXIT_FAILED)
             recent = [e for e in body["events"] if not args.type
                       or any(wanted(e["event"], pattern) for pattern in args.type)]
-            for event in recent[-args.lines:]:
+            for event in recent[-(args.lines or 10):]:
                 show(event)
             since = body["events"][-1]["id"] if body["events"] else 0
         # The daemon's stream: events after `since`, then each new one.
@@ -595,7 +601,9 @@ def cmd_events(args: argparse.Namespace) -> int:
     body = _json_or_die(resp)
     if resp.status_code != 200:
         _die(body.get("error", f"HTTP {resp.status_code}"), EXIT_FAILED)
-    for event in body["events"]:
+    events = [e for e in body["events"] if not args.type
+              or any(wanted(e["event"], pattern) for pattern in args.type)]
+    for event in events[-args.lines:] if args.lines else events:
         show(event)
     return EXIT_OK
 
@@ -832,6 +840,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p = verb("unblock", parents=[common, client, answer],
                        help="lift a crash-loop block (refused unless VRAM is clear)")
     p.add_argument("workload", metavar="WORKLOAD", help="the blocked workload's name")
+    p.add_argument("--json", action="store_true",
+                   help="the answer as one JSON document: ok, workload, started (or error)")
     p.set_defaults(func=cmd_unblock)
     p = verb("reload", parents=[common, client, answer],
              help="read the config again: thresholds, API tokens and Discord allowlists "
@@ -847,8 +857,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--since", type=_event_id, default=None, metavar="ID",
                    help="only events after this id (with --follow: all of those the daemon "
                         "still keeps, then each new one)")
-    p.add_argument("-n", "--lines", type=int, default=10, metavar="N",
-                   help="with --follow and no --since: start with the last N (default 10)")
+    p.add_argument("-n", "--lines", type=int, default=None, metavar="N",
+                   help="only the last N (with --follow and no --since: start with them; "
+                        "default 10 with --follow, all without)")
     p.add_argument("--type", action="append", metavar="GLOB",
                    help="only these event names (shell pattern, e.g. 'mode.*'; repeatable)")
     p.add_argument("--json", action="store_true", help="one JSON document per line")

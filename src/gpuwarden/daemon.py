@@ -351,7 +351,8 @@ class Daemon:
             try:
                 await asyncio.to_thread(_try_bind, address)
             except OSError as exc:
-                return f"proxy.{name}.listen: cannot listen on {proxy.listen} ({exc.strerror})"
+                return (f"proxy {name} cannot listen on its new address {proxy.listen} "
+                        f"({exc.strerror}): reload again once it is free")
         return None
 
     async def _apply(self, plan: ReloadPlan) -> str | None:
@@ -400,6 +401,9 @@ class Daemon:
 
     async def _restart_proxies(self) -> str | None:
         """The demand proxies again, from the reloaded config (none waits or runs)."""
+        # Their counts go on: a reload is not a restart.
+        kept = {} if self._proxies is None else \
+            {p.name: dict(p.counts) for p in self._proxies.proxies}
         if self._proxies is not None:
             await self._proxies.close()
             self._proxies = None
@@ -414,6 +418,9 @@ class Daemon:
             await self._start_proxies()
         except GpuwardenError as exc:
             return f"the demand proxies are down: they could not start again: {exc}"
+        if self._proxies is not None:
+            for proxy in self._proxies.proxies:
+                proxy.counts.update(kept.get(proxy.name, {}))
         return None
 
     async def _restore(self) -> None:

@@ -17,12 +17,15 @@ from typing import Any
 
 from .config import Config, WorkloadConfig, _cross_check
 
-__all__ = ["ReloadPlan", "changed_keys", "plan_reload"]
+__all__ = ["READ_AT_START", "InUse", "ReloadPlan", "changed_keys", "plan_reload"]
 
 # Receivers are rebuilt on any of these (their outboxes are kept on disk, by address).
 _RECEIVER_KEYS = ("n8n.", "delivery.", "discord.alert_webhook_url",
                   "discord.alert_min_severity", "discord.alert_channel_id")
 _DISCORD_LISTS = ("discord.allowed_role_ids", "discord.allowed_user_ids")
+READ_AT_START = "read at start only: restart gpuwarden to apply"
+# Tables added or removed whole are named as one key, not as every key they default.
+_TABLES = ("workloads.", "modes.", "proxy.", "api.tokens.")
 
 
 @dataclass
@@ -43,7 +46,8 @@ class ReloadPlan:
 
     @property
     def needs_restart(self) -> list[str]:
-        return sorted(self.not_applied)
+        """The keys only a restart applies (the rest wait for something to end)."""
+        return sorted(k for k, why in self.not_applied.items() if why == READ_AT_START)
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,25 @@ def changed_keys(old: Config, new: Config) -> list[str]:
     # Python mode: a SecretStr stays one, and compares by its value.
     before = flat(old.model_dump(mode="python"))
     after = flat(new.model_dump(mode="python"))
-    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    keys = set()
+    for key in before.keys() | after.keys():
+        if before.get(key) == after.get(key):
+            continue
+        table = _whole_table(key)
+        if table is not None and (not any(k.startswith(table + ".") for k in before) or
+                                  not any(k.startswith(table + ".") for k in after)):
+            key = table  # added or removed whole
+        keys.add(key)
+    return sorted(keys)
+
+
+def _whole_table(key: str) -> str | None:
+    """`workloads.ollama.url` -> "workloads.ollama"; None outside those sections."""
+    for section in _TABLES:
+        if key.startswith(section):
+            name = key[len(section):].split(".", 1)[0]
+            return section + name
+    return None
 
 
 def _table(key: str, section: str) -> str | None:
@@ -163,7 +185,7 @@ def plan_reload(old: Config, new: Config, in_use: InUse,
                 take(proxy_keys)
 
     leave([k for k in changed if k not in plan.applied and k not in plan.not_applied],
-          "read at start only: restart gpuwarden to apply")
+          READ_AT_START)
     plan.config = old.model_copy(update=update)
     return plan
 

@@ -3,10 +3,12 @@
 Docker restarts a container by its restart policy, and systemd a unit by `Restart=`;
 a process workload gets the same from gpuwarden: `restart_policy` (`no`, `always`,
 `unless-stopped`, `on-failure[:N]`) with Docker's backoff, 100 ms doubled after each
-restart up to a minute, and back to 100 ms after a run of 10 s. Each exit and restart
-goes to the crash-loop guard, which blocks a workload that keeps crashing exactly as
-it blocks a container. A restart is made only into a settled mode that has the
-workload, and never while the guard holds it down.
+restart, and back to 100 ms after a run of 10 s or a stop someone asked for (a switch,
+the guard's block). The delay never grows past a minute, nor past what lets the
+crash-loop guard see `max_restarts` + 1 crashes within its `window`: a restart policy
+never outpaces the guard, which blocks a workload that keeps crashing exactly as it
+blocks a container. A restart is made only into a settled mode that has the workload,
+and never while the guard holds it down.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class ChildRestarter:
         self._guard = guard
         self._bus = bus
         self._backoff: dict[str, _Backoff] = {}
+        self._restarted: dict[str, int | None] = {}  # the pid this restarter started
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -73,22 +76,29 @@ class ChildRestarter:
             if isinstance(workload, ProcessWorkload):
                 workload.on_exit = self._exited_in_thread
 
-    def _exited_in_thread(self, name: str, exit_code: int, requested: bool,
+    def _exited_in_thread(self, name: str, pid: int, exit_code: int, requested: bool,
                           ran_s: float) -> None:
         if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._exited, name, exit_code, requested, ran_s)
+            self._loop.call_soon_threadsafe(self._exited, name, pid, exit_code, requested,
+                                            ran_s)
 
-    def _exited(self, name: str, exit_code: int, requested: bool, ran_s: float) -> None:
+    def _exited(self, name: str, pid: int, exit_code: int, requested: bool,
+                ran_s: float) -> None:
         workload = self._workloads.get(name)
         if requested or workload is None:
-            return  # a stop someone asked for
+            self._backoff.pop(name, None)  # a stop someone asked for ends the sequence
+            return
+        if self._restarted.pop(name, None) != pid:
+            # Started by a switch, an unblock or a person: a new sequence.
+            self._backoff.pop(name, None)
         self._guard.observe(name, "die", time.time(), exit_code)
         backoff = self._backoff.setdefault(name, _Backoff())
         if ran_s >= _RESET_AFTER_S:
             backoff.delay_s, backoff.restarts = _FIRST_DELAY_S, 0
         if not _wants_restart(workload.config.restart_policy, exit_code, backoff.restarts):
             return
-        delay = backoff.delay_s
+        max_restarts, window = self._guard.limits(name)
+        delay = min(backoff.delay_s, window / (max_restarts + 1))
         backoff.delay_s = min(backoff.delay_s * 2, _MAX_DELAY_S)
         backoff.restarts += 1
         self._spawn(self._restart(name, delay))
@@ -111,7 +121,8 @@ class ChildRestarter:
                     (await self._supervisor.status(name)).running:
                 return
             try:
-                await self._supervisor.start_locked(name)
+                status = await self._supervisor.start_locked(name)
+                self._restarted[name] = status.pid
             except WorkloadError as exc:
                 self._bus.publish("workload.refused", f"{name}: restart by its policy "
                                   f"failed: {exc}", severity=Severity.ERROR, workload=name,
@@ -120,7 +131,7 @@ class ChildRestarter:
         self._bus.publish("workload.started", f"{name} restarted by its restart policy "
                           f"({self._workloads[name].config.restart_policy}) after "
                           f"{delay:.1f} s", workload=name, gpu=gpu,
-                          requested_by="restart policy")
+                          requested_by="restart policy", delay_s=round(delay, 3))
         self._guard.observe(name, "start", time.time())
 
     async def close(self) -> None:

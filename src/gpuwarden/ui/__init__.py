@@ -30,6 +30,7 @@ from aiohttp import web
 from ..api import BadRequest, SwitchRequest, event_stream, read_json
 from ..api_auth import ApiAuth, AuthFailures
 from ..config import ApiConfig, parse_listen
+from ..events import Severity
 from ..proxy.browser import BrowserPolicy
 from ..service import Service
 
@@ -189,7 +190,9 @@ class NodePage:
             "history": {str(gpu): samples for gpu, samples in service.vram_history().items()},
             "thresholds": {"warn": t.warn, "alert": t.alert, "critical": t.critical},
             "alerts": service.open_alerts(),
-            "events": [e.to_dict() for e in events[-_EVENTS_SHOWN:]],
+            # Steps and other debug events show as a switch's progress, not here.
+            "events": [e.to_dict() for e in events
+                       if e.severity > Severity.DEBUG][-_EVENTS_SHOWN:],
             "last_event_id": service.last_event_id(),
             "signed_in": self._session(request),
             "now": time.time(),

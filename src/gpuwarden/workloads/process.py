@@ -59,9 +59,9 @@ class ProcessWorkload:
         self._started_at: float | None = None
         self._exited_at: float | None = None  # when an exit was first seen
         self._lock = threading.Lock()
-        # Told of each exit, from a thread: (name, exit code, whether a stop asked for
-        # it, seconds it ran). Set by the restart policy (restarts.ChildRestarter).
-        self.on_exit: Callable[[str, int, bool, float], None] | None = None
+        # Told of each exit, from a thread: (name, pid, exit code, whether a stop asked
+        # for it, seconds it ran). Set by the restart policy (restarts.ChildRestarter).
+        self.on_exit: Callable[[str, int, int, bool, float], None] | None = None
 
     def status(self) -> WorkloadStatus:
         proc = self._proc
@@ -117,7 +117,8 @@ class ProcessWorkload:
             self._exited_at = time.time()
         callback = self.on_exit
         if callback is not None and proc is self._proc:
-            callback(self.name, code, self._stop_requested, time.monotonic() - started)
+            callback(self.name, proc.pid, code, self._stop_requested,
+                     time.monotonic() - started)
 
     def _write_record(self, pid: int, argv: list[str]) -> None:
         if self._record is None:

@@ -12,6 +12,8 @@ const REFRESHING = /^(mode\.|workload\.|crashloop\.|vram\.|proxy\.|release\.|con
 const POLL_MS = 2000;
 
 let state = null;
+let signInError = "";
+const notes = new Map(); // workload -> [class, text], an unblock's outcome
 let stream = null;
 let refreshTimer = null;
 const follows = new Map(); // transition id -> progress element
@@ -78,7 +80,7 @@ async function refresh() {
   if (status === 200) {
     state = doc;
     render();
-    banner("");
+    banner(signInError);
     if (!stream) follow(doc.last_event_id);
   } else if (status === 401) {
     state = null;
@@ -102,7 +104,7 @@ function follow(since) {
 }
 
 function onEvent(event) {
-  if (state) {
+  if (state && event.severity !== "debug") {
     state.events.push(event);
     state.events = state.events.slice(-40);
     state.last_event_id = event.id;
@@ -111,6 +113,12 @@ function onEvent(event) {
   const progress = follows.get(event.transition_id);
   if (progress) showProgress(progress, event);
   if (REFRESHING.test(event.event)) soon();
+}
+
+// Refusals are written for the CLI and the API; on the page, force is the box.
+function forPage(text) {
+  return String(text || "").replace(/switch with --force \(API: "force": true\)/g,
+    "tick \"force\" and switch again").replace(/--force/g, "\"force\"");
 }
 
 function showProgress(box, event) {
@@ -126,7 +134,7 @@ function showProgress(box, event) {
     follows.delete(event.transition_id);
   } else if (name === "mode.switch.failed" || name === "mode.switch.refused") {
     box.className = `progress ${name === "mode.switch.failed" ? "failed" : "refused"}`;
-    box.textContent = `${name === "mode.switch.failed" ? "failed" : "refused"}: ${event.reason || event.error || event.message}`;
+    box.textContent = `${name === "mode.switch.failed" ? "failed" : "refused"}: ${forPage(event.reason || event.error || event.message)}`;
     follows.delete(event.transition_id);
   }
 }
@@ -150,17 +158,18 @@ async function switchMode(gpu, mode, force, box) {
     }
   } else {
     box.className = "progress refused";
-    box.textContent = `refused: ${doc.error || `HTTP ${status}`}`;
+    box.textContent = `refused: ${forPage(doc.error || `HTTP ${status}`)}`;
   }
   soon();
 }
 
-async function unblock(workload, box) {
+async function unblock(workload) {
   const { status, doc } = await call("POST", "/ui/api/unblock", { workload });
-  box.hidden = false;
-  box.className = status === 200 ? "progress completed" : "progress refused";
-  box.textContent = status === 200 ? `${workload} unblocked${doc.started ? " and started" : ""}`
-    : `refused: ${doc.error || `HTTP ${status}`}`;
+  notes.set(workload, status === 200
+    ? ["progress completed", `${workload} unblocked${doc.started ? " and started" : ""}`]
+    : ["progress refused", `refused: ${forPage(doc.error || `HTTP ${status}`)}`]);
+  setTimeout(() => { notes.delete(workload); if (state) renderWorkloads(); }, 20000);
+  if (state) renderWorkloads();
   soon();
 }
 
@@ -236,7 +245,8 @@ function renderGpu(gpu) {
   }, name));
   const canvas = el("canvas", { role: "img", "aria-label": `VRAM of GPU ${gpu.index} over the last 10 minutes` });
   const holders = el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, "pid"), el("th", {}, "VRAM"), el("th", {}, "held by"))),
-    el("tbody", {}, (gpu.processes || []).map((p) => el("tr", {},
+    el("tbody", {}, (gpu.processes || []).length ? [] : el("tr", {}, el("td", { colspan: 3, class: "muted" }, "nothing holds VRAM")),
+      (gpu.processes || []).map((p) => el("tr", {},
       el("td", {}, p.pid), el("td", {}, mib(p.used_mib)),
       el("td", { class: p.workload ? "" : "bad" }, p.workload || `UNOWNED (${p.command || "?"})`)))));
   const last = gpu.last_switch;
@@ -271,13 +281,15 @@ function renderGpu(gpu) {
 function renderWorkloads() {
   const signedIn = Boolean(state.signed_in);
   const rows = state.status.workloads.map((w) => {
-    const box = el("div", { class: "progress", hidden: true, "aria-live": "polite" });
+    const note = notes.get(w.name);
+    const box = el("div", { class: note ? note[0] : "progress", hidden: !note, "aria-live": "polite" },
+      note ? note[1] : "");
     const state_ = w.blocked ? el("span", { class: "bad" }, "BLOCKED") : el("span", { class: w.state === "running" ? "good" : "" }, w.state);
     return el("tr", { "data-workload": w.name },
       el("td", {}, w.name), el("td", {}, w.kind), el("td", {}, state_),
       el("td", {}, w.blocked ? `${w.block.reason} (since ${clock(w.block.since)}) `
         : w.stopped ? `${w.stopped.reason}${w.stopped.at ? ` at ${clock(w.stopped.at)}` : ""}` : (w.detail || ""),
-        w.blocked ? el("button", { type: "button", disabled: !signedIn || null, onclick: () => unblock(w.name, box) }, "Unblock") : null, box));
+        w.blocked ? el("button", { type: "button", disabled: !signedIn || null, onclick: () => unblock(w.name) }, "Unblock") : null, box));
   });
   $("workloads").replaceChildren(el("table", {},
     el("thead", {}, el("tr", {}, el("th", {}, "workload"), el("th", {}, "kind"), el("th", {}, "state"), el("th", {}, "detail"))),
@@ -320,7 +332,8 @@ function renderAlerts() {
 }
 
 function renderEvents() {
-  $("events").replaceChildren(...state.events.slice().reverse().map((e) => el("li", { "data-event": e.event },
+  const shown = state.events.filter((e) => e.severity !== "debug");
+  $("events").replaceChildren(...shown.slice().reverse().map((e) => el("li", { "data-event": e.event },
     el("span", {}, clock(e.time)), el("span", { class: `ev-sev sev-${e.severity}` }, e.severity),
     el("span", { class: "ev-name" }, e.event),
     el("span", {}, e.message, e.requested_by ? el("span", { class: "muted ev-by" }, ` \u2014 ${e.requested_by}`) : null))));
@@ -352,7 +365,14 @@ $("sign-in").addEventListener("submit", async (ev) => {
   const input = $("token");
   const { status, doc } = await call("POST", "/ui/api/session", { token: input.value });
   input.value = "";
-  if (status !== 200) banner(`sign-in refused: ${doc.error || status}`);
+  if (status !== 200) {
+    // Kept until the next sign-in: the reads that follow must not wipe it.
+    signInError = `sign-in refused: ${doc.error || `HTTP ${status}`}`;
+    banner(signInError);
+    input.focus();
+    return;
+  }
+  signInError = "";
   refresh();
 });
 
