@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Quick start, command 2: set up everything the tests need and run the whole suite.
 # Installs Debian's docker.io, busybox-static (the tests start their own private Docker
-# engine), systemd (for systemd-analyze) and chromium (the browser test) when missing,
-# creates .venv, then runs ruff, mypy --strict and pytest.
+# engine), systemd (for systemd-analyze), chromium (the browser tests), and cmake and
+# g++ (scripts/llama-cpp.sh builds llama.cpp's server once) when missing, creates
+# .venv, then runs ruff, mypy --strict and pytest.
 #
 #   scripts/test.sh [--busy] [PYTEST ARGS...]
 #
@@ -24,6 +25,8 @@ command -v dockerd >/dev/null || missing+=(docker.io)
 dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 command -v chromium >/dev/null || missing+=(chromium)
+command -v cmake >/dev/null || missing+=(cmake)
+command -v g++ >/dev/null || missing+=(g++)
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "installing ${missing[*]} from Debian's packages" >&2
   apt_install "${missing[@]}"

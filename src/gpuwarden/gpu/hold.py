@@ -13,6 +13,7 @@ import argparse
 import fcntl
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exit-code", type=int, default=0, help="exit status for --exit-after")
     parser.add_argument("--unless-exists", type=Path, default=None, metavar="PATH",
                         help="ignore --exit-after once PATH exists (a crash that is fixed)")
+    parser.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                        help="run COMMAND and hold the claim for as long as it runs (a real "
+                             "engine on the simulated GPU); SIGTERM and SIGINT go to it, "
+                             "and its exit status is this one's")
     args = parser.parse_args(argv)
     if args.mib < 0:
         parser.error("--mib must be >= 0")
@@ -41,6 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     claim.write_text(f"{args.mib}{' leak' if args.leak else ''}\n", encoding="ascii")
     fd = os.open(claim, os.O_RDONLY)  # the open descriptor is what holds the VRAM
     fcntl.flock(fd, fcntl.LOCK_SH)  # ... and the lock is what any user can see of it
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if command:
+        try:
+            return _run_holding(command, claim, fd, args.mib)
+        finally:
+            os.close(fd)
 
     def stop(signum: int, frame: FrameType | None) -> None:
         raise SystemExit(0)
@@ -57,6 +69,20 @@ def main(argv: list[str] | None = None) -> int:
             signal.pause()
     finally:
         os.close(fd)
+
+
+def _run_holding(command: list[str], claim: Path, fd: int, mib: int) -> int:
+    """Run `command` as a child, the claim held (by `fd`) until it exits."""
+    child = subprocess.Popen(command, pass_fds=())
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    print(f"holding {mib} MiB as {claim} (pid {os.getpid()}) while pid {child.pid} runs",
+          flush=True)
+    return child.wait()
 
 
 if __name__ == "__main__":

@@ -136,6 +136,9 @@ class WorkloadProxy:
         self.name = name
         # Who asks the scheduler and is counted: the proxy's own workload, or "router".
         self.front = name if lane_of is None else ROUTER
+        # The router found a JSON body's model whatever its Content-Type; the engine is
+        # told it is JSON (llama-cpp-python's server refuses text/plain with a 500).
+        self._json_bodies = lane_of is not None
         self.listen = proxy.listen
         self.api = config.proxy_api(name) if lane_of is None else "openai"
         self.mode = config.proxy_mode(name) if lane_of is None else \
@@ -466,6 +469,8 @@ class WorkloadProxy:
         # The upstream's own name and, for a browser's request, its own origin: the
         # proxy has checked the client's pair against its own address (browser.py).
         headers["Host"] = self._upstream_host
+        if self._json_bodies:
+            headers["Content-Type"] = "application/json"
         if "Origin" in request.headers:
             headers["Origin"] = self._upstream_origin
         forwarded = request.headers.get("X-Forwarded-For")
