@@ -664,6 +664,24 @@ def cmd_polkit_rule(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_import_llama_swap(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .import_llama_swap import NotLlamaSwapConfig, convert
+
+    try:
+        with open(args.path, encoding="utf-8") as source:
+            doc = yaml.safe_load(source)
+        print(convert(doc, source=args.path))
+    except OSError as exc:
+        _die(f"cannot read {args.path}: {exc.strerror or exc}", EXIT_USAGE)
+    except yaml.YAMLError as exc:
+        _die(f"{args.path} is not YAML: {exc}", EXIT_USAGE)
+    except NotLlamaSwapConfig as exc:
+        _die(str(exc), EXIT_USAGE)
+    return EXIT_OK
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     from .config import config_warnings, load_config
 
@@ -747,7 +765,7 @@ class _Unused:
 
 VERBS = ("daemon", "demo", "status", "mode", "unblock", "reload", "events", "fleet",
          "secret",
-         "discord-commands", "polkit-rule", "check-config")
+         "discord-commands", "polkit-rule", "import-llama-swap", "check-config")
 
 
 def _verb_in(argv: list[str]) -> str | None:
@@ -892,6 +910,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                             "units (scripts/install.sh installs it)")
     p.add_argument("--user", default="gpuwarden", help="the service user (default gpuwarden)")
     p.set_defaults(func=cmd_polkit_rule)
+    p = verb("import-llama-swap",
+             help="print a gpuwarden config made from a llama-swap config.yaml")
+    p.add_argument("path", metavar="PATH", help="llama-swap's config.yaml")
+    p.set_defaults(func=cmd_import_llama_swap)
     p = verb("check-config", parents=[common],
                        help="validate; exit 0, or 2 with every error by key path")
     p.add_argument("path", nargs="?", metavar="PATH",
