@@ -1,6 +1,6 @@
-"""The model router over a real daemon: two OpenAI-compatible engines (the Ollama
-stand-in's /v1 API, as `release = "openai"` workloads) in two modes, one model each,
-behind `[router] listen`. The real llama.cpp engine is in tests/test_llama_cpp.py."""
+"""The model router over a real daemon: two engines (the Ollama stand-in's /v1 API,
+one as a `release = "openai"` workload, one as Ollama naming its models) in two
+modes, one model each, behind `[router] listen`. The real llama.cpp engine is in tests/test_llama_cpp.py."""
 
 from __future__ import annotations
 
@@ -28,15 +28,17 @@ class RoutedNode:
         self.daemon: DaemonProcess | None = None
 
     def config(self, *, token_delay: float = 0.01) -> Path:
-        def engine(name: str, model: str, mib: int) -> dict[str, Any]:
+        def engine(name: str, model: str, mib: int, release: str) -> dict[str, Any]:
             port = self.ports[name]
-            return {"kind": "process", "stop_timeout": 2, "release": "openai",
+            return {"kind": "process", "stop_timeout": 2, "release": release,
                     "url": f"http://127.0.0.1:{port}", "models": [model], "ready_timeout": 30,
                     "command": [PYTHON, "-m", "gpuwarden.standins", "ollama", "--port",
                                 str(port), "--ledger", str(self.node.ledger), "--mib",
                                 str(mib), "--token-delay", str(token_delay)]}
         return self.node.write(
-            workloads__a=engine("a", A, 6000), workloads__b=engine("b", B, 9000),
+            # An OpenAI engine and an Ollama naming its models: one address for both.
+            workloads__a=engine("a", A, 6000, "openai"),
+            workloads__b=engine("b", B, 9000, "ollama"),
             modes__one={"workloads": ["a"]}, modes__two={"workloads": ["b"]},
             router={"listen": self.router.removeprefix("http://"), "min_dwell": 0,
                     "max_wait": 60})
