@@ -65,6 +65,7 @@ class Node:
     comfy: str
     ollama_proxy: str
     comfy_proxy: str
+    router: str  # the model router, serving the Ollama stand-in's model
 
     def mode(self) -> str:
         doc = self.daemon.client.get("/v1/status").json()
@@ -107,7 +108,7 @@ def start_node(*, default_mode: str, min_dwell: float, release_delay: float,
     folder = Path(tempfile.mkdtemp(prefix="gw-bench-proxy-"))
     ledger = folder / "ledger"
     ledger.mkdir()
-    ports = [free_port() for _ in range(4)]
+    ports = [free_port() for _ in range(5)]
 
     def command(kind: str, port: int, mib: int) -> str:
         argv = [sys.executable, "-m", "gpuwarden.standins", kind, "--port", str(port), "--ledger",
@@ -125,6 +126,7 @@ kind = "process"
 command = {command("ollama", ports[0], 6000)}
 release = "ollama"
 url = "http://127.0.0.1:{ports[0]}"
+models = ["standin:7b"]
 stop_timeout = 10
 [workloads.comfyui]
 kind = "process"
@@ -144,12 +146,16 @@ max_wait = {max_wait}
 listen = "127.0.0.1:{ports[3]}"
 min_dwell = {min_dwell}
 max_wait = {max_wait}
+[router]
+listen = "127.0.0.1:{ports[4]}"
+min_dwell = {min_dwell}
+max_wait = {max_wait}
 """
     daemon = DaemonUnderTest(folder, config)
     daemon.wait_healthy()
     node = Node(folder, daemon, f"http://127.0.0.1:{ports[0]}",
                 f"http://127.0.0.1:{ports[1]}", f"http://127.0.0.1:{ports[2]}",
-                f"http://127.0.0.1:{ports[3]}")
+                f"http://127.0.0.1:{ports[3]}", f"http://127.0.0.1:{ports[4]}")
     node.wait_mode(default_mode)
     return node
 
@@ -250,6 +256,96 @@ async def overhead(node: Node, requests: int, seconds: float) -> dict[str, Any]:
         "rps_16_proxy": round(med(rps["proxy"]), 1),
         "rps_ratio": round(med(rps["proxy"]) / med(rps["direct"]), 3),
     }
+
+
+def openai_body(tokens: int, stream: bool) -> dict[str, Any]:
+    return {"model": "standin:7b", "stream": stream, "max_tokens": tokens,
+            "messages": [{"role": "user", "content": "hi"}],
+            "options": {"standin_token_delay": 0}}
+
+
+async def openai_overhead(node: Node, requests: int, seconds: float) -> dict[str, Any]:
+    """llama-swap's figures, OpenAI's API: the Ollama stand-in's /v1 (an aiohttp server
+    answering at once) direct, through its demand proxy, and through the model router,
+    alternated in one run."""
+    bases = {"direct": node.ollama, "proxy": node.ollama_proxy, "router": node.router}
+    order = list(bases)
+    latency: dict[str, list[float]] = {k: [] for k in bases}
+    stream200: dict[str, list[float]] = {k: [] for k in bases}
+    first: dict[str, list[float]] = {k: [] for k in bases}
+    models: dict[str, list[float]] = {k: [] for k in bases}
+    rps: dict[str, list[float]] = {k: [] for k in bases}
+    async with aiohttp.ClientSession() as session:
+        for _ in range(50):
+            for base in bases.values():
+                async with session.post(f"{base}/v1/chat/completions",
+                                        json=openai_body(1, False)) as resp:
+                    await resp.read()
+        for i in range(requests):
+            turn = order[i % 3:] + order[:i % 3]
+            for which in turn:
+                t = time.perf_counter()
+                async with session.post(f"{bases[which]}/v1/chat/completions",
+                                        json=openai_body(1, False)) as resp:
+                    await resp.read()
+                latency[which].append(time.perf_counter() - t)
+                t = time.perf_counter()
+                async with session.get(f"{bases[which]}/v1/models") as resp:
+                    await resp.read()
+                models[which].append(time.perf_counter() - t)
+        for i in range(200):
+            for which in order[i % 3:] + order[:i % 3]:
+                t = time.perf_counter()
+                async with session.post(f"{bases[which]}/v1/chat/completions",
+                                        json=openai_body(5, True)) as resp:
+                    await resp.content.readline()  # the first server-sent event
+                    first[which].append(time.perf_counter() - t)
+                    await resp.read()
+        for i in range(30):
+            for which in order[i % 3:] + order[:i % 3]:
+                t = time.perf_counter()
+                async with session.post(f"{bases[which]}/v1/chat/completions",
+                                        json=openai_body(200, True)) as resp:
+                    await resp.read()
+                stream200[which].append(time.perf_counter() - t)
+        for which in order + order[::-1]:
+            rps[which].append(await _concurrent_openai(session, bases[which], 16, seconds))
+    med = statistics.median
+
+    def ms(x: float) -> float:
+        return round(x * 1000, 3)
+
+    doc: dict[str, Any] = {}
+    for which in ("proxy", "router"):
+        doc[f"openai_{which}_added_p50_ms"] = ms(med(latency[which]) - med(latency["direct"]))
+        doc[f"openai_{which}_added_p99_ms"] = ms(pct(latency[which], 0.99) -
+                                                 pct(latency["direct"], 0.99))
+        doc[f"openai_{which}_stream200_added_ms"] = ms(med(stream200[which]) -
+                                                       med(stream200["direct"]))
+        doc[f"openai_{which}_first_chunk_added_ms"] = ms(med(first[which]) -
+                                                         med(first["direct"]))
+        doc[f"openai_{which}_rps_16"] = round(med(rps[which]), 1)
+        doc[f"openai_{which}_models_p50_ms"] = ms(med(models[which]))
+    doc["openai_direct_rps_16"] = round(med(rps["direct"]), 1)
+    doc["openai_direct_models_p50_ms"] = ms(med(models["direct"]))
+    return doc
+
+
+async def _concurrent_openai(session: aiohttp.ClientSession, base: str, clients: int,
+                             seconds: float) -> float:
+    done = 0
+    stop_at = time.perf_counter() + seconds
+
+    async def client() -> None:
+        nonlocal done
+        while time.perf_counter() < stop_at:
+            async with session.post(f"{base}/v1/chat/completions",
+                                    json=openai_body(1, False)) as resp:
+                await resp.read()
+            done += 1
+    t = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return done / (time.perf_counter() - t)
 
 
 async def _concurrent(session: aiohttp.ClientSession, base: str, clients: int,
@@ -541,6 +637,8 @@ def main() -> int:
         node = start_node(default_mode="llm", min_dwell=0, release_delay=0.15)
         try:
             report.update(asyncio.run(overhead(node, args.requests, args.rps_seconds)))
+            report.update(asyncio.run(openai_overhead(node, args.requests // 2,
+                                                      args.rps_seconds)))
             report.update(asyncio.run(demand_switch(node, args.switch_rounds)))
         finally:
             node.daemon.close()

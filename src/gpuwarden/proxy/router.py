@@ -31,6 +31,7 @@ __all__ = ["ROUTED_PATHS", "ModelRouter"]
 # What carries a model and does GPU work: routed by model, as demand.
 ROUTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 _BODY_LIMIT = 64 << 20
+_ONE_READ = 1 << 20
 
 
 def openai_error(status: int, message: str, *, kind: str = "invalid_request_error",
@@ -151,6 +152,12 @@ class ModelRouter:
                             f"{known})", param="model", code="model_not_found")
 
     async def _read_body(self, request: web.Request) -> bytes:
+        """The whole body; each piece within body_timeout of the last (a small body of
+        announced length, within body_timeout in all: one read, the usual case)."""
+        length = request.content_length
+        if length is not None and length <= _ONE_READ:
+            async with asyncio.timeout(self._body_timeout):
+                return await request.read()
         parts: list[bytes] = []
         size = 0
         while True:
