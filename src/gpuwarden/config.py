@@ -305,6 +305,9 @@ class ModeConfig(_Section):
     lease: Duration | None = None
 
 
+_IDLE = ModeConfig()
+
+
 MIN_TOKEN_LENGTH = 32
 _TOKEN_HINT = "generate one with: gpuwarden secret token"
 
@@ -572,7 +575,7 @@ class Config(BaseSettings):
     def all_modes(self) -> dict[str, ModeConfig]:
         """The configured modes plus `idle`, which always exists and runs nothing."""
         modes = dict(self.modes)
-        modes.setdefault(IDLE_MODE, ModeConfig())
+        modes.setdefault(IDLE_MODE, _IDLE)  # one instance: asked on every proxied request
         return modes
 
     def gpu_indices(self) -> list[int]:

@@ -88,6 +88,10 @@ class Verdict:
     reason: str = ""
 
 
+_ALLOWED = Verdict(True)
+_REMEMBERED = 1024  # allowed Host/Origin pairs kept; past it, each is judged again
+
+
 class BrowserPolicy:
     """Which `Host` and `Origin` a proxy listening on `listen` accepts."""
 
@@ -106,6 +110,7 @@ class BrowserPolicy:
                 self._exact.add(entry.strip("[]"))
         self._origins = {o for o in (normalize_origin(v) for v in allowed_origins) if o}
         self._local: frozenset[str] = frozenset()
+        self._allowed: set[tuple[str | None, str | None]] = set()
         self._local_read_at = -_LOCAL_REFRESH_S
 
     def _local_names(self, refresh: bool = False) -> frozenset[str]:
@@ -132,7 +137,17 @@ class BrowserPolicy:
         return name in self._local_names() or name in self._local_names(refresh=True)
 
     def check(self, host_header: str | None, origin_header: str | None) -> Verdict:
-        """Judge a request by its `Host` and, when it has one, its `Origin`."""
+        """Judge a request by its `Host` and, when it has one, its `Origin`. Allowed
+        pairs are remembered (a client sends the same ones on every request)."""
+        key = (host_header, origin_header)
+        if key in self._allowed:
+            return _ALLOWED
+        verdict = self._judge(host_header, origin_header)
+        if verdict.allowed and len(self._allowed) < _REMEMBERED:
+            self._allowed.add(key)
+        return verdict
+
+    def _judge(self, host_header: str | None, origin_header: str | None) -> Verdict:
         host = split_host(host_header or "")
         if host is None:
             return Verdict(False, "no valid Host header")

@@ -406,8 +406,8 @@ class DemandScheduler:
     def _finished(self, mode: str) -> None:
         self._last_demand[mode] = time.monotonic()
         self._in_flight[mode] = max(0, self._in_flight.get(mode, 0) - 1)
-        if self._in_flight[mode] == 0:
-            self._wake.set()
+        if self._in_flight[mode] == 0 and any(self._waiting.values()):
+            self._wake.set()  # what waits for the GPU to be free may go on
 
     def _let_through(self, mode: str) -> None:
         """Every waiting request of `mode`, in arrival order."""

@@ -177,6 +177,7 @@ class WorkloadProxy:
         self._sockets: set[web.WebSocketResponse] = set()
         self._held: dict[str, _HeldSocket] = {}  # page sockets by clientId
         self._writes: set[asyncio.Future[None]] = set()
+        self._counters: dict[str, Any] = {}
         self.counts = {"forwarded": 0, "cached": 0, "local": 0, "rejected": 0,
                        "unavailable": 0, "error": 0, "forbidden": 0, "cut_by_switch": 0}
 
@@ -244,7 +245,11 @@ class WorkloadProxy:
     def _count(self, outcome: str) -> None:
         self.counts[outcome] += 1
         if self._metrics is not None:
-            self._metrics.proxy_requests.labels(self.front, outcome).inc()
+            counter = self._counters.get(outcome)
+            if counter is None:  # a labelled child, looked up once
+                counter = self._counters[outcome] = \
+                    self._metrics.proxy_requests.labels(self.front, outcome)
+            counter.inc()
 
     def _up(self) -> bool:
         """The upstream runs in the active mode, with no switch under way."""
