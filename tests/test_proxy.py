@@ -489,6 +489,12 @@ def test_a_switch_that_fails_closed_answers_its_waiters_503(proxied: ProxiedNode
         assert refused["cause"]["request"] == "POST /api/chat"
         assert len(daemon.events("proxy.rejected")) == 3
         assert daemon.events("workload.stopped") == []
+        # Asked again at once: answered with the failure, not tried again (each try
+        # would stop what runs now).
+        again = chat(proxied.ollama)
+        assert again["status"] == 503 and 0 < int(again["headers"]["retry-after"]) <= 30
+        assert "not tried again for" in json.loads(again["lines"][0])["error"]
+        assert len(daemon.events("mode.switch.refused")) == 1
     finally:
         holder.terminate()
         holder.wait()

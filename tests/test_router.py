@@ -27,7 +27,8 @@ class RoutedNode:
         self.router = f"http://127.0.0.1:{free_port()}"
         self.daemon: DaemonProcess | None = None
 
-    def config(self, *, token_delay: float = 0.01) -> Path:
+    def config(self, *, token_delay: float = 0.01, more: tuple[str, ...] = (),
+               b: dict[str, Any] | None = None, lease: float | None = None) -> Path:
         def engine(name: str, model: str, mib: int, release: str) -> dict[str, Any]:
             port = self.ports[name]
             return {"kind": "process", "stop_timeout": 2, "release": release,
@@ -38,8 +39,10 @@ class RoutedNode:
         return self.node.write(
             # An OpenAI engine and an Ollama naming its models: one address for both.
             workloads__a=engine("a", A, 6000, "openai"),
-            workloads__b=engine("b", B, 9000, "ollama"),
-            modes__one={"workloads": ["a"]}, modes__two={"workloads": ["b"]},
+            workloads__b={**engine("b", B, 9000, "ollama"), "models": [B, *more],
+                          **(b or {})},
+            modes__one={"workloads": ["a"], **({"lease": lease} if lease else {})},
+            modes__two={"workloads": ["b"]},
             router={"listen": self.router.removeprefix("http://"), "min_dwell": 0,
                     "max_wait": 60})
 
@@ -80,6 +83,14 @@ def test_models_are_listed_while_stopped_and_unknown_ones_are_404(routed: Routed
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "model"
     assert httpx.get(f"{routed.router}/v1/chat/completions", timeout=10).status_code == 405
     assert daemon.status()["gpus"][0]["mode"] == "idle"  # nothing of that started a mode
+    # A model added by a reload is served at once.
+    routed.config(more=("standin",))
+    result = run_cli("--config", str(routed.node.config_path), "reload", "--json")
+    assert result.returncode == 0 and "workloads.b.models" in json.loads(
+        result.stdout)["applied"], result
+    listed = httpx.get(f"{routed.router}/v1/models", timeout=10).json()
+    assert "standin" in {m["id"] for m in listed["data"]}
+    assert daemon.status()["router"]["models"]["standin"] == "b"
 
 
 def test_requests_route_by_model_across_switches_whatever_the_content_type(
@@ -99,6 +110,9 @@ def test_requests_route_by_model_across_switches_whatever_the_content_type(
     assert embed.status_code in (200, 404)  # routed to b (the stand-in has no /v1 embed)
     router = daemon.status()["router"]
     assert router["models"] == {A: "a", B: "b"} and router["routed"] >= 3
+    plain = run_cli("--config", str(routed.node.config_path), "status").stdout
+    assert f"router {routed.router.removeprefix('http://')}" in plain
+    assert f"{A} -> a (mode one)" in plain, plain
 
 
 def test_sixteen_clients_stream_and_a_chat_in_flight_is_not_cut(routed: RoutedNode) -> None:
@@ -137,3 +151,37 @@ def test_sixteen_clients_stream_and_a_chat_in_flight_is_not_cut(routed: RoutedNo
     assert "cut_requests" not in daemon.wait_event("mode.switch.completed", to="two")[0]
     result = run_cli("--config", str(routed.node.config_path), "status")
     assert result.returncode == 0
+
+
+def test_errors_come_in_openais_shape(routed: RoutedNode) -> None:
+    """A model that cannot fit (b expects more than the GPU has): 503 with OpenAI's
+    error, the reason, Retry-After; asked again, not tried again at once."""
+    daemon = routed.start(b={"expected_mib": 30000})
+    refused = httpx.post(f"{routed.router}/v1/chat/completions",
+                         json={"model": B, "messages": []}, timeout=60)
+    assert refused.status_code == 503, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "switch_failed" and "30000" in error["message"]
+    assert error["type"] == "service_unavailable" and refused.headers["Retry-After"]
+    again = httpx.post(f"{routed.router}/v1/chat/completions",
+                       json={"model": B, "messages": []}, timeout=60)
+    assert "not tried again" in again.json()["error"]["message"]
+    assert len(daemon.events("mode.switch.refused")) == 1
+    forbidden = httpx.get(f"{routed.router}/v1/models", headers={"Host": "evil.example"},
+                          timeout=10)
+    assert forbidden.status_code == 403 and forbidden.json()["error"]["code"] == "forbidden"
+
+
+def test_a_lease_counts_idle_time_and_a_stream_in_flight_keeps_the_mode(
+        routed: RoutedNode) -> None:
+    """llama-swap's ttl: the mode goes back to the default one only after `lease` with
+    no demand; a 4 s answer outlasting a 2 s lease keeps it."""
+    daemon = routed.start(token_delay=0.05, lease=2)
+    answer = chat(routed.router, A, max_tokens=80)  # about 4 s of tokens
+    assert answer["status"] == 200 and len(answer["lines"]) == 81
+    ended = time.time()
+    assert daemon.events("mode.lease.expired") == []  # not while it answered
+    expired = daemon.wait_event("mode.lease.expired", timeout=30)[0]
+    assert expired["time"] >= ended + 2 - 0.1 and expired["held_s"] >= 2
+    assert "idle for" in expired["message"]
+    daemon.wait_mode("idle")

@@ -233,6 +233,20 @@ def format_status(doc: dict[str, Any]) -> str:
                      + (f", {proxy['forbidden']} forbidden (Host or Origin)"
                         if proxy.get("forbidden") else "")
                      + _connections_note(proxy.get("connections")))
+    router = doc.get("router")
+    if router:
+        lines.append(f"router {router['listen']}  {len(router['models'])} model(s), "
+                     f"{router['routed']} routed, {router['unknown_model']} unknown model"
+                     + _connections_note(router.get("connections")))
+        for name, lane in router["workloads"].items():
+            models = ", ".join(m for m, w in router["models"].items() if w == name)
+            waiting = ""
+            if lane["waiting"]:
+                waiting = (f", {lane['waiting']} waiting (oldest {lane['oldest_wait_s']:.0f} s)"
+                           + (f": {lane['blocker']}" if lane.get("blocker") else ""))
+            lines.append(f"  {models} -> {name} (mode {lane['mode']}): "
+                         f"{lane['in_flight']} in flight{waiting}; {lane['forwarded']} "
+                         f"answered, {lane['rejected']} answered 503")
     alert = doc.get("last_alert")
     if alert:
         state = f"; resolved {_when(alert['resolved_at'])}" if alert.get("resolved_at") \

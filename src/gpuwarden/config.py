@@ -629,6 +629,15 @@ def config_warnings(config: Config) -> list[str]:
             "discord.guild_id: 0 syncs /gpu globally, so every server that invites the bot "
             "can use it (and /gpu status shows this node); set your server's id, and turn "
             "off Public Bot in the Developer Portal")
+    router = config.router.listen
+    address = parse_listen(router) if router else None
+    if address is not None and address[0] != "localhost" and \
+            not ipaddress.ip_address(address[0]).is_loopback:
+        warnings.append(
+            f"router.listen: {router} is reachable from other hosts, and the router adds "
+            "no authentication (llama-swap's apiKeys have no equivalent): anyone who "
+            "reaches it can use every model and switch this GPU's mode; keep it on "
+            "loopback or a private network")
     for name, proxy in config.proxy.items():
         address = parse_listen(proxy.listen)
         loopback = address is not None and (

@@ -224,6 +224,8 @@ class Daemon:
         self.metrics.receivers = lambda: [sink.status() for sink in self._sinks]
         self._guard = ModeGuard(cfg, self._switcher, self._workloads, supervisor, persisted,
                                 self.bus, self._http)
+        self._guard.last_used = lambda mode: \
+            self._proxies.last_used(mode) if self._proxies is not None else None
         self._protect = ProtectiveActions(cfg, self._workloads, supervisor, self.bus,
                                           self._http,
                                           self.service.sample_blocking,
@@ -343,15 +345,18 @@ class Daemon:
     async def _taken_listens(self, config: Config) -> str | None:
         """Why a reloaded proxy could not listen (an address now taken by another
         program), checked before the running proxies close."""
-        own = {p.listen for p in self.config.proxy.values()}
-        for name, proxy in config.proxy.items():
-            address = parse_listen(proxy.listen)
-            if proxy.listen in own or address is None:
+        own = {p.listen for p in self.config.proxy.values()} | {self.config.router.listen}
+        wanted = [(f"proxy {name}", p.listen) for name, p in config.proxy.items()]
+        if config.router.listen is not None:
+            wanted.append(("the router", config.router.listen))
+        for who, listen in wanted:
+            address = parse_listen(listen)
+            if listen in own or address is None:
                 continue
             try:
                 await asyncio.to_thread(_try_bind, address)
             except OSError as exc:
-                return (f"proxy {name} cannot listen on its new address {proxy.listen} "
+                return (f"{who} cannot listen on its new address {listen} "
                         f"({exc.strerror}): reload again once it is free")
         return None
 
@@ -409,6 +414,7 @@ class Daemon:
             self._proxies = None
             assert self.service is not None
             self.service.status_sections.pop("proxies", None)
+            self.service.status_sections.pop("router", None)
             self.metrics.proxy_budgets = dict
         api = self.config.api
         self._files = fit_open_files(

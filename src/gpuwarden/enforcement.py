@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import httpx
@@ -55,6 +55,8 @@ class ModeGuard:
         self._stopping: set[str] = set()
         self._seen_again: set[str] = set()  # started again while being stopped
         self._lease_checked: dict[int, float] = {}
+        # When demand last used a mode (the demand proxies and the router), for leases.
+        self.last_used: Callable[[str], float | None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     def reconfigure(self, config: Config) -> None:
@@ -160,7 +162,10 @@ class ModeGuard:
             since = self._switcher.mode_since(gpu)
             if lease is None or since is None or self._switcher.switching(gpu):
                 continue
-            held = time.time() - since
+            # Idle since the switch, or since the last demand it served (a request in
+            # flight through a proxy or the router counts as now).
+            used = self.last_used(mode) if self.last_used is not None else None
+            held = time.time() - max(since, used or 0.0)
             if held < lease:
                 continue
             now = time.monotonic()
@@ -181,8 +186,9 @@ class ModeGuard:
             target = default if default == IDLE_MODE or modes[default].gpu == gpu else IDLE_MODE
             self._bus.publish(
                 "mode.lease.expired",
-                f"GPU {gpu}: lease of {mode} ran out after {held / 60:.0f} min with an idle "
-                f"queue; back to {target}",
+                f"GPU {gpu}: lease of {mode} ran out: idle for "
+                + (f"{held:.0f} s" if held < 120 else f"{held / 60:.0f} min")
+                + f" with no demand and no job queued; back to {target}",
                 gpu=gpu, mode=mode, lease_s=lease, held_s=round(held, 1),
                 requested_by="lease",
             )

@@ -169,15 +169,24 @@ def convert(doc: Any, *, source: str = "config.yaml") -> str:
 
     preload = [str(m) for m in ((doc.get("hooks") or {}).get("on_startup") or {})
                .get("preload") or []]
+    leases = any(w.ttl for w in workloads.values())
     default = "idle"
     for model in preload:
         found = next((m for m, members in modes.items() if model in members), None)
         if found is None:
             not_carried.append(f"hooks.on_startup.preload: {model} is not a model of "
                                "this config")
+        elif leases:
+            # A lease returns to the default mode: with a preloaded one there, a ttl
+            # would load that model instead of freeing the GPU.
+            not_carried.append(
+                f"hooks.on_startup.preload: {model}: the GPU starts idle, because a lease "
+                "(ttl) returns to daemon.default_mode; set default_mode = "
+                f"{_toml(found)} to start with it (leases then return to it)")
+            break
         elif default == "idle":
             default = found
-    if len(preload) > 1:
+    if len(preload) > 1 and default != "idle":
         not_carried.append("hooks.on_startup.preload: only the first model's mode is "
                            "started (daemon.default_mode)")
 
@@ -205,6 +214,7 @@ def convert(doc: Any, *, source: str = "config.yaml") -> str:
         ttls = [ttl for m in members if (ttl := workloads[m].ttl)]
         out += [f"[modes.{_key(mode)}]", f"workloads = {_toml(names)}"]
         if ttls:
-            out.append(f"lease = {_toml(min(ttls))}  # llama-swap's ttl, in seconds")
+            out.append(f"lease = {_toml(min(ttls))}  # ttl: idle this long, back to "
+                       f"{default}")
         out.append("")
     return "\n".join(out)

@@ -159,10 +159,12 @@ def plan_reload(old: Config, new: Config, in_use: InUse,
 
     _plan_workloads(old, new, changed, in_use, cannot_run, plan, update)
 
-    proxy_keys = keys_of(lambda k: k.startswith("proxy."))
-    # The proxies hold the workloads' and modes' config too: rebuilt with either.
+    proxy_keys = keys_of(lambda k: k.startswith(("proxy.", "router.")))
+    fronts = bool(old.proxy or new.proxy or old.router.listen or new.router.listen)
+    # The proxies and the router hold the workloads' and modes' config too (the
+    # router its model list): rebuilt with either.
     if proxy_keys or ((plan.rebuilt_workloads or plan.removed_workloads or
-                       "modes" in update) and (old.proxy or new.proxy)):
+                       "modes" in update) and fronts):
         if in_use.proxies_busy is not None:
             moved = proxy_keys + [k for k in plan.applied
                                   if k.startswith(("workloads.", "modes."))]
@@ -171,10 +173,12 @@ def plan_reload(old: Config, new: Config, in_use: InUse,
             update.pop("workloads", None)
             update.pop("modes", None)
             update.pop("proxy", None)
+            update.pop("router", None)
             plan.rebuilt_workloads.clear()
             plan.removed_workloads.clear()
         else:
-            candidate = old.model_copy(update={**update, "proxy": new.proxy})
+            candidate = old.model_copy(update={**update, "proxy": new.proxy,
+                                               "router": new.router})
             problems = _cross_check(candidate)
             if problems:
                 leave(proxy_keys, "with the workloads that can change now, "
@@ -182,6 +186,7 @@ def plan_reload(old: Config, new: Config, in_use: InUse,
             else:
                 plan.proxies = True
                 update["proxy"] = new.proxy
+                update["router"] = new.router
                 take(proxy_keys)
 
     leave([k for k in changed if k not in plan.applied and k not in plan.not_applied],

@@ -119,6 +119,11 @@ class DemandProxies:
             ticket.abort(reason)
         return len(tickets)
 
+    def last_used(self, mode: str) -> float | None:
+        """When demand last used `mode` through any proxy or the router (Unix s)."""
+        found = [t for s in self.schedulers.values() if (t := s.last_used(mode)) is not None]
+        return max(found, default=None)
+
     def busy(self) -> int:
         """Requests waiting for their mode or in flight through any proxy."""
         return sum(s.busy() for s in self.schedulers.values())

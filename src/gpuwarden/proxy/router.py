@@ -108,7 +108,7 @@ class ModelRouter:
                                      request.headers.get("Origin"))
         if not verdict.allowed:
             self.counts["forbidden"] += 1
-            return web.Response(status=403, text=f"forbidden: {verdict.reason}\n")
+            return openai_error(403, f"forbidden: {verdict.reason}", code="forbidden")
         method, path = request.method, request.path
         if method in ("GET", "HEAD") and path == "/v1/models":
             self.counts["listed"] += 1

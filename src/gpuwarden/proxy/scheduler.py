@@ -148,8 +148,10 @@ class DemandScheduler:
         self._tickets: set[Ticket] = set()  # the demand requests in flight
         self._blocker: dict[str, str] = {}  # why each waiting mode still waits
         self._retry_after: dict[str, float] = {}  # and for about how long, in seconds
+        self._failed: dict[str, tuple[float, str]] = {}  # a failed switch's hold, and why
         self._queue_error = ""
         self._last_demand: dict[str, float] = {}  # when each mode's last request ended
+        self._last_demand_wall: dict[str, float] = {}  # the same, in Unix seconds
         self._demand_entered: dict[str, float | None] = {}  # mode_since of demand's switches
         self._wake = asyncio.Event()
         self._switch: asyncio.Task[None] | None = None
@@ -170,6 +172,14 @@ class DemandScheduler:
         if blocks is not None:
             raise self._reject(mode, proxy, client, request, Rejection(
                 blocks, "blocked", retry_after=60, mode=mode, active=view.mode))
+        failed = self._failed.get(mode)
+        if failed is not None and view.mode != mode:
+            left = failed[0] - time.monotonic()
+            if left > 0:
+                raise self._reject(mode, proxy, client, request, Rejection(
+                    f"{failed[1]}; not tried again for {math.ceil(left)} s", "switch_failed",
+                    retry_after=max(1, math.ceil(left)), mode=mode, active=view.mode))
+            del self._failed[mode]
         if self._may_pass(mode, workload, view):
             return self._ticket(mode, proxy=proxy, workload=workload, client=client,
                                 request=request)
@@ -228,6 +238,13 @@ class DemandScheduler:
 
     def in_flight(self, mode: str) -> int:
         return self._in_flight.get(mode, 0)
+
+    def last_used(self, mode: str) -> float | None:
+        """When `mode` was last in use by demand (Unix s): now while a request of it is
+        in flight, else when its last one ended; None if never."""
+        if self._in_flight.get(mode):
+            return time.time()
+        return self._last_demand_wall.get(mode)
 
     def busy(self) -> int:
         """Requests waiting for a mode plus demand requests in flight."""
@@ -405,6 +422,7 @@ class DemandScheduler:
 
     def _finished(self, mode: str) -> None:
         self._last_demand[mode] = time.monotonic()
+        self._last_demand_wall[mode] = time.time()
         self._in_flight[mode] = max(0, self._in_flight.get(mode, 0) - 1)
         if self._in_flight[mode] == 0 and any(self._waiting.values()):
             self._wake.set()  # what waits for the GPU to be free may go on
@@ -449,6 +467,10 @@ class DemandScheduler:
         return rejection
 
     def _reject_all(self, mode: str, reason: str, cause: str, *, retry_after: int) -> None:
+        if cause == "switch_failed":
+            # Not tried again at once: each try stops what runs now (a client retrying
+            # a broken model would unload and reload the working one again and again).
+            self._failed[mode] = (time.monotonic() + retry_after, reason)
         queue = self._waiting.pop(mode, deque())
         self._blocker.pop(mode, None)
         now = time.monotonic()

@@ -139,6 +139,8 @@ class WorkloadProxy:
         # The router found a JSON body's model whatever its Content-Type; the engine is
         # told it is JSON (llama-cpp-python's server refuses text/plain with a 500).
         self._json_bodies = lane_of is not None
+        # The router's clients speak OpenAI's API: its errors come in OpenAI's shape.
+        self._openai_errors = lane_of is not None
         self.listen = proxy.listen
         self.api = config.proxy_api(name) if lane_of is None else "openai"
         self.mode = config.proxy_mode(name) if lane_of is None else \
@@ -352,8 +354,8 @@ class WorkloadProxy:
                 max_waiting=self._max_waiting)
         except Rejection as rejection:
             self._count("rejected")
-            return web.json_response(rejection.to_dict(), status=503,
-                                     headers={"Retry-After": str(rejection.retry_after)})
+            return self._json_error(503, rejection.to_dict(),
+                                    {"Retry-After": str(rejection.retry_after)})
         if self.api == "comfyui" and body:
             # Its progress goes only to the page socket it names: bridge that first.
             with contextlib.suppress(ValueError, AttributeError):
@@ -383,7 +385,8 @@ class WorkloadProxy:
         self._count("cut_by_switch")
         response = answer.response
         if response is None:
-            return web.json_response({"error": reason, "workload": self.name}, status=503)
+            return self._json_error(503, {"error": reason, "workload": self.name,
+                                          "cause": "forced_switch"})
         if answer.sized:
             response.force_close()  # a body of announced length cannot say more
             return response
@@ -423,9 +426,9 @@ class WorkloadProxy:
                     isinstance(exc.__context__, _BodyStalled):
                 return self._stalled()
             self._count("error")
-            return web.json_response(
-                {"error": f"{self.name} at {self.upstream} did not answer: {exc!r}",
-                 "workload": self.name}, status=502)
+            return self._json_error(
+                502, {"error": f"{self.name} at {self.upstream} did not answer: {exc!r}",
+                      "workload": self.name, "cause": "upstream_error"})
         try:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             origin = request.headers.get("Origin")
@@ -467,6 +470,18 @@ class WorkloadProxy:
             self._writes.add(write)
             write.add_done_callback(self._writes.discard)
         return response
+
+    def _json_error(self, status: int, doc: dict[str, Any],
+                    headers: dict[str, str] | None = None) -> web.Response:
+        """An error answer: gpuwarden's own document, or, to the router's clients,
+        OpenAI's shape ({"error": {"message", "type", "param", "code"}}) with the same
+        fields beside it."""
+        if self._openai_errors:
+            kind = "service_unavailable" if status == 503 else "upstream_error"
+            doc = {**{k: v for k, v in doc.items() if k != "error"},
+                   "error": {"message": doc.get("error"), "type": kind, "param": None,
+                             "code": doc.get("cause")}}
+        return web.json_response(doc, status=status, headers=headers)
 
     def _upstream_headers(self, request: web.Request) -> dict[str, str]:
         headers = {k: v for k, v in request.headers.items()
