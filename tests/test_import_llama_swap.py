@@ -58,6 +58,24 @@ def test_what_is_not_a_llama_swap_config_is_refused(tmp_path: Path) -> None:
     bad.write_text("logLevel: info\n", encoding="utf-8")
     result = run_cli("import-llama-swap", str(bad))
     assert result.returncode == 2 and "no models: table" in result.stderr
+    bad.write_text("models:\n  a: {cmd: x}\n  a: {cmd: y}\n", encoding="utf-8")
+    result = run_cli("import-llama-swap", str(bad))
+    assert result.returncode == 2 and "'a' is given twice" in result.stderr
+    bad.write_text("models:\n  a: {proxy: 'http://127.0.0.1:9'}\n", encoding="utf-8")
+    result = run_cli("import-llama-swap", str(bad))
+    assert result.returncode == 2 and "models without a cmd" in result.stderr
     result = run_cli("import-llama-swap", str(tmp_path / "missing.yaml"))
     assert result.returncode == 2 and "cannot read" in result.stderr
     assert result.stdout == ""
+
+
+def test_model_ids_that_read_alike_get_workloads_of_their_own(tmp_path: Path) -> None:
+    source = tmp_path / "c.yaml"
+    source.write_text("models:\n  a.b: {cmd: 'srv --port ${PORT}'}\n"
+                      "  a-b: {cmd: 'srv --port ${PORT}'}\n", encoding="utf-8")
+    result = run_cli("import-llama-swap", str(source))
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "c.toml"
+    out.write_text(result.stdout, encoding="utf-8")
+    config = load_config(out)
+    assert config.routed_models() == {"a.b": "a-b", "a-b": "a-b-2"}

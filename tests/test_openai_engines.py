@@ -51,3 +51,17 @@ def test_an_openai_engine_is_ready_by_its_model_list_and_released_by_its_stop(
     verified = daemon.wait_event("release.verified", workloads=["ollama"])[-1]
     assert verified["graceful"] == {"ollama": []}  # no unload API: the stop releases
     daemon.wait_used(8000)
+
+
+def test_an_engine_that_exits_while_starting_says_why(node: SimNode, start_daemon) -> None:
+    port = free_port()
+    broken = {"kind": "process", "stop_timeout": 2, "release": "openai",
+              "url": f"http://127.0.0.1:{port}", "models": ["m"],
+              "command": [PYTHON, "-c", "import sys; print('loading /models/m.gguf', "
+                          "flush=True); sys.exit('ValueError: Model path does not exist: "
+                          "/models/m.gguf')"]}
+    config = node.write(**two_process_modes(node, **{"workloads.ollama": broken}))
+    daemon = start_daemon(config, node.socket)
+    failed = daemon.wait_event("mode.switch.failed", timeout=60)[0]
+    assert "Model path does not exist" in failed["error"], failed
+    assert str(node.state_dir / "logs" / "ollama.log") in failed["error"]

@@ -683,9 +683,23 @@ def cmd_import_llama_swap(args: argparse.Namespace) -> int:
 
     from .import_llama_swap import NotLlamaSwapConfig, convert
 
+    class UniqueKeys(yaml.SafeLoader):
+        """A key given twice is an error (YAML's "last one wins" would drop a model)."""
+
+        def construct_mapping(self, node: yaml.MappingNode,
+                              deep: bool = False) -> dict[object, object]:
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"{key!r} is given twice", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
     try:
         with open(args.path, encoding="utf-8") as source:
-            doc = yaml.safe_load(source)
+            doc = yaml.load(source, Loader=UniqueKeys)  # a SafeLoader: no objects
         print(convert(doc, source=args.path))
     except OSError as exc:
         _die(f"cannot read {args.path}: {exc.strerror or exc}", EXIT_USAGE)

@@ -108,6 +108,11 @@ def convert(doc: Any, *, source: str = "config.yaml") -> str:
     ready = max(15.0, float(doc.get("healthCheckTimeout") or 120))
     unresolved: set[str] = set()
     workloads: dict[str, _Workload] = {}
+    names: set[str] = set()
+    missing_cmd = [str(m) for m, s in doc["models"].items() if not (s or {}).get("cmd")]
+    if missing_cmd:
+        raise NotLlamaSwapConfig(f"{source}: models without a cmd (llama-swap needs one): "
+                                 f"{', '.join(missing_cmd)}")
     for model, spec in doc["models"].items():
         spec = spec or {}
         model = str(model)
@@ -129,8 +134,13 @@ def convert(doc: Any, *, source: str = "config.yaml") -> str:
             name, sep, value = str(entry).partition("=")
             if sep:
                 env[name] = _expand(value, macros, unresolved)
+        base = name = _name(model)
+        suffix = 2
+        while name in names:  # "a.b" and "a-b" both read "a-b"
+            name, suffix = f"{base}-{suffix}", suffix + 1
+        names.add(name)
         workload = _Workload(
-            name=_name(model), model=model,
+            name=name, model=model,
             command=_command(_expand(cmd, macros, unresolved)),
             url=_expand(proxy, macros, unresolved), env=env, models=[model, *aliases],
             ttl=ttl_s or None)
@@ -197,7 +207,8 @@ def convert(doc: Any, *, source: str = "config.yaml") -> str:
         out.append("# Not carried over:")
         out += [f"#   - {note}" for note in not_carried]
     out += ["", "[daemon]", f"default_mode = {_toml(default)}", "",
-            "# One OpenAI address for every model, where llama-swap listened.",
+            "# One OpenAI address for every model: llama-swap's default port, on loopback",
+            "# (the router has no authentication: llama-swap's apiKeys have no equivalent).",
             "[router]", 'listen = "127.0.0.1:8080"', ""]
     for workload in workloads.values():
         out.append(f"# llama-swap model {workload.model!r}")
@@ -210,9 +221,9 @@ def convert(doc: Any, *, source: str = "config.yaml") -> str:
             out.append(f"env = {_toml(workload.env)}")
         out.append("")
     for mode, members in modes.items():
-        names = [workloads[m].name for m in members]
+        running = [workloads[m].name for m in members]
         ttls = [ttl for m in members if (ttl := workloads[m].ttl)]
-        out += [f"[modes.{_key(mode)}]", f"workloads = {_toml(names)}"]
+        out += [f"[modes.{_key(mode)}]", f"workloads = {_toml(running)}"]
         if ttls:
             out.append(f"lease = {_toml(min(ttls))}  # ttl: idle this long, back to "
                        f"{default}")

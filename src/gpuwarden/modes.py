@@ -30,6 +30,7 @@ from .gpu.attribution import AttributedSample
 from .state import State, StateStore, Transition
 from .watchdog import top_holders
 from .workloads.base import Workload, WorkloadStatus
+from .workloads.process import ProcessWorkload
 from .workloads.release import check_release_allowed, graceful_release, probe_ready
 from .workloads.supervisor import WorkloadSupervisor
 
@@ -878,7 +879,13 @@ class ModeSwitcher:
         while True:
             status = await self._supervisor.status(workload.name)
             if not status.running:
-                return f"{workload.name} exited while starting ({status.detail})"
+                why = f"{workload.name} exited while starting ({status.detail})"
+                if isinstance(workload, ProcessWorkload):
+                    # What it said last is usually the reason (a wrong model path).
+                    said = await asyncio.to_thread(workload.last_output)
+                    why += (f"; it said: {said}" if said else "") + \
+                        f" (its output: {workload.log_path})"
+                return why
             # A slow answer still counts while the deadline allows (a busy ComfyUI can
             # take seconds for /system_stats); a refused connection returns at once.
             left = max(0.5, deadline - time.monotonic())

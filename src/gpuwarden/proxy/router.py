@@ -5,7 +5,8 @@ A request's `model` picks the workload, whatever its Content-Type. A model whose
 is active goes straight through; any other is demand, through the same scheduler,
 proofs, refusals and audit as the demand proxies (`requested_by = router:<client>`).
 `GET /v1/models` lists every configured model and is answered here, also while the
-engines are stopped. An unknown model gets OpenAI's error shape with 404.
+engines are stopped. An unknown model gets OpenAI's error shape with 404, as does
+every other error here.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ if TYPE_CHECKING:
 
 __all__ = ["ROUTED_PATHS", "ModelRouter"]
 
-# What carries a model and does GPU work: routed by model, as demand.
-ROUTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+# What carries a model in a JSON body and does GPU work: routed by model, as demand.
+# (A multipart upload, such as /v1/audio/transcriptions, is not.)
+ROUTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+                          "/v1/rerank", "/v1/audio/speech", "/v1/images/generations"})
 _BODY_LIMIT = 64 << 20
 _ONE_READ = 1 << 20
 

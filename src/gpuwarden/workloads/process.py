@@ -120,6 +120,21 @@ class ProcessWorkload:
             callback(self.name, proc.pid, code, self._stop_requested,
                      time.monotonic() - started)
 
+    @property
+    def log_path(self) -> Path:
+        return self._log_dir / f"{self.name}.log"
+
+    def last_output(self, lines: int = 3, limit: int = 4096) -> str:
+        """The last lines of its output (its log), for an error that says why."""
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(0, os.SEEK_END)
+                log.seek(max(0, log.tell() - limit))
+                tail = log.read().decode("utf-8", "replace").splitlines()
+        except OSError:
+            return ""
+        return " | ".join(line.strip() for line in tail[-lines:] if line.strip())
+
     def _write_record(self, pid: int, argv: list[str]) -> None:
         if self._record is None:
             return
