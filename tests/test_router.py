@@ -1,6 +1,7 @@
 """The model router over a real daemon: two engines (the Ollama stand-in's /v1 API,
 one as a `release = "openai"` workload, one as Ollama naming its models) in two
-modes, one model each, behind `[router] listen`. The real llama.cpp engine is in tests/test_llama_cpp.py."""
+modes, one model each, behind `[router] listen`. The real llama.cpp engine is in
+tests/test_llama_cpp.py."""
 
 from __future__ import annotations
 
