@@ -313,7 +313,9 @@ async def openai_overhead(node: Node, requests: int, seconds: float) -> dict[str
                     await resp.read()
                 stream200[which].append(time.perf_counter() - t)
         for which in order + order[::-1]:
-            rps[which].append(await _concurrent_openai(session, bases[which], 16, seconds))
+            rps[which].append(await _concurrent(session, bases[which], 16, seconds,
+                                                path="/v1/chat/completions",
+                                                body=openai_body(1, False)))
     med = statistics.median
 
     def ms(x: float) -> float:
@@ -335,33 +337,18 @@ async def openai_overhead(node: Node, requests: int, seconds: float) -> dict[str
     return doc
 
 
-async def _concurrent_openai(session: aiohttp.ClientSession, base: str, clients: int,
-                             seconds: float) -> float:
-    done = 0
-    stop_at = time.perf_counter() + seconds
-
-    async def client() -> None:
-        nonlocal done
-        while time.perf_counter() < stop_at:
-            async with session.post(f"{base}/v1/chat/completions",
-                                    json=openai_body(1, False)) as resp:
-                await resp.read()
-            done += 1
-    t = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(clients)))
-    return done / (time.perf_counter() - t)
-
-
 async def _concurrent(session: aiohttp.ClientSession, base: str, clients: int,
-                      seconds: float, first: float = 0.0) -> float:
+                      seconds: float, first: float = 0.0, *, path: str = "/api/chat",
+                      body: dict[str, Any] | None = None) -> float:
+    """Requests/s of `clients` posting `body` (a one-token chat) back to back."""
     done = 0
     stop = time.perf_counter() + seconds
+    body = body or chat_body(1, stream=False, first=first)
 
     async def client() -> None:
         nonlocal done
         while time.perf_counter() < stop:
-            async with session.post(f"{base}/api/chat",
-                                    json=chat_body(1, stream=False, first=first)) as resp:
+            async with session.post(f"{base}{path}", json=body) as resp:
                 await resp.read()
                 done += 1
 

@@ -10,9 +10,7 @@ GPUWARDEN_REQUIRE_LLAMA_CPP=1 (CI) fails instead of skipping when it cannot be h
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -22,6 +20,7 @@ import httpx
 import psutil
 import pytest
 
+from .browser import cached_program
 from .conftest import PYTHON, DaemonProcess, SimNode, run_cli
 from .standins import free_port
 from .tiny_gguf import write_tiny_gguf
@@ -33,15 +32,8 @@ pytestmark = pytest.mark.timeout(900)
 
 @pytest.fixture(scope="module")
 def engine_python() -> str:
-    required = os.environ.get("GPUWARDEN_REQUIRE_LLAMA_CPP") == "1"
-    done = subprocess.run([str(ROOT / "scripts" / "llama-cpp.sh")], capture_output=True,
-                          text=True, timeout=1800)
-    if done.returncode == 0:
-        return done.stdout.strip().splitlines()[-1]
-    why = f"scripts/llama-cpp.sh failed: {done.stderr[-2000:]}"
-    if required:
-        pytest.fail(f"a real llama.cpp server is required here: {why}")
-    pytest.skip(why)
+    return cached_program("llama-cpp.sh", "GPUWARDEN_REQUIRE_LLAMA_CPP",
+                          "a real llama.cpp server")
 
 
 class EngineNode:

@@ -15,13 +15,11 @@ from typing import Any
 import httpx
 import pytest
 
+from .browser import browser_missing, launch, only_loopback
 from .conftest import SimNode, run_cli, two_process_modes, wait_for
 from .standins import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 TOKEN = "ops-token-" + "x" * 32
 OTHER = "other-token-" + "y" * 32
 
@@ -98,18 +96,10 @@ def test_the_page_reads_on_loopback_and_acts_only_signed_in_from_itself(
                            headers={"Origin": base}).status_code == 401
 
 
-def _browser_ready() -> None:
-    if not Path(CHROMIUM).exists():
-        pytest.fail("no chromium: scripts/test.sh installs Debian's")
-    try:
-        import playwright  # noqa: F401
-    except ImportError:
-        pytest.fail("no playwright: the test extra installs it")
-
-
 def test_a_person_watches_and_acts_from_the_page_in_chromium(
         node: SimNode, start_daemon) -> None:
-    _browser_ready()
+    if missing := browser_missing():
+        pytest.fail(missing)  # scripts/test.sh installs both: never skipped
     from playwright.sync_api import expect, sync_playwright
 
     config, base = node_with_page(node)
@@ -122,18 +112,10 @@ def test_a_person_watches_and_acts_from_the_page_in_chromium(
     figures: list[str] = []
     outside: list[str] = []
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                     args=CHROMIUM_ARGS)
+        browser = launch(pw)
         context = browser.new_context(viewport={"width": 1280, "height": 1000})
         context.set_default_timeout(30_000)
-
-        def only_loopback(route: Any) -> None:
-            if route.request.url.startswith((base, "data:")):
-                route.continue_()
-            else:
-                outside.append(route.request.url)
-                route.abort()
-        context.route("**/*", only_loopback)
+        only_loopback(context, (base, "data:"), outside)
         page = context.new_page()
         weight: list[int] = []
         page.on("response", lambda r: weight.append(len(r.body()))
@@ -197,7 +179,7 @@ def test_a_person_watches_and_acts_from_the_page_in_chromium(
             phone = browser.new_context(viewport={"width": 390, "height": 844},
                                         device_scale_factor=2, is_mobile=True,
                                         has_touch=True)
-            phone.route("**/*", only_loopback)
+            only_loopback(phone, (base, "data:"), outside)
             small = phone.new_page()
             small.goto(f"{base}/ui")
             expect(small.locator("#mode-0")).to_have_text("llm")

@@ -26,15 +26,12 @@ from typing import Any
 import httpx
 import pytest
 
+from .browser import cached_program, launch, only_loopback
 from .conftest import SimNode, run_cli
 from .standins import free_port
 from .test_proxy import ProxiedNode
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-# Headless, and quiet: without the background-networking flags chromium calls Google.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 MODEL = "standin:7b"
 # Which inputs of Open WebUI's built-in ComfyUI workflow it fills in (node ids of that
 # workflow); a random seed, as a person's, so ComfyUI's cache does not answer.
@@ -51,24 +48,8 @@ pytestmark = pytest.mark.timeout(900)
 
 
 def _open_webui() -> str:
-    required = os.environ.get("GPUWARDEN_REQUIRE_OPEN_WEBUI") == "1"
-    why = ""
-    if not Path(CHROMIUM).exists():
-        why = "no chromium (scripts/test.sh installs Debian's)"
-    else:
-        try:
-            import playwright  # noqa: F401
-        except ImportError:
-            why = "no playwright (the test extra installs it)"
-    if not why:
-        done = subprocess.run([str(ROOT / "scripts" / "open-webui.sh")], capture_output=True,
-                              text=True, timeout=1800)
-        if done.returncode == 0:
-            return done.stdout.strip().splitlines()[-1]
-        why = f"scripts/open-webui.sh failed: {done.stderr[-2000:]}"
-    if required:
-        pytest.fail(f"a real Open WebUI is required here: {why}")
-    pytest.skip(f"no Open WebUI: {why}")
+    return cached_program("open-webui.sh", "GPUWARDEN_REQUIRE_OPEN_WEBUI", "a real Open WebUI",
+                          needs_browser=True)
 
 
 def open_webui_env(data: Path, port: int, ollama: str, comfy: str) -> dict[str, str]:
@@ -164,19 +145,11 @@ def test_a_persons_day_in_open_webui(webui: dict[str, Any]) -> None:
 
     outside: list[str] = []
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                     args=CHROMIUM_ARGS)
+        browser = launch(pw)
         context = browser.new_context(viewport={"width": 1280, "height": 900})
         context.set_default_timeout(120_000)
-
-        def only_loopback(route: Any) -> None:
-            if route.request.url.startswith(("http://127.0.0.1:", "ws://127.0.0.1:",
-                                             "data:", "blob:")):
-                route.continue_()
-            else:
-                outside.append(route.request.url)
-                route.abort()
-        context.route("**/*", only_loopback)
+        only_loopback(context, ("http://127.0.0.1:", "ws://127.0.0.1:", "data:", "blob:"),
+                      outside)
         page = context.new_page()
 
         def shot(name: str, on: Any = page) -> None:

@@ -126,16 +126,14 @@ def test_real_comfyui_through_its_proxy(node: SimNode, start_daemon: Any) -> Non
 def _page_in_a_browser(proxy: str, screenshot: Path) -> str:
     from playwright.sync_api import sync_playwright
 
-    from .test_open_webui import CHROMIUM, CHROMIUM_ARGS
+    from .browser import launch, only_loopback
 
     flow = quick_workflow(int(time.time()) + 11)
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                     args=CHROMIUM_ARGS)
+        browser = launch(pw)
         page = browser.new_page(viewport={"width": 1400, "height": 900})
         # Only loopback: the page's calls to other hosts (ComfyUI's own services) fail.
-        page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(
-            ("http://127.0.0.1:", "ws://127.0.0.1:", "data:", "blob:")) else route.abort())
+        only_loopback(page, ("http://127.0.0.1:", "ws://127.0.0.1:", "data:", "blob:"))
         t0 = time.monotonic()
         page.goto(proxy + "/")
         page.wait_for_function("() => window.app && window.app.graph", timeout=120_000)

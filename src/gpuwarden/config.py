@@ -464,17 +464,10 @@ class N8nConfig(_Section):
         return self
 
 
-class ProxyConfig(_Section):
-    """A demand proxy in front of one workload's HTTP API (`[proxy.<workload>]`)."""
+class _DemandFront(_Section):
+    """What a demand proxy and the model router share: how demand waits at their door,
+    who may knock, and how many connections they hold."""
 
-    # Where clients connect: the address they used for the workload itself (move the
-    # workload to another port and set its `url` there).
-    listen: str
-    # The API behind it, which decides what is demand: "ollama" or "comfyui".
-    # Default: the workload's `release`.
-    api: Literal["ollama", "comfyui"] | None = None
-    # The mode a request switches to; needed only when the workload is in several.
-    mode: str | None = None
     # How long a demand request waits for its mode before it is answered 503.
     max_wait: Duration = 120.0
     # Demand requests that may wait at once; one more is answered 503 at once.
@@ -503,25 +496,26 @@ class ProxyConfig(_Section):
     body_timeout: Duration = 30.0
 
 
-class RouterConfig(_Section):
+class ProxyConfig(_DemandFront):
+    """A demand proxy in front of one workload's HTTP API (`[proxy.<workload>]`)."""
+
+    # Where clients connect: the address they used for the workload itself (move the
+    # workload to another port and set its `url` there).
+    listen: str
+    # The API behind it, which decides what is demand: "ollama" or "comfyui".
+    # Default: the workload's `release`.
+    api: Literal["ollama", "comfyui"] | None = None
+    # The mode a request switches to; needed only when the workload is in several.
+    mode: str | None = None
+
+
+class RouterConfig(_DemandFront):
     """One OpenAI-compatible address for every workload's `models`: a request's "model"
-    picks the workload, and a model whose mode is not active is demand (`[router]`)."""
+    picks the workload, and a model whose mode is not active is demand (`[router]`).
+    The rest as in [proxy.*], for the modes of the router's models."""
 
     # Where clients connect (default: none, no router), e.g. "127.0.0.1:8080".
     listen: str | None = None
-    # How long a request waits for its model's mode before it is answered 503.
-    max_wait: Duration = 120.0
-    # Requests that may wait at once per model's mode; one more is answered 503.
-    max_waiting: int = Field(100, ge=1)
-    # As [proxy.*] min_dwell, for the modes of the router's models.
-    min_dwell: NonNegativeSeconds = 30.0
-    # As [proxy.*] preempt.
-    preempt: bool = False
-    allowed_hosts: list[Annotated[str, BeforeValidator(_check_allowed_host)]] = []
-    allowed_origins: list[Annotated[str, BeforeValidator(_check_origin)]] = []
-    max_connections: int = Field(512, ge=1, le=65536)
-    idle_timeout: Duration = 15.0
-    body_timeout: Duration = 30.0
 
 
 class DeliveryConfig(_Section):

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from .config import Config, WorkloadConfig, _cross_check
+
+T = TypeVar("T")
 
 __all__ = ["READ_AT_START", "InUse", "ReloadPlan", "changed_keys", "plan_reload"]
 
@@ -38,7 +40,6 @@ class ReloadPlan:
     not_applied: dict[str, str] = field(default_factory=dict)
     thresholds: bool = False
     tokens: bool = False
-    discord_lists: bool = False
     receivers: bool = False
     proxies: bool = False
     rebuilt_workloads: set[str] = field(default_factory=set)  # new or changed, not in use
@@ -134,7 +135,6 @@ def plan_reload(old: Config, new: Config, in_use: InUse,
         take(found)
     discord = old.discord
     if found := keys_of(lambda k: k in _DISCORD_LISTS):
-        plan.discord_lists = True
         discord = discord.model_copy(update={k.split(".", 1)[1]: getattr(new.discord,
                                                                          k.split(".", 1)[1])
                                              for k in _DISCORD_LISTS})
@@ -195,6 +195,21 @@ def plan_reload(old: Config, new: Config, in_use: InUse,
     return plan
 
 
+def _merge(old: dict[str, T], new: dict[str, T], names: list[str],
+           held: Callable[[str], str | None]) -> tuple[dict[str, T], dict[str, str]]:
+    """`old` with the tables `names` taken from `new` (added, changed, removed), except
+    those `held` says why to keep; and those reasons."""
+    merged, reasons = dict(old), {}
+    for name in names:
+        if (why := held(name)) is not None:
+            reasons[name] = why
+        elif name in new:
+            merged[name] = new[name]
+        else:
+            merged.pop(name, None)
+    return merged, reasons
+
+
 def _plan_workloads(old: Config, new: Config, changed: list[str], in_use: InUse,
                     cannot_run: Callable[[WorkloadConfig], str | None], plan: ReloadPlan,
                     update: dict[str, Any]) -> None:
@@ -207,28 +222,19 @@ def _plan_workloads(old: Config, new: Config, changed: list[str], in_use: InUse,
         for key in workload_keys + mode_keys:
             plan.not_applied[key] = "a mode switch is running: reload again when it ends"
         return
-    workloads = dict(old.workloads)
-    held: dict[str, str] = {}
-    for name in _tables(workload_keys, "workloads"):
+    def workload_held(name: str) -> str | None:
         if name in in_use.workloads:
-            held[name] = (f"workload {name!r} is in use (running, or in the active mode): "
-                          "switch to a mode without it, then reload")
-        elif name in new.workloads and (why := cannot_run(new.workloads[name])):
-            held[name] = why
-        elif name in new.workloads:
-            workloads[name] = new.workloads[name]
-        else:
-            workloads.pop(name, None)
-    modes = dict(old.modes)
-    held_modes: dict[str, str] = {}
-    for name in _tables(mode_keys, "modes"):
-        if name in in_use.modes:
-            held_modes[name] = (f"mode {name!r} is active: switch to another mode, "
-                                "then reload")
-        elif name in new.modes:
-            modes[name] = new.modes[name]
-        else:
-            modes.pop(name, None)
+            return (f"workload {name!r} is in use (running, or in the active mode): "
+                    "switch to a mode without it, then reload")
+        return cannot_run(new.workloads[name]) if name in new.workloads else None
+
+    def mode_held(name: str) -> str | None:
+        return f"mode {name!r} is active: switch to another mode, then reload" \
+            if name in in_use.modes else None
+
+    workloads, held = _merge(old.workloads, new.workloads,
+                             _tables(workload_keys, "workloads"), workload_held)
+    modes, held_modes = _merge(old.modes, new.modes, _tables(mode_keys, "modes"), mode_held)
     candidate = old.model_copy(update={"workloads": workloads, "modes": modes})
     problems = _cross_check(candidate)
     # A workload in use must keep its mode's GPU; an unchanged mode must still
@@ -244,10 +250,10 @@ def _plan_workloads(old: Config, new: Config, changed: list[str], in_use: InUse,
             plan.not_applied[key] = why
         return
     for key in workload_keys + mode_keys:
-        why = held.get(_table(key, "workloads") or "") or \
+        reason = held.get(_table(key, "workloads") or "") or \
             held_modes.get(_table(key, "modes") or "")
-        if why:
-            plan.not_applied[key] = why
+        if reason:
+            plan.not_applied[key] = reason
         else:
             plan.applied.append(key)
     plan.rebuilt_workloads = {n for n in workloads

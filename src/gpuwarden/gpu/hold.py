@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_holding(command: list[str], claim: Path, fd: int, mib: int) -> int:
     """Run `command` as a child, the claim held (by `fd`) until it exits."""
-    child = subprocess.Popen(command, pass_fds=())
+    child = subprocess.Popen(command)  # the claim's descriptor is not inherited
 
     def forward(signum: int, frame: FrameType | None) -> None:
         child.send_signal(signum)

@@ -11,7 +11,6 @@ every other error here.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from typing import TYPE_CHECKING, Any
@@ -21,7 +20,7 @@ from aiohttp import web
 from ..api_server import ConnectionBudget, Door, serve, track_requests
 from ..config import Config, parse_listen
 from .browser import BrowserPolicy
-from .server import Overload, WorkloadProxy
+from .server import BodyStalled, Overload, WorkloadProxy, read_body
 
 if TYPE_CHECKING:
     from ..events import EventBus
@@ -34,7 +33,6 @@ __all__ = ["ROUTED_PATHS", "ModelRouter"]
 ROUTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings",
                           "/v1/rerank", "/v1/audio/speech", "/v1/images/generations"})
 _BODY_LIMIT = 64 << 20
-_ONE_READ = 1 << 20
 
 
 def openai_error(status: int, message: str, *, kind: str = "invalid_request_error",
@@ -132,11 +130,12 @@ class ModelRouter:
             self.counts["bad_request"] += 1
             return openai_error(405, f"{path} takes POST", headers={"Allow": "POST"})
         try:
-            body = await self._read_body(request)
-        except TimeoutError:
-            self.counts["bad_request"] += 1
+            body = await read_body(request, self._body_timeout)
+        except BodyStalled:
+            self.overload.record("body", self.budget.limit, self.budget.open)
             return openai_error(408, f"request body paused longer than "
-                                f"{self._body_timeout:g} s (body_timeout)")
+                                f"{self._body_timeout:g} s (body_timeout)",
+                                headers={"Connection": "close"})
         model = _model_of(body)
         if model is None:
             self.counts["bad_request"] += 1
@@ -153,25 +152,6 @@ class ModelRouter:
         known = ", ".join(sorted(self._models)) or "none"
         return openai_error(404, f"The model `{model}` does not exist (models here: "
                             f"{known})", param="model", code="model_not_found")
-
-    async def _read_body(self, request: web.Request) -> bytes:
-        """The whole body; each piece within body_timeout of the last (a small body of
-        announced length, within body_timeout in all: one read, the usual case)."""
-        length = request.content_length
-        if length is not None and length <= _ONE_READ:
-            async with asyncio.timeout(self._body_timeout):
-                return await request.read()
-        parts: list[bytes] = []
-        size = 0
-        while True:
-            async with asyncio.timeout(self._body_timeout):
-                part = await request.content.readany()
-            if not part:
-                return b"".join(parts)
-            size += len(part)
-            if size > _BODY_LIMIT:
-                raise web.HTTPRequestEntityTooLarge(max_size=_BODY_LIMIT, actual_size=size)
-            parts.append(part)
 
 
 def _model_of(body: bytes) -> str | None:

@@ -16,6 +16,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import TYPE_CHECKING, Any
@@ -46,6 +47,7 @@ _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate",
                          "upgrade", "proxy-connection"})
 # A body read to classify a request (Ollama's JSON, images included) is at most this.
 _CLASSIFY_BODY_LIMIT = 64 << 20
+_ONE_READ = 1 << 20  # a body up to this size, of announced length, is read at once
 CACHE_HEADER = "X-Gpuwarden-Cache"
 # An overload episode (connections refused at the budget, or cut as too slow) ends once
 # none has been for this long; it is announced once at its start and once at its end.
@@ -65,8 +67,44 @@ class _Answer:
     sized: bool = False  # a Content-Length was announced
 
 
-class _BodyStalled(Exception):
+class BodyStalled(Exception):
     """A request body paused longer than body_timeout."""
+
+
+async def streamed_body(request: web.Request, timeout: float) -> AsyncIterator[bytes]:
+    """A request's body as it comes, each piece within `timeout` of the last
+    (BodyStalled)."""
+    while True:
+        try:
+            async with asyncio.timeout(timeout):
+                part = await request.content.readany()
+        except TimeoutError:
+            raise BodyStalled() from None
+        if not part:
+            return
+        yield part
+
+
+async def read_body(request: web.Request, timeout: float,
+                    limit: int = _CLASSIFY_BODY_LIMIT) -> bytes:
+    """A request's whole body, each piece within `timeout` of the last (BodyStalled);
+    over `limit`, 413. A small one of announced length is read at once (the usual
+    case), within `timeout` in all."""
+    length = request.content_length
+    if length is not None and length <= min(limit, _ONE_READ):
+        try:
+            async with asyncio.timeout(timeout):
+                return await request.read()
+        except TimeoutError:
+            raise BodyStalled() from None
+    parts: list[bytes] = []
+    size = 0
+    async for part in streamed_body(request, timeout):
+        size += len(part)
+        if size > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+        parts.append(part)
+    return b"".join(parts)
 
 
 class Overload:
@@ -127,12 +165,8 @@ class WorkloadProxy:
         """`max_connections`: the budget that fits the open-files limit (default: the
         configured one). `lane_of`: this is not a listening proxy but the model router's
         way to workload `name` (`route`), with the router's settings."""
-        proxy = config.proxy[name] if lane_of is None else ProxyConfig(
-            listen=lane_of.listen or "127.0.0.1:0", max_wait=lane_of.max_wait,
-            max_waiting=lane_of.max_waiting, min_dwell=lane_of.min_dwell,
-            preempt=lane_of.preempt, allowed_hosts=lane_of.allowed_hosts,
-            allowed_origins=lane_of.allowed_origins, idle_timeout=lane_of.idle_timeout,
-            body_timeout=lane_of.body_timeout)
+        proxy: ProxyConfig | RouterConfig = config.proxy[name] if lane_of is None \
+            else lane_of
         self.name = name
         # Who asks the scheduler and is counted: the proxy's own workload, or "router".
         self.front = name if lane_of is None else ROUTER
@@ -141,7 +175,7 @@ class WorkloadProxy:
         self._json_bodies = lane_of is not None
         # The router's clients speak OpenAI's API: its errors come in OpenAI's shape.
         self._openai_errors = lane_of is not None
-        self.listen = proxy.listen
+        self.listen = proxy.listen or "127.0.0.1:0"  # a lane listens on nothing itself
         self.api = config.proxy_api(name) if lane_of is None else "openai"
         self.mode = config.proxy_mode(name) if lane_of is None else \
             config.modes_of_workload(name)[0]
@@ -153,7 +187,7 @@ class WorkloadProxy:
         # What the upstream is told a browser's page came from: itself. Both Ollama and
         # ComfyUI accept a request whose Origin is their own address.
         self._upstream_origin = f"{parts.scheme}://{parts.netloc}"
-        address = parse_listen(proxy.listen)
+        address = parse_listen(self.listen)
         assert address is not None, "checked with the config"
         self.browser = BrowserPolicy(address[0], address[1],
                                      allowed_hosts=proxy.allowed_hosts,
@@ -276,8 +310,8 @@ class WorkloadProxy:
         body: bytes | None = None
         if reads_body(self.api, request.method, request.path):
             try:
-                body = await self._read_body(request)  # small JSON; over 64 MiB: 413
-            except _BodyStalled:
+                body = await read_body(request, self._body_timeout)  # small JSON; over 64 MiB: 413
+            except BodyStalled:
                 return self._stalled()
         kind = classify(self.api, request.method, request.path, body)
         if kind is Kind.DEMAND:
@@ -314,30 +348,6 @@ class WorkloadProxy:
         if wanted := request.headers.get("Access-Control-Request-Headers"):
             headers["Access-Control-Allow-Headers"] = wanted
         return web.Response(status=204, headers=headers)
-
-    async def _read_body(self, request: web.Request) -> bytes:
-        """The whole body, each piece within body_timeout of the last (_BodyStalled)."""
-        parts: list[bytes] = []
-        size = 0
-        async for part in self._streamed_body(request):
-            size += len(part)
-            if size > _CLASSIFY_BODY_LIMIT:
-                raise web.HTTPRequestEntityTooLarge(max_size=_CLASSIFY_BODY_LIMIT,
-                                                    actual_size=size)
-            parts.append(part)
-        return b"".join(parts)
-
-    async def _streamed_body(self, request: web.Request) -> Any:
-        """The body as it comes, for the upstream, each piece within body_timeout."""
-        while True:
-            try:
-                async with asyncio.timeout(self._body_timeout):
-                    part = await request.content.readany()
-            except TimeoutError:
-                raise _BodyStalled() from None
-            if not part:
-                return
-            yield part
 
     def _stalled(self) -> web.Response:
         self.overload.record("body", self.budget.limit, self.budget.open)
@@ -413,17 +423,17 @@ class WorkloadProxy:
             headers.pop("Content-Length", None)
             data = body
         elif request.body_exists:
-            data = self._streamed_body(request)  # streamed, not read into memory
+            data = streamed_body(request, self._body_timeout)  # streamed, not read into memory
         try:
             upstream = await self._session.request(
                 request.method, self.upstream + request.raw_path, headers=headers, data=data,
                 allow_redirects=False,
                 skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"))
-        except _BodyStalled:
+        except BodyStalled:
             return self._stalled()
         except (aiohttp.ClientError, OSError) as exc:
-            if isinstance(exc.__cause__, _BodyStalled) or \
-                    isinstance(exc.__context__, _BodyStalled):
+            if isinstance(exc.__cause__, BodyStalled) or \
+                    isinstance(exc.__context__, BodyStalled):
                 return self._stalled()
             self._count("error")
             return self._json_error(
