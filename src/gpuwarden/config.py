@@ -58,6 +58,7 @@ __all__ = [
     "config_warnings",
     "load_config",
     "parse_duration",
+    "process_runner",
 ]
 
 IDLE_MODE = "idle"
@@ -610,6 +611,23 @@ class Config(BaseSettings):
         return None
 
 
+def under_systemd() -> bool:
+    """Whether this process is a service's main process under systemd's system manager,
+    with the system bus there. INVOCATION_ID alone is inherited by anything a service
+    runs (a CI job's test daemons), hence the parent check."""
+    return bool(os.environ.get("INVOCATION_ID")) and os.getppid() == 1 \
+        and os.path.isdir("/run/systemd/system") \
+        and os.path.exists("/run/dbus/system_bus_socket")
+
+
+def process_runner(config: Config) -> str:
+    """"systemd" (transient units) or "child", as `[daemon] process_runner` decides."""
+    runner = config.daemon.process_runner
+    if runner == "auto":
+        return "systemd" if under_systemd() else "child"
+    return runner
+
+
 def config_warnings(config: Config) -> list[str]:
     """Valid, but probably not what the operator wants: each by key path."""
     warnings: list[str] = []
@@ -668,8 +686,6 @@ def config_warnings(config: Config) -> list[str]:
                     f"proxy.{name}.preempt: true, but mode {mode!r} (priority {own}, its "
                     "workloads' highest) is not above any other mode on its GPU, so it never "
                     "preempts; raise workloads.NAME.priority")
-    from .daemon import process_runner  # here: the daemon imports this module
-
     if process_runner(config) == "systemd":
         for name, wl in config.workloads.items():
             if wl.kind == "process" and wl.restart_policy != "no":

@@ -32,7 +32,7 @@ from .api_server import (
     serve,
 )
 from .audit import open_audit
-from .config import Config, WorkloadConfig, config_warnings, parse_listen
+from .config import Config, WorkloadConfig, config_warnings, parse_listen, process_runner
 from .crashloop import CrashLoopGuard
 from .docker_events import ContainerEvent, DockerEventWatcher
 from .enforcement import ModeGuard
@@ -86,23 +86,6 @@ class DaemonState(enum.Enum):
     NEW = "new"
     RUNNING = "running"
     CLOSED = "closed"
-
-
-def under_systemd() -> bool:
-    """Whether this process is a service's main process under systemd's system manager,
-    with the system bus there. INVOCATION_ID alone is inherited by anything a service
-    runs (a CI job's test daemons), hence the parent check."""
-    return bool(os.environ.get("INVOCATION_ID")) and os.getppid() == 1 \
-        and os.path.isdir("/run/systemd/system") \
-        and os.path.exists("/run/dbus/system_bus_socket")
-
-
-def process_runner(config: Config) -> str:
-    """"systemd" (transient units) or "child", as `[daemon] process_runner` decides."""
-    runner = config.daemon.process_runner
-    if runner == "auto":
-        return "systemd" if under_systemd() else "child"
-    return runner
 
 
 def build_workloads(config: Config, owners: OwnerIndex,
