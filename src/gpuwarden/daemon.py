@@ -163,6 +163,7 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._docker_clients = DockerClientFactory(config.docker)
         self._restarter: ChildRestarter | None = None
+        self._ticking: asyncio.Task[Any] | None = None  # the sample being taken
 
     async def setup(self) -> None:
         if self.state is not DaemonState.NEW:
@@ -447,11 +448,14 @@ class Daemon:
 
     async def _tick(self) -> None:
         assert self.service is not None
+        self._ticking = asyncio.current_task()
         try:
             critical = await self.service.tick()
         except Exception:  # a bug in one tick must not end sampling
             log.exception("sampling failed")
             return
+        finally:
+            self._ticking = None
         if self._protect is not None:
             for gpu in critical:
                 self._spawn(self._protect.run(gpu))
@@ -714,6 +718,12 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         if self._scheduler is not None and self._scheduler.running:
+            # The scheduler's shutdown cancels a job under way: let a sample being
+            # taken finish first (it is short), so it ends as a sample, not an error.
+            self._scheduler.pause()
+            ticking = self._ticking
+            if ticking is not None and ticking is not asyncio.current_task():
+                await asyncio.gather(asyncio.shield(ticking), return_exceptions=True)
             self._scheduler.shutdown(wait=False)
         for task in (self._restore_task, self._queue_reader):
             if task is not None:
