@@ -268,7 +268,8 @@ def test_chat_during_idle_image_mode_switches_and_streams_intact(proxied: Proxie
     assert completed["requested_by"] == "proxy:127.0.0.1"
     assert completed["cause"]["request"] == "POST /api/chat"
     assert completed["cause"]["proxy"] == "ollama"
-    assert daemon.events("proxy.waiting")[0]["mode"] == "llm"
+    waiting = daemon.events("proxy.waiting")[0]
+    assert waiting["mode"] == "llm" and "(mode image is active)" in waiting["message"]
 
     # The OpenAI-compatible stream passes through as server-sent events.
     with httpx.stream("POST", f"{proxied.ollama}/v1/chat/completions", timeout=30,

@@ -6,6 +6,7 @@ tests/test_llama_cpp.py."""
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from pathlib import Path
@@ -188,3 +189,69 @@ def test_a_lease_counts_idle_time_and_a_stream_in_flight_keeps_the_mode(
     assert expired["time"] >= ended + 2 - 0.1 and expired["held_s"] >= 2
     assert "idle for" in expired["message"]
     daemon.wait_mode("idle")
+
+
+def test_after_a_kill_the_lease_counts_from_the_restart(routed: RoutedNode,
+                                                         start_daemon: Any) -> None:
+    """What demand came before a kill -9 is unknown: the restarted daemon counts the
+    lease from its own start, not from the switch it recorded, so the clients of a
+    mode in use keep it for a whole lease."""
+    daemon = routed.start(lease=5)
+    assert chat(routed.router, A, max_tokens=2)["status"] == 200
+    daemon.stop(signal.SIGKILL)
+    time.sleep(6)  # longer than the lease since the switch, with no daemon
+    again = start_daemon(routed.config(lease=5), routed.node.socket)
+    again.wait_mode("one")
+    started = again.wait_event("daemon.started")[0]["time"]
+    expired = again.wait_event("mode.lease.expired", timeout=30)[0]
+    # From the daemon's start (a moment before its event), not from the switch (which
+    # would end it at the first look, about 2 s in).
+    assert expired["time"] >= started + 4.5, (expired, started)
+    again.wait_mode("idle")
+
+
+# An engine that sends its answer's head at once and its first token after a 3 s
+# prompt evaluation, as llama.cpp's server does.
+SLOW_FIRST_TOKEN = """
+import asyncio, sys
+from aiohttp import web
+
+async def models(request):
+    return web.json_response({"object": "list", "data": [{"id": "slow", "object": "model"}]})
+
+async def chat(request):
+    await request.read()
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    await asyncio.sleep(3)
+    await resp.write(b'data: {"choices": [{"delta": {"content": "hi"}}]}\\n\\n')
+    await resp.write(b"data: [DONE]\\n\\n")
+    return resp
+
+app = web.Application()
+app.router.add_get("/v1/models", models)
+app.router.add_post("/v1/chat/completions", chat)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None)
+"""
+
+
+def test_an_answers_head_is_relayed_before_its_first_token(routed: RoutedNode,
+                                                           tmp_path: Path) -> None:
+    """The router sends the head with the first piece of the body when both are there
+    (one write), but never holds it back waiting for the first token."""
+    engine = tmp_path / "engine.py"
+    engine.write_text(SLOW_FIRST_TOKEN)
+    routed.start(b={"release": "openai", "models": ["slow"],
+                    "command": [PYTHON, str(engine), str(routed.ports["b"])]})
+    body = {"model": "slow", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.stream("POST", f"{routed.router}/v1/chat/completions", json=body,
+                      timeout=120) as resp:
+        head = time.monotonic()
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        lines = resp.iter_lines()
+        first = next(line for line in lines if line)
+        first_at = time.monotonic()
+        rest = [line for line in lines if line]
+    assert "hi" in first and rest == ["data: [DONE]"]
+    assert first_at - head >= 2, first_at - head  # the head came before the 3 s prefill

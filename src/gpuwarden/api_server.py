@@ -16,7 +16,7 @@ import resource
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -53,7 +53,7 @@ class _Connection:
 class ConnectionBudget:
     """Connections open on one door, at most `limit`; the next is answered 503.
 
-    With `idle_timeout` (and the door's app wrapped in `track_requests`), a connection
+    With `idle_timeout` (and the door's handler wrapped in `track_requests`), a connection
     with no request being handled for that long is closed: one that has not delivered
     a whole request head since it opened or since its last answer. A request being
     handled is never closed by it, however long it streams or waits. Only one that
@@ -104,7 +104,8 @@ class _BudgetedProtocol(asyncio.Protocol):
         if budget.open >= budget.limit:
             budget.refused += 1
             budget.on_refused(budget.door)
-            assert isinstance(transport, asyncio.Transport)
+            # A socket's transport (uvloop's is not a subclass of asyncio's).
+            transport = cast(asyncio.Transport, transport)
             transport.write(budget.full_response())
             if budget.lingering >= _MAX_LINGERING or not transport.can_write_eof():
                 transport.close()
@@ -177,7 +178,7 @@ class _BudgetedProtocol(asyncio.Protocol):
 class _BudgetedSite(web.BaseSite):
     """A listening socket whose connections go through a ConnectionBudget."""
 
-    def __init__(self, runner: web.AppRunner, budget: ConnectionBudget, name: str,
+    def __init__(self, runner: web.BaseRunner, budget: ConnectionBudget, name: str,
                  listen: Callable[[Callable[[], asyncio.Protocol]],
                                   Awaitable[asyncio.AbstractServer]]) -> None:
         super().__init__(runner, backlog=_BACKLOG)
@@ -196,48 +197,51 @@ class _BudgetedSite(web.BaseSite):
         self._server = await self._listen(lambda: _BudgetedProtocol(server(), self._budget))
 
 
-def track_requests(budget: ConnectionBudget) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """A middleware that tells `budget` when each connection is handling a request, so
-    an idle one can be cut (ConnectionBudget.idle_timeout) and a busy one never is."""
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+
+def track_requests(budget: ConnectionBudget, handler: Handler) -> Handler:
+    """`handler`, telling `budget` when each connection is handling a request, so an
+    idle one can be cut (ConnectionBudget.idle_timeout) and a busy one never is."""
+
+    async def tracked(request: web.BaseRequest) -> web.StreamResponse:
         state = budget.connections.get(request.protocol)
         if state is None:
-            result: web.StreamResponse = await handler(request)
-            return result
+            return await handler(request)
         state.active += 1
         state.partial = False
         try:
-            result = await handler(request)
-            return result
+            return await handler(request)
         finally:
             state.active -= 1
             state.idle_since = asyncio.get_running_loop().time()
 
-    return middleware
+    return tracked
 
 
 @dataclass
 class Door:
     """One door of the API: its runner and its budget."""
 
-    runner: web.AppRunner
+    runner: web.BaseRunner
     budget: ConnectionBudget
 
 
-async def serve(app: web.Application, budget: ConnectionBudget, *, idle_timeout: float,
-                unix_path: str | None = None, host: str | None = None,
-                port: int | None = None, **runner_options: Any) -> Door:
-    """Start app on a Unix socket or a TCP address, within budget.
+async def serve(app: web.Application | Handler, budget: ConnectionBudget, *,
+                idle_timeout: float, unix_path: str | None = None, host: str | None = None,
+                port: int | None = None, **server_options: Any) -> Door:
+    """Start app on a Unix socket or a TCP address, within budget. `app` may be one
+    handler for every request (a proxy's: no routes, no middlewares to run through).
 
     idle_timeout is aiohttp's keep-alive timeout, armed when a connection opens and
     after each response: a connection that has not delivered a whole request head by
     then is closed, whether it sent nothing or is trickling headers. (A budget with
     its own idle_timeout cuts first, and counts what it cuts.)
     """
-    runner = web.AppRunner(app, access_log=None, keepalive_timeout=idle_timeout,
-                           logger=logging.getLogger("gpuwarden.http"), **runner_options)
+    options = {"access_log": None, "keepalive_timeout": idle_timeout,
+               "logger": logging.getLogger("gpuwarden.http"), **server_options}
+    runner = web.AppRunner(app, **options) if isinstance(app, web.Application) \
+        else web.ServerRunner(web.Server(app, **options))
     await runner.setup()
     loop = asyncio.get_running_loop()
     if unix_path is not None:

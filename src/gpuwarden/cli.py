@@ -726,14 +726,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
-    import asyncio
-
-    from .daemon import run_daemon
+    from .daemon import run
 
     config = _config_or_exit(args.config)
     _setup_logging()
     try:
-        return asyncio.run(run_daemon(config, args.config))
+        return run(config, args.config)
     except GpuwardenError as exc:
         _die(str(exc), EXIT_FAILED)
 

@@ -8,7 +8,6 @@ demand proxy on a free loopback port.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import secrets
 import shutil
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import load_config
-from .daemon import run_daemon
+from .daemon import run
 
 __all__ = ["DemoPorts", "demo_config", "run_demo"]
 
@@ -188,7 +187,7 @@ def run_demo(folder: Path | None, *, crash_loop: bool = False) -> int:
         file=sys.stderr, flush=True,
     )
     try:
-        return asyncio.run(run_daemon(config, path))
+        return run(config, path)
     except KeyboardInterrupt:
         return 0
     finally:

@@ -57,6 +57,9 @@ class ModeGuard:
         self._lease_checked: dict[int, float] = {}
         # When demand last used a mode (the demand proxies and the router), for leases.
         self.last_used: Callable[[str], float | None] | None = None
+        # The demand before this daemon started is unknown: its start counts as a use,
+        # so a restart (even after kill -9) never ends a lease its clients were using.
+        self._started = time.time()
         self._tasks: set[asyncio.Task[None]] = set()
 
     def reconfigure(self, config: Config) -> None:
@@ -162,10 +165,10 @@ class ModeGuard:
             since = self._switcher.mode_since(gpu)
             if lease is None or since is None or self._switcher.switching(gpu):
                 continue
-            # Idle since the switch, or since the last demand it served (a request in
-            # flight through a proxy or the router counts as now).
+            # Idle since the switch, the daemon's start, or the last demand it served (a
+            # request in flight through a proxy or the router counts as now).
             used = self.last_used(mode) if self.last_used is not None else None
-            held = time.time() - max(since, used or 0.0)
+            held = time.time() - max(since, self._started, used or 0.0)
             if held < lease:
                 continue
             now = time.monotonic()

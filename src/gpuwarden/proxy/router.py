@@ -32,7 +32,6 @@ __all__ = ["ROUTED_PATHS", "ModelRouter"]
 # (A multipart upload, such as /v1/audio/transcriptions, is not.)
 ROUTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings",
                           "/v1/rerank", "/v1/audio/speech", "/v1/images/generations"})
-_BODY_LIMIT = 64 << 20
 
 
 def openai_error(status: int, message: str, *, kind: str = "invalid_request_error",
@@ -83,10 +82,8 @@ class ModelRouter:
     async def start(self) -> None:
         for lane in self._lanes.values():
             lane.open_session()
-        app = web.Application(client_max_size=_BODY_LIMIT,
-                              middlewares=[track_requests(self.budget)])
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._door = await serve(app, self.budget, idle_timeout=2 * self._idle_timeout,
+        self._door = await serve(track_requests(self.budget, self._handle), self.budget,
+                                 idle_timeout=2 * self._idle_timeout,
                                  host=self._address[0], port=self._address[1],
                                  handler_cancellation=True)
 
@@ -104,7 +101,7 @@ class ModelRouter:
                 "workloads": {name: {**lane.demand_state(), **lane.counts}
                               for name, lane in self._lanes.items()}}
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         verdict = self.browser.check(request.headers.get("Host"),
                                      request.headers.get("Origin"))
         if not verdict.allowed:

@@ -197,7 +197,8 @@ class DemandScheduler:
             self._bus.publish(
                 "proxy.waiting",
                 f"GPU {self.gpu}: {request} from {client} waits for mode {mode} "
-                f"({view.mode} is active)", proxy=proxy, mode=mode, gpu=self.gpu,
+                f"({self._why_not_now(mode, workload, view)})", proxy=proxy, mode=mode,
+                gpu=self.gpu,
                 active_mode=view.mode, client=client, request=request)
         self._gauge(proxy)
         self._wake.set()
@@ -321,7 +322,7 @@ class DemandScheduler:
         if not preempt and not self._dwell_ok(view, now):
             left = self._dwell(active) - (now - (view.mode_since or now))
             reasons.append((f"mode {active} keeps the GPU for its minimum dwell "
-                            f"({left:.0f} s more)", left))
+                            f"({max(1, math.ceil(left))} s more)", left))
         if not preempt:
             jobs = await self._jobs(active)
             if jobs is None:
@@ -355,6 +356,21 @@ class DemandScheduler:
         # Draining: another mode waits and this one has had its dwell.
         return not (any(q for m, q in self._waiting.items() if m != mode)
                     and self._dwell_over(view, time.time()))
+
+    def _why_not_now(self, mode: str, workload: str, view: ProxyView) -> str:
+        """Why a request for `mode` was not let through at once (see `_may_pass`)."""
+        if view.switching_to is not None:
+            return f"a switch to {view.switching_to} is under way"
+        if view.mode != mode:
+            return f"mode {view.mode} is active"
+        if not view.running:
+            return f"mode {mode} is active, but {workload} is not running"
+        if self._switch is not None:
+            return "a switch is under way"
+        others = sorted(m for m, q in self._waiting.items() if q and m != mode)
+        if others:
+            return f"mode {mode} has had its dwell, and mode {others[0]} waits"
+        return "behind the requests already waiting"
 
     def _dwell(self, mode: str) -> float:
         policy = self._policies.get(mode)

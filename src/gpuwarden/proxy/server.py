@@ -45,9 +45,13 @@ log = logging.getLogger(__name__)
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate",
                          "proxy-authorization", "te", "trailer", "transfer-encoding",
                          "upgrade", "proxy-connection"})
+# Of an upstream's answer: its length is set again where it is known.
+_NOT_RELAYED = _HOP_BY_HOP | {"content-length"}
 # A body read to classify a request (Ollama's JSON, images included) is at most this.
 _CLASSIFY_BODY_LIMIT = 64 << 20
-_ONE_READ = 1 << 20  # a body up to this size, of announced length, is read at once
+# A body up to this size, of announced length, is read at once (aiohttp's own limit on
+# a request read whole is 1 MiB).
+_ONE_READ = 1 << 20
 CACHE_HEADER = "X-Gpuwarden-Cache"
 # An overload episode (connections refused at the budget, or cut as too slow) ends once
 # none has been for this long; it is announced once at its start and once at its end.
@@ -67,11 +71,19 @@ class _Answer:
     sized: bool = False  # a Content-Length was announced
 
 
+class _RelayedResponse(web.StreamResponse):
+    """An upstream's answer relayed: its head waits for the first piece of its body
+    when that is already here (see `_forward`), as aiohttp's own `web.Response` does.
+    (Were aiohttp to drop the switch, the head would go at once: slower, not wrong.)"""
+
+    _send_headers_immediately = False
+
+
 class BodyStalled(Exception):
     """A request body paused longer than body_timeout."""
 
 
-async def streamed_body(request: web.Request, timeout: float) -> AsyncIterator[bytes]:
+async def streamed_body(request: web.BaseRequest, timeout: float) -> AsyncIterator[bytes]:
     """A request's body as it comes, each piece within `timeout` of the last
     (BodyStalled)."""
     while True:
@@ -85,13 +97,15 @@ async def streamed_body(request: web.Request, timeout: float) -> AsyncIterator[b
         yield part
 
 
-async def read_body(request: web.Request, timeout: float,
+async def read_body(request: web.BaseRequest, timeout: float,
                     limit: int = _CLASSIFY_BODY_LIMIT) -> bytes:
     """A request's whole body, each piece within `timeout` of the last (BodyStalled);
     over `limit`, 413. A small one of announced length is read at once (the usual
     case), within `timeout` in all."""
     length = request.content_length
     if length is not None and length <= min(limit, _ONE_READ):
+        if request.content.is_eof():  # all here with the head (the usual case)
+            return await request.read()
         try:
             async with asyncio.timeout(timeout):
                 return await request.read()
@@ -228,22 +242,20 @@ class WorkloadProxy:
             connector=aiohttp.TCPConnector(limit=0),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
 
-    async def route(self, request: web.Request, body: bytes) -> web.StreamResponse:
+    async def route(self, request: web.BaseRequest, body: bytes) -> web.StreamResponse:
         """The model router's request for this workload, its body read: demand."""
         return await self._demand(request, body)
 
     async def start(self) -> None:
         self.open_session()
-        app = web.Application(client_max_size=_CLASSIFY_BODY_LIMIT,
-                              middlewares=[track_requests(self.budget)])
-        app.router.add_route("*", "/{tail:.*}", self._handle)
         address = parse_listen(self.listen)
         assert address is not None, "checked with the config"
         # Within its connection budget, like the API's doors. The budget cuts idle
         # connections itself (and counts them); aiohttp's own keep-alive timer is only a
         # backstop. A client that goes away cancels its handler: a waiting request
         # leaves the queue, a forwarded one stops reading from the upstream.
-        self._door = await serve(app, self.budget, idle_timeout=2 * self._idle_timeout,
+        self._door = await serve(track_requests(self.budget, self._handle), self.budget,
+                                 idle_timeout=2 * self._idle_timeout,
                                  host=address[0], port=address[1],
                                  handler_cancellation=True)
 
@@ -295,7 +307,7 @@ class WorkloadProxy:
 
     # -- requests ---------------------------------------------------------------
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         # Before anything else, websocket upgrades included: what the upstream would
         # refuse a browser, the proxy refuses too (see browser.py).
         verdict = self.browser.check(request.headers.get("Host"),
@@ -336,7 +348,7 @@ class WorkloadProxy:
         return self._unavailable(request, unseen=kind is Kind.READ)
 
     @staticmethod
-    def preflight(request: web.Request) -> web.Response:
+    def preflight(request: web.BaseRequest) -> web.Response:
         """A browser's CORS preflight while the upstream is down, answered as Ollama's
         and ComfyUI's servers answer it (204), for a page whose Origin passed the
         checks: its request that follows is what asks for the GPU."""
@@ -355,7 +367,7 @@ class WorkloadProxy:
                             f"{self._body_timeout:g} s (body_timeout)\n",
                             headers={"Connection": "close"})
 
-    async def _demand(self, request: web.Request, body: bytes | None) -> web.StreamResponse:
+    async def _demand(self, request: web.BaseRequest, body: bytes | None) -> web.StreamResponse:
         client = request.remote or "unknown"
         try:
             ticket = await self._scheduler.admit(
@@ -373,21 +385,22 @@ class WorkloadProxy:
                 if isinstance(client_id, str):
                     await self.bridged(client_id, _BRIDGE_WAIT_S)
         answer = _Answer()
-        # The forward runs as a task of its own so that a forced switch can end it
-        # (Ticket.abort) and the handler still closes the answer properly.
-        relay = asyncio.ensure_future(self._forward(request, body, None, answer))
-        ticket.on_abort = relay.cancel
+        # A forced switch (Ticket.abort) cancels the forward; the handler takes that
+        # cancellation back and closes the answer properly. One it did not make (the
+        # client went away) stands.
+        handler = asyncio.current_task()
+        assert handler is not None
+        ticket.on_abort = handler.cancel
         try:
-            return await relay
+            return await self._forward(request, body, None, answer)
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if ticket.aborted is None or (task is not None and task.cancelling()):
-                raise  # the client went away
+            if ticket.aborted is None or handler.uncancel() > 0:
+                raise
             return await self._end_cut(request, answer, ticket.aborted)
         finally:
             ticket.done()
 
-    async def _end_cut(self, request: web.Request, answer: _Answer,
+    async def _end_cut(self, request: web.BaseRequest, answer: _Answer,
                        reason: str) -> web.StreamResponse:
         """A forced switch ended this answer: say so in the answer's own format (an
         NDJSON line as Ollama writes its errors, an OpenAI server-sent error event), or
@@ -414,7 +427,7 @@ class WorkloadProxy:
             await response.write_eof()
         return response
 
-    async def _forward(self, request: web.Request, body: bytes | None, key: str | None,
+    async def _forward(self, request: web.BaseRequest, body: bytes | None, key: str | None,
                        answer: _Answer | None = None) -> web.StreamResponse:
         assert self._session is not None
         headers = self._upstream_headers(request)
@@ -440,35 +453,47 @@ class WorkloadProxy:
                 502, {"error": f"{self.name} at {self.upstream} did not answer: {exc!r}",
                       "workload": self.name, "cause": "upstream_error"})
         try:
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            response = _RelayedResponse(status=upstream.status, reason=upstream.reason)
             origin = request.headers.get("Origin")
             for name, value in upstream.headers.items():
-                if name.lower() not in _HOP_BY_HOP and name.lower() != "content-length":
-                    if name.lower() == "access-control-allow-origin" and origin and \
-                            value != "*":
-                        # The upstream allowed its own origin (the one it was sent); the
-                        # page's is the one the proxy checked.
-                        value = origin
-                    response.headers.add(name, value)
+                lower = name.lower()
+                if lower in _NOT_RELAYED:
+                    continue
+                if lower == "access-control-allow-origin" and origin and value != "*":
+                    # The upstream allowed its own origin (the one it was sent); the
+                    # page's is the one the proxy checked.
+                    value = origin
+                response.headers.add(name, value)
             if upstream.content_length is not None and \
                     "chunked" not in upstream.headers.get("Transfer-Encoding", ""):
                 response.content_length = upstream.content_length
-            await response.prepare(request)
+            writer = await response.prepare(request)
+            assert writer is not None, "a new response"
             if answer is not None:
                 answer.response, answer.content_type = response, upstream.content_type
                 answer.sized = response.content_length is not None
             keep = key is not None and upstream.status == 200
             kept: list[bytes] = []
             size = 0
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)  # as it comes: no buffering
+            content = upstream.content
+            # What came with the upstream's head goes out with the head, and the last
+            # piece with the end: one write each, where a small answer needs one in all.
+            chunk = content.read_nowait()
+            if not chunk and not content.at_eof():
+                writer.send_headers()  # nothing more yet (a prompt being read): the head now
+            while True:
                 if keep:
                     size += len(chunk)
                     if size > self._cache.entry_limit:
                         keep, kept = False, []
                     else:
                         kept.append(chunk)
-            await response.write_eof()
+                if content.at_eof():
+                    await response.write_eof(chunk)
+                    break
+                if chunk:
+                    await response.write(chunk)  # as it comes: no buffering
+                chunk = await content.readany()
         finally:
             upstream.release()
         self._count("forwarded")
@@ -493,7 +518,7 @@ class WorkloadProxy:
                              "code": doc.get("cause")}}
         return web.json_response(doc, status=status, headers=headers)
 
-    def _upstream_headers(self, request: web.Request) -> dict[str, str]:
+    def _upstream_headers(self, request: web.BaseRequest) -> dict[str, str]:
         headers = {k: v for k, v in request.headers.items()
                    if k.lower() not in _HOP_BY_HOP and k.lower() != "host"}
         # The upstream's own name and, for a browser's request, its own origin: the
@@ -510,7 +535,7 @@ class WorkloadProxy:
         headers["X-Forwarded-Proto"] = request.scheme
         return headers
 
-    def _unavailable(self, request: web.Request, *, unseen: bool = False) -> web.Response:
+    def _unavailable(self, request: web.BaseRequest, *, unseen: bool = False) -> web.Response:
         """503 that says which mode is active and how to ask for this one (`unseen`: a
         read with no kept answer yet)."""
         view = self._service.proxy_view(self.name)
@@ -536,7 +561,7 @@ class WorkloadProxy:
 
     # -- websockets ------------------------------------------------------------
 
-    async def _websocket(self, request: web.Request) -> web.StreamResponse:
+    async def _websocket(self, request: web.BaseRequest) -> web.StreamResponse:
         """A websocket: ComfyUI's `/ws`, held by the proxy while ComfyUI is down and
         bridged to it, under the same clientId, whenever it runs. Not demand: an open
         page never holds the GPU or asks for it; a prompt does (see `_demand`)."""
@@ -568,14 +593,14 @@ class WorkloadProxy:
             await client.close()
         return client
 
-    def _socket_headers(self, request: web.Request) -> dict[str, str]:
+    def _socket_headers(self, request: web.BaseRequest) -> dict[str, str]:
         headers = {k: v for k, v in request.headers.items()
                    if k.lower() in ("cookie", "authorization", "user-agent")}
         if "Origin" in request.headers:
             headers["Origin"] = self._upstream_origin
         return headers
 
-    async def _comfy_socket(self, request: web.Request) -> web.StreamResponse:
+    async def _comfy_socket(self, request: web.BaseRequest) -> web.StreamResponse:
         assert self._session is not None
         protocols = _protocols(request)
         headers = self._socket_headers(request)
@@ -655,7 +680,7 @@ class _HeldSocket:
     bridged: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-def _protocols(request: web.Request) -> list[str]:
+def _protocols(request: web.BaseRequest) -> list[str]:
     """The websocket subprotocols a client offers."""
     offered = request.headers.get("Sec-WebSocket-Protocol", "")
     return [p.strip() for p in offered.split(",") if p.strip()]
