@@ -38,6 +38,12 @@ def test_the_documented_example_imports_into_a_valid_config(tmp_path: Path) -> N
     assert doc["modes"]["gpt-oss-120b"] == {"workloads": ["gpt-oss-120b"], "lease": 60.0}
     assert doc["modes"]["group2"] == {"workloads": ["docker-llama"]}  # swap: false
     assert config.routed_models()["gpt-4o-mini"] == "gpt-oss-120b"
+    assert doc["router"]["min_dwell"] == "0s"  # llama-swap swaps at once
+    # The example's llama-server is not installed here: check-config says so.
+    checked = run_cli("check-config", str(out))
+    assert checked.returncode == 0, checked.stderr
+    assert "warning: workloads.gpt-oss-120b.command: '/path/to/llama-server/llama-server-" \
+        "ec9e0301' is not an executable here" in checked.stderr, checked.stderr
     # What has no equivalent is named, at the top and beside its model.
     top = result.stdout.split("[daemon]")[0]
     for key in ("apiKeys", "peers", "logLevel", "captureBuffer", "includeAliasesInList"):

@@ -204,6 +204,10 @@ def test_a_crashing_process_is_restarted_by_its_policy_then_blocked(
     assert len(daemon.events("workload.crashed")) == 6
     last = run_cli("--config", str(config), "events", "-n", "2", "--type", "workload.*")
     assert len(last.stdout.splitlines()) == 2, last.stdout  # -n without --follow too
+    none = run_cli("--config", str(config), "events", "-n", "0")
+    assert none.returncode == 0 and none.stdout == "", none  # as tail -n 0
+    bad = run_cli("--config", str(config), "events", "-n", "-1")
+    assert bad.returncode == 2 and "not a count" in bad.stderr, bad
     again = run_cli("--config", str(config), "unblock", "crashy", "--json")
     assert again.returncode == 1 and json.loads(again.stdout)["exit_code"] == 1
 

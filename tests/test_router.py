@@ -30,7 +30,8 @@ class RoutedNode:
         self.daemon: DaemonProcess | None = None
 
     def config(self, *, token_delay: float = 0.01, more: tuple[str, ...] = (),
-               b: dict[str, Any] | None = None, lease: float | None = None) -> Path:
+               b: dict[str, Any] | None = None, lease: float | None = None,
+               dwell: float = 0) -> Path:
         def engine(name: str, model: str, mib: int, release: str) -> dict[str, Any]:
             port = self.ports[name]
             return {"kind": "process", "stop_timeout": 2, "release": release,
@@ -45,7 +46,7 @@ class RoutedNode:
                           **(b or {})},
             modes__one={"workloads": ["a"], **({"lease": lease} if lease else {})},
             modes__two={"workloads": ["b"]},
-            router={"listen": self.router.removeprefix("http://"), "min_dwell": 0,
+            router={"listen": self.router.removeprefix("http://"), "min_dwell": dwell,
                     "max_wait": 60})
 
     def start(self, **kwargs: Any) -> DaemonProcess:
@@ -83,16 +84,30 @@ def test_models_are_listed_while_stopped_and_unknown_ones_are_404(routed: Routed
     bad = httpx.post(f"{routed.router}/v1/chat/completions", content=b"not json",
                      timeout=10)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "model"
+    assert "the body is not JSON" in bad.json()["error"]["message"]
+    modelless = httpx.post(f"{routed.router}/v1/chat/completions", json={"messages": []},
+                           timeout=10)
+    assert modelless.status_code == 400
+    assert "must be a JSON object with a \"model\"" in modelless.json()["error"]["message"]
+    health = httpx.get(f"{routed.router}/health", timeout=10)
+    assert health.status_code == 200 and health.text == "OK"  # as llama-swap's
+    unrouted = httpx.get(f"{routed.router}/running", timeout=10)
+    assert unrouted.status_code == 404 and "/health" in unrouted.json()["error"]["message"]
     assert httpx.get(f"{routed.router}/v1/chat/completions", timeout=10).status_code == 405
     assert daemon.status()["gpus"][0]["mode"] == "idle"  # nothing of that started a mode
     # A model added by a reload is served at once.
+    counted = daemon.status()["router"]
     routed.config(more=("standin",))
     result = run_cli("--config", str(routed.node.config_path), "reload", "--json")
     assert result.returncode == 0 and "workloads.b.models" in json.loads(
         result.stdout)["applied"], result
     listed = httpx.get(f"{routed.router}/v1/models", timeout=10).json()
     assert "standin" in {m["id"] for m in listed["data"]}
-    assert daemon.status()["router"]["models"]["standin"] == "b"
+    after = daemon.status()["router"]
+    assert after["models"]["standin"] == "b"
+    # A reload is not a restart: the router's counts go on.
+    assert after["unknown_model"] == counted["unknown_model"] == 1, (counted, after)
+    assert after["bad_request"] == counted["bad_request"] == 4, (counted, after)
 
 
 def test_requests_route_by_model_across_switches_whatever_the_content_type(
@@ -255,3 +270,24 @@ def test_an_answers_head_is_relayed_before_its_first_token(routed: RoutedNode,
         rest = [line for line in lines if line]
     assert "hi" in first and rest == ["data: [DONE]"]
     assert first_at - head >= 2, first_at - head  # the head came before the 3 s prefill
+
+
+def test_a_mode_demand_entered_is_left_once_idle_and_the_wait_says_when(
+        routed: RoutedNode) -> None:
+    """With a 60 s dwell, a mode that demand switched to keeps the GPU only until it has
+    been idle for 5 s: the waiting request is told that, not the dwell's minute."""
+    daemon = routed.start(dwell=60)
+    assert chat(routed.router, A, max_tokens=2)["status"] == 200
+    asked = time.monotonic()
+    out: dict[str, Any] = {}
+    other = threading.Thread(target=lambda: out.update(chat(routed.router, B, max_tokens=2)))
+    other.start()
+    deadline = time.monotonic() + 30
+    while not (blocker := daemon.status()["router"]["workloads"]["b"]["blocker"]):
+        assert time.monotonic() < deadline and other.is_alive(), out
+        time.sleep(0.05)
+    assert "keeps the GPU until idle for 5 s" in blocker, blocker
+    assert "minimum dwell" not in blocker, blocker
+    other.join(60)
+    assert out["status"] == 200, out
+    assert time.monotonic() - asked < 30  # not the 60 s dwell

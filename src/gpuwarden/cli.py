@@ -599,14 +599,14 @@ def cmd_events(args: argparse.Namespace) -> int:
                 _die(body.get("error", f"HTTP {resp.status_code}"), EXIT_FAILED)
             recent = [e for e in body["events"] if not args.type
                       or any(wanted(e["event"], pattern) for pattern in args.type)]
-            for event in recent[-(args.lines or 10):]:
+            for event in _last(recent, 10 if args.lines is None else args.lines):
                 show(event)
             since = body["events"][-1]["id"] if body["events"] else 0
         # The daemon's stream: events after `since`, then each new one.
         try:
-            for event in client.follow(since=since):
-                if event is not None:
-                    show(event)
+            for followed in client.follow(since=since):
+                if followed is not None:
+                    show(followed)
         except KeyboardInterrupt:
             return EXIT_INTERRUPTED
         return EXIT_OK
@@ -617,9 +617,14 @@ def cmd_events(args: argparse.Namespace) -> int:
         _die(body.get("error", f"HTTP {resp.status_code}"), EXIT_FAILED)
     events = [e for e in body["events"] if not args.type
               or any(wanted(e["event"], pattern) for pattern in args.type)]
-    for event in events[-args.lines:] if args.lines else events:
+    for event in events if args.lines is None else _last(events, args.lines):
         show(event)
     return EXIT_OK
+
+
+def _last(items: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
+    """The last `count` of `items` (none for 0, as tail -n 0)."""
+    return items[len(items) - count:] if count > 0 else []
 
 
 def new_signing_key() -> tuple[str, str]:
@@ -814,6 +819,12 @@ def _event_id(text: str) -> int:
     return int(text)
 
 
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"not a count (a whole number >= 0): {text!r}")
+    return int(text)
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The CLI's parser; with `only`, just that verb's (each sub-parser costs about a
     millisecond, and `watch -n1 gpuwarden status` should not pay for ten)."""
@@ -901,7 +912,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--since", type=_event_id, default=None, metavar="ID",
                    help="only events after this id (with --follow: all of those the daemon "
                         "still keeps, then each new one)")
-    p.add_argument("-n", "--lines", type=int, default=None, metavar="N",
+    p.add_argument("-n", "--lines", type=_count, default=None, metavar="N",
                    help="only the last N (with --follow and no --since: start with them; "
                         "default 10 with --follow, all without)")
     p.add_argument("--type", action="append", metavar="GLOB",

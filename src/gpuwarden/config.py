@@ -15,6 +15,7 @@ import difflib
 import ipaddress
 import os
 import re
+import shutil
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -694,8 +695,22 @@ def config_warnings(config: Config) -> list[str]:
                     "children; run as a transient unit (as here) it is not restarted: a "
                     "kind = \"systemd\" unit with "
                     "Restart= is, watched by the crash-loop guard")
+    for name, wl in config.workloads.items():
+        if wl.kind == "process" and wl.command and not _runnable(wl.command[0], wl.cwd):
+            warnings.append(
+                f"workloads.{name}.command: {wl.command[0]!r} is not an executable here "
+                "(not on PATH, or no such file): the workload's first start would fail")
     warnings.extend(_open_files_warnings(config))
     return warnings
+
+
+def _runnable(program: str, cwd: Path | None) -> bool:
+    """Whether `program` names an executable: a path (relative ones from `cwd`), or a
+    name on PATH."""
+    if "/" in program:
+        path = Path(program) if cwd is None else cwd / program
+        return path.is_file() and os.access(path, os.X_OK)
+    return shutil.which(program) is not None
 
 
 def _is_local_address(host: str) -> bool:

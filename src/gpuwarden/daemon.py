@@ -391,8 +391,7 @@ class Daemon:
     async def _restart_proxies(self) -> str | None:
         """The demand proxies again, from the reloaded config (none waits or runs)."""
         # Their counts go on: a reload is not a restart.
-        kept = {} if self._proxies is None else \
-            {p.name: dict(p.counts) for p in self._proxies.proxies}
+        kept = {} if self._proxies is None else self._proxies.counts()
         if self._proxies is not None:
             await self._proxies.close()
             self._proxies = None
@@ -409,8 +408,7 @@ class Daemon:
         except GpuwardenError as exc:
             return f"the demand proxies are down: they could not start again: {exc}"
         if self._proxies is not None:
-            for proxy in self._proxies.proxies:
-                proxy.counts.update(kept.get(proxy.name, {}))
+            self._proxies.carry(kept)
         return None
 
     async def _restore(self) -> None:

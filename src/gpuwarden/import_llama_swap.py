@@ -209,7 +209,10 @@ def convert(doc: Any, *, source: str = "config.yaml") -> str:
     out += ["", "[daemon]", f"default_mode = {_toml(default)}", "",
             "# One OpenAI address for every model: llama-swap's default port, on loopback",
             "# (the router has no authentication: llama-swap's apiKeys have no equivalent).",
-            "[router]", 'listen = "127.0.0.1:8080"', ""]
+            "[router]", 'listen = "127.0.0.1:8080"',
+            "# llama-swap swaps as soon as the answers in flight have ended; a dwell would",
+            "# keep a model for the requests that follow (fewer swaps, longer waits).",
+            'min_dwell = "0s"', ""]
     for workload in workloads.values():
         out.append(f"# llama-swap model {workload.model!r}")
         out += [f"#   not carried: {note}" for note in workload.notes]

@@ -138,8 +138,9 @@ class ReleaseVerifier:
                            "(gpuwarden must run in the host's)")
         if reading.used_mib > allowed:
             return Verdict(False, reading.used_mib, allowed, [],
-                           f"{reading.used_mib} MiB used, more than the {allowed} MiB that "
-                           "running processes account for (leaked or not yet freed)")
+                           f"{reading.used_mib} MiB used where {allowed} MiB may be "
+                           f"({others_mib} MiB of the processes still running, "
+                           f"{self.tolerance_mib} MiB tolerance): leaked or not yet freed")
         return Verdict(True, reading.used_mib, allowed, [])
 
 
@@ -779,7 +780,7 @@ class ModeSwitcher:
         `also_free`: workloads about to start, which must hold nothing either (what a
         crashed one left behind)."""
         t = time.monotonic()
-        verdict = await self._verify(gpu, released | also_free, tr, released)
+        verdict = await self._verify(gpu, released | also_free, tr)
         seconds = timings[timing] = time.monotonic() - t
         common: dict[str, Any] = {
             "requested_by": tr.requested_by, "gpu": gpu, "transition_id": tr.id,
@@ -802,8 +803,8 @@ class ModeSwitcher:
         """Wait (up to release.timeout) until `released` hold no VRAM on `gpu`."""
         return await self._verify(gpu, released)
 
-    async def _verify(self, gpu: int, released: set[str], tr: Transition | None = None,
-                      stopped: set[str] | None = None) -> Verdict:
+    async def _verify(self, gpu: int, released: set[str],
+                      tr: Transition | None = None) -> Verdict:
         """Poll the GPU until the released workloads' VRAM is back, or time out. With
         `tr`, what is left is published about once a second, for followers."""
         rel = self._config.release
@@ -817,9 +818,8 @@ class ModeSwitcher:
             if tr is not None and time.monotonic() - reported >= 1.0:
                 reported = time.monotonic()
                 left = max(0, verdict.used_mib - verdict.allowed_mib)
-                after = f" after stopping {', '.join(sorted(stopped))}" if stopped else ""
                 self._bus.publish(
-                    "mode.switch.step", f"GPU {gpu}: {left} MiB still held{after}: "
+                    "mode.switch.step", f"GPU {gpu}: {left} MiB not back yet: "
                     f"{verdict.reason}", severity=Severity.DEBUG,
                     requested_by=tr.requested_by, gpu=gpu, transition_id=tr.id,
                     step="verifying", left_mib=left, **_from_to(tr))

@@ -99,6 +99,24 @@ class DemandProxies:
     def status(self) -> list[dict[str, Any]]:
         return [proxy.status() for proxy in self.proxies]
 
+    def counts(self) -> dict[str, dict[str, Any]]:
+        """What each proxy, the router and each of its lanes counted (see `carry`)."""
+        found = {proxy.name: dict(proxy.counts) for proxy in self.proxies}
+        if self.router is not None:
+            found[ROUTER] = dict(self.router.counts)
+            found |= {f"{ROUTER}/{name}": dict(lane.counts)
+                      for name, lane in self.router.lanes.items()}
+        return found
+
+    def carry(self, counts: dict[str, dict[str, Any]]) -> None:
+        """Go on from counts an earlier set counted (a reload is not a restart)."""
+        for proxy in self.proxies:
+            proxy.counts.update(counts.get(proxy.name, {}))
+        if self.router is not None:
+            self.router.counts.update(counts.get(ROUTER, {}))
+            for name, lane in self.router.lanes.items():
+                lane.counts.update(counts.get(f"{ROUTER}/{name}", {}))
+
     def end_quiet_episodes(self) -> None:
         """Announce the end of each proxy's overload that has been quiet long enough."""
         for proxy in self.proxies:

@@ -56,7 +56,7 @@ class ModelRouter:
                                      allowed_hosts=router.allowed_hosts,
                                      allowed_origins=router.allowed_origins)
         self._models = config.routed_models()
-        self._lanes = lanes
+        self.lanes = lanes
         self._body_timeout = router.body_timeout
         self._idle_timeout = router.idle_timeout
         self.overload = Overload("router", bus, metrics)
@@ -80,7 +80,7 @@ class ModelRouter:
                        "bad_request": 0}
 
     async def start(self) -> None:
-        for lane in self._lanes.values():
+        for lane in self.lanes.values():
             lane.open_session()
         self._door = await serve(track_requests(self.budget, self._handle), self.budget,
                                  idle_timeout=2 * self._idle_timeout,
@@ -90,7 +90,7 @@ class ModelRouter:
     async def close(self) -> None:
         if self._door is not None:
             await self._door.runner.cleanup()
-        for lane in self._lanes.values():
+        for lane in self.lanes.values():
             await lane.close()
 
     def status(self) -> dict[str, Any]:
@@ -99,7 +99,7 @@ class ModelRouter:
                                 "refused": self.overload.refused,
                                 "cut": dict(self.overload.cut)},
                 "workloads": {name: {**lane.demand_state(), **lane.counts}
-                              for name, lane in self._lanes.items()}}
+                              for name, lane in self.lanes.items()}}
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         verdict = self.browser.check(request.headers.get("Host"),
@@ -111,6 +111,8 @@ class ModelRouter:
         if method in ("GET", "HEAD") and path == "/v1/models":
             self.counts["listed"] += 1
             return web.Response(body=self._model_list, content_type="application/json")
+        if method in ("GET", "HEAD") and path == "/health":
+            return web.Response(text="OK")  # as llama-swap answers its health checks
         if method in ("GET", "HEAD") and path.startswith("/v1/models/"):
             doc = self._model_docs.get(path.removeprefix("/v1/models/"))
             if doc is None:
@@ -120,7 +122,7 @@ class ModelRouter:
             return WorkloadProxy.preflight(request)
         if path not in ROUTED_PATHS:
             self.counts["bad_request"] += 1
-            return openai_error(404, f"the router serves /v1/models and, by model, "
+            return openai_error(404, f"the router serves /v1/models, /health and, by model, "
                                 f"{', '.join(sorted(ROUTED_PATHS))}; not {method} {path}",
                                 code="unknown_route")
         if method != "POST":
@@ -133,7 +135,12 @@ class ModelRouter:
             return openai_error(408, f"request body paused longer than "
                                 f"{self._body_timeout:g} s (body_timeout)",
                                 headers={"Connection": "close"})
-        model = _model_of(body)
+        try:
+            model = _model_of(body)
+        except ValueError as exc:
+            self.counts["bad_request"] += 1
+            return openai_error(400, f"the body is not JSON ({exc}); it must be a JSON "
+                                "object with a \"model\"", param="model")
         if model is None:
             self.counts["bad_request"] += 1
             return openai_error(400, "the body must be a JSON object with a \"model\" "
@@ -142,7 +149,7 @@ class ModelRouter:
         if workload is None:
             return self._unknown(model)
         self.counts["routed"] += 1
-        return await self._lanes[workload].route(request, body)
+        return await self.lanes[workload].route(request, body)
 
     def _unknown(self, model: str) -> web.Response:
         self.counts["unknown_model"] += 1
@@ -153,10 +160,7 @@ class ModelRouter:
 
 def _model_of(body: bytes) -> str | None:
     """The request's "model", read whatever the Content-Type (llama-swap needs
-    application/json to find it)."""
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
+    application/json to find it). Raises ValueError: the body is not JSON."""
+    doc = json.loads(body)  # UnicodeDecodeError is a ValueError too
     model = doc.get("model") if isinstance(doc, dict) else None
     return model if isinstance(model, str) and model else None

@@ -321,8 +321,18 @@ class DemandScheduler:
             reasons.append((f"GPU busy with {busy} request(s) to mode {active}", 10.0))
         if not preempt and not self._dwell_ok(view, now):
             left = self._dwell(active) - (now - (view.mode_since or now))
-            reasons.append((f"mode {active} keeps the GPU for its minimum dwell "
-                            f"({max(1, math.ceil(left))} s more)", left))
+            last = self._last_demand.get(active)
+            if self._demand_entered.get(active) == view.mode_since and last is not None \
+                    and not busy:
+                # Demand's mode is left once idle for the grace, before its dwell ends.
+                grace = min(_IDLE_GRACE_S, self._dwell(active))
+                left = min(left, grace - (time.monotonic() - last))
+                reasons.append((f"mode {active} had a request {time.monotonic() - last:.0f}"
+                                f" s ago: it keeps the GPU until idle for {grace:g} s "
+                                f"({max(1, math.ceil(left))} s more)", left))
+            else:
+                reasons.append((f"mode {active} keeps the GPU for its minimum dwell "
+                                f"({max(1, math.ceil(left))} s more)", left))
         if not preempt:
             jobs = await self._jobs(active)
             if jobs is None:

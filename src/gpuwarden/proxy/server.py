@@ -24,6 +24,7 @@ from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from ..api_server import ConnectionBudget, Door, serve, track_requests
 from ..config import Config, ProxyConfig, RouterConfig, parse_listen
@@ -240,7 +241,9 @@ class WorkloadProxy:
         self._session = aiohttp.ClientSession(
             auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
             connector=aiohttp.TCPConnector(limit=0),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+            # The client's own headers go as they came: none added for it.
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"))
 
     async def route(self, request: web.BaseRequest, body: bytes) -> web.StreamResponse:
         """The model router's request for this workload, its body read: demand."""
@@ -438,10 +441,10 @@ class WorkloadProxy:
         elif request.body_exists:
             data = streamed_body(request, self._body_timeout)  # streamed, not read into memory
         try:
-            upstream = await self._session.request(
-                request.method, self.upstream + request.raw_path, headers=headers, data=data,
-                allow_redirects=False,
-                skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"))
+            # The path and query exactly as the client sent them (encoded already).
+            url = URL(self.upstream + request.raw_path, encoded=True)
+            upstream = await self._session.request(request.method, url, headers=headers,
+                                                   data=data, allow_redirects=False)
         except BodyStalled:
             return self._stalled()
         except (aiohttp.ClientError, OSError) as exc:
