@@ -15,8 +15,9 @@ A real daemon on the simulated GPU runs the Ollama and ComfyUI stand-ins of
    The same through OpenAI's API, as llama-swap is measured, three ways alternated:
    direct, the Ollama proxy, and the model router: added latency p50/p99 of a
    non-streamed chat completion, a 200-chunk stream, the first server-sent event,
-   requests/s at 16 clients, and `GET /v1/models` (which the router answers itself)
-   alternated and in runs to one address.
+   requests/s at 16 clients with the daemon's own CPU per request, and
+   `GET /v1/models` (which the router answers itself) alternated and in runs to one
+   address.
 2. Demand switch: a chat through the proxy while image mode is active and idle, from
    the request to its first byte, against the switch's own total (stop, verified
    release, start and readiness) from its event.
@@ -50,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import DaemonUnderTest, base_config, free_port, write_report
@@ -281,6 +283,7 @@ async def openai_overhead(node: Node, requests: int, seconds: float) -> dict[str
     models: dict[str, list[float]] = {k: [] for k in bases}
     models_run: dict[str, list[float]] = {k: [] for k in bases}
     rps: dict[str, list[float]] = {k: [] for k in bases}
+    cpu_per_request: dict[str, list[float]] = {k: [] for k in bases}
     med = statistics.median
     async with aiohttp.ClientSession() as session:
         for _ in range(50):
@@ -324,10 +327,15 @@ async def openai_overhead(node: Node, requests: int, seconds: float) -> dict[str
                                         json=openai_body(200, True)) as resp:
                     await resp.read()
                 stream200[which].append(time.perf_counter() - t)
+        daemon = psutil.Process(node.daemon.proc.pid)
         for which in order + order[::-1]:
-            rps[which].append(await _concurrent(session, bases[which], 16, seconds,
-                                                path="/v1/chat/completions",
-                                                body=openai_body(1, False)))
+            cpu, t = sum(daemon.cpu_times()[:2]), time.perf_counter()
+            rate = await _concurrent(session, bases[which], 16, seconds,
+                                     path="/v1/chat/completions", body=openai_body(1, False))
+            rps[which].append(rate)
+            # The daemon's own CPU (every thread) per request through it.
+            cpu_per_request[which].append((sum(daemon.cpu_times()[:2]) - cpu) /
+                                          (rate * (time.perf_counter() - t)))
 
     def ms(x: float) -> float:
         return round(x * 1000, 3)
@@ -342,6 +350,7 @@ async def openai_overhead(node: Node, requests: int, seconds: float) -> dict[str
         doc[f"openai_{which}_first_chunk_added_ms"] = ms(med(first[which]) -
                                                          med(first["direct"]))
         doc[f"openai_{which}_rps_16"] = round(med(rps[which]), 1)
+        doc[f"openai_{which}_daemon_cpu_ms_per_request"] = ms(med(cpu_per_request[which]))
     doc["openai_direct_rps_16"] = round(med(rps["direct"]), 1)
     for which in order:
         doc[f"openai_{which}_models_p50_ms"] = ms(med(models[which]))
