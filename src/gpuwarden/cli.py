@@ -27,7 +27,7 @@ from .errors import ConfigError, DaemonUnreachable, GpuwardenError
 # reads this constant the same way).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
     from typing import Any, NoReturn
 
     from .config import Config
@@ -813,16 +813,16 @@ def _verb_in(argv: list[str]) -> str | None:
     return None
 
 
-def _event_id(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"not an event id (a whole number >= 0): {text!r}")
-    return int(text)
+def _whole_number(what: str) -> Callable[[str], int]:
+    """An argument type: a whole number >= 0, else an error that names `what`."""
+    def parse(text: str) -> int:
+        if not text.isdigit():
+            raise argparse.ArgumentTypeError(f"not {what} (a whole number >= 0): {text!r}")
+        return int(text)
+    return parse
 
 
-def _count(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"not a count (a whole number >= 0): {text!r}")
-    return int(text)
+_event_id, _count = _whole_number("an event id"), _whole_number("a count")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

@@ -326,9 +326,10 @@ class DemandScheduler:
                     and not busy:
                 # Demand's mode is left once idle for the grace, before its dwell ends.
                 grace = min(_IDLE_GRACE_S, self._dwell(active))
-                left = min(left, grace - (time.monotonic() - last))
-                reasons.append((f"mode {active} had a request {time.monotonic() - last:.0f}"
-                                f" s ago: it keeps the GPU until idle for {grace:g} s "
+                idle = time.monotonic() - last
+                left = min(left, grace - idle)
+                reasons.append((f"mode {active} had a request {idle:.0f} s ago: it keeps "
+                                f"the GPU until idle for {grace:g} s "
                                 f"({max(1, math.ceil(left))} s more)", left))
             else:
                 reasons.append((f"mode {active} keeps the GPU for its minimum dwell "
