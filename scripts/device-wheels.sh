@@ -12,7 +12,7 @@ for n in 17 24 27 28 31 34 35; do platforms+=(--platform "manylinux_2_${n}_x86_6
 platforms+=(--platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 packages=(pydantic pydantic-core pydantic-settings annotated-types typing-inspection
   typing-extensions python-dotenv structlog docker requests urllib3 charset-normalizer
-  idna certifi apscheduler tzlocal discord.py standardwebhooks dbus-fast)
+  idna certifi apscheduler tzlocal discord.py standardwebhooks dbus-fast httptools pyyaml)
 # --no-deps takes each package on its own: pin the versions the tested .venv has, so
 # that pairs which must match (pydantic and pydantic-core) do.
 if [ -x "$root/.venv/bin/python" ]; then

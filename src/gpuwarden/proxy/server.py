@@ -24,7 +24,6 @@ from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 from aiohttp import web
-from yarl import URL
 
 from ..api_server import ConnectionBudget, Door, serve, track_requests
 from ..config import Config, ProxyConfig, RouterConfig, parse_listen
@@ -33,6 +32,7 @@ from .browser import BrowserPolicy
 from .cache import ReadCache, cache_key
 from .demand import Kind, classify, local_answer, reads_body
 from .scheduler import ROUTER, DemandScheduler, Rejection
+from .upstream import UpstreamClient
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
@@ -223,7 +223,8 @@ class WorkloadProxy:
         self._scheduler = scheduler
         self._cache = cache
         self._metrics = metrics
-        self._session: aiohttp.ClientSession | None = None
+        self._upstream: UpstreamClient | None = None  # HTTP requests
+        self._session: aiohttp.ClientSession | None = None  # websockets
         self._door: Door | None = None
         self._sockets: set[web.WebSocketResponse] = set()
         self._held: dict[str, _HeldSocket] = {}  # page sockets by clientId
@@ -237,7 +238,8 @@ class WorkloadProxy:
         self._cache.load()
 
     def open_session(self) -> None:
-        # No total timeout: a model load, then a long stream, may take many minutes.
+        # No read timeout: a model load, then a long stream, may take many minutes.
+        self._upstream = UpstreamClient(self.upstream, connect_timeout=10)
         self._session = aiohttp.ClientSession(
             auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
             connector=aiohttp.TCPConnector(limit=0),
@@ -268,6 +270,8 @@ class WorkloadProxy:
         if self._door is not None:
             await self._door.runner.cleanup()
         await asyncio.gather(*self._writes, return_exceptions=True)
+        if self._upstream is not None:
+            await self._upstream.close()
         if self._session is not None:
             await self._session.close()
 
@@ -432,33 +436,28 @@ class WorkloadProxy:
 
     async def _forward(self, request: web.BaseRequest, body: bytes | None, key: str | None,
                        answer: _Answer | None = None) -> web.StreamResponse:
-        assert self._session is not None
+        assert self._upstream is not None
         headers = self._upstream_headers(request)
-        data: Any = None
-        if body is not None:
-            headers.pop("Content-Length", None)
-            data = body
-        elif request.body_exists:
+        length = headers.pop("Content-Length", None)
+        data: bytes | AsyncIterator[bytes] | None = body
+        if body is None and request.body_exists:
             data = streamed_body(request, self._body_timeout)  # streamed, not read into memory
         try:
             # The path and query exactly as the client sent them (encoded already).
-            url = URL(self.upstream + request.raw_path, encoded=True)
-            upstream = await self._session.request(request.method, url, headers=headers,
-                                                   data=data, allow_redirects=False)
+            upstream = await self._upstream.request(
+                request.method, request.raw_path, headers, data,
+                length=int(length) if length is not None and body is None else None)
         except BodyStalled:
             return self._stalled()
-        except (aiohttp.ClientError, OSError) as exc:
-            if isinstance(exc.__cause__, BodyStalled) or \
-                    isinstance(exc.__context__, BodyStalled):
-                return self._stalled()
+        except OSError as exc:  # UpstreamError, among others
             self._count("error")
             return self._json_error(
-                502, {"error": f"{self.name} at {self.upstream} did not answer: {exc!r}",
+                502, {"error": f"{self.name} at {self.upstream} did not answer: {exc}",
                       "workload": self.name, "cause": "upstream_error"})
         try:
             response = _RelayedResponse(status=upstream.status, reason=upstream.reason)
             origin = request.headers.get("Origin")
-            for name, value in upstream.headers.items():
+            for name, value in upstream.headers:
                 lower = name.lower()
                 if lower in _NOT_RELAYED:
                     continue
@@ -467,8 +466,7 @@ class WorkloadProxy:
                     # page's is the one the proxy checked.
                     value = origin
                 response.headers.add(name, value)
-            if upstream.content_length is not None and \
-                    "chunked" not in upstream.headers.get("Transfer-Encoding", ""):
+            if upstream.content_length is not None:
                 response.content_length = upstream.content_length
             writer = await response.prepare(request)
             assert writer is not None, "a new response"
@@ -478,11 +476,10 @@ class WorkloadProxy:
             keep = key is not None and upstream.status == 200
             kept: list[bytes] = []
             size = 0
-            content = upstream.content
             # What came with the upstream's head goes out with the head, and the last
             # piece with the end: one write each, where a small answer needs one in all.
-            chunk = content.read_nowait()
-            if not chunk and not content.at_eof():
+            chunk = upstream.read_nowait()
+            if not chunk and not upstream.at_eof():
                 writer.send_headers()  # nothing more yet (a prompt being read): the head now
             while True:
                 if keep:
@@ -491,12 +488,12 @@ class WorkloadProxy:
                         keep, kept = False, []
                     else:
                         kept.append(chunk)
-                if content.at_eof():
+                if upstream.at_eof():
                     await response.write_eof(chunk)
                     break
                 if chunk:
                     await response.write(chunk)  # as it comes: no buffering
-                chunk = await content.readany()
+                chunk = await upstream.readany()
         finally:
             upstream.release()
         self._count("forwarded")
