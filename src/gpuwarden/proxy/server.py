@@ -498,10 +498,13 @@ class WorkloadProxy:
             upstream.release()
         self._count("forwarded")
         if keep and key is not None:
+            kept_headers, kept_body = dict(upstream.headers), b"".join(kept)
+            if self._cache.unchanged(key, upstream.status, kept_headers, kept_body):
+                return response  # a list polled again, say: kept already
             # Kept apart from the handler: a client that hangs up once it has its answer
             # cancels the handler, not the keeping.
-            write = asyncio.ensure_future(self._cache.put(
-                key, upstream.status, dict(upstream.headers), b"".join(kept)))
+            write = asyncio.ensure_future(self._cache.put(key, upstream.status,
+                                                          kept_headers, kept_body))
             self._writes.add(write)
             write.add_done_callback(self._writes.discard)
         return response
