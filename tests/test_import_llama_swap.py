@@ -31,7 +31,8 @@ def test_the_documented_example_imports_into_a_valid_config(tmp_path: Path) -> N
     assert big["env"] == {"CUDA_VISIBLE_DEVICES": "0,1,2"}
     assert big["models"] == ["gpt-oss-120b", "gpt-4o-mini"]  # the id and its alias
     assert big["release"] == "openai" and big["ready_timeout"] == 500.0
-    assert doc["workloads"]["qwen-unlisted"]["url"] == "http://localhost:10002"  # ${PORT}
+    # ${PORT}, on the address llama-server listens on (llama-swap's default: localhost)
+    assert doc["workloads"]["qwen-unlisted"]["url"] == "http://127.0.0.1:10002"
     docker = doc["workloads"]["docker-llama"]
     assert docker["command"][:4] == ["docker", "run", "--name", "docker-llama"]
     assert "10003:8080" in docker["command"] and docker["url"] == "http://127.0.0.1:10003"

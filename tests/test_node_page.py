@@ -102,7 +102,7 @@ def test_a_person_watches_and_acts_from_the_page_in_chromium(
         pytest.fail(missing)  # scripts/test.sh installs both: never skipped
     from playwright.sync_api import expect, sync_playwright
 
-    config, base = node_with_page(node)
+    config, base = node_with_page(node, **{"modes.image": {"lease": "1h"}})
     daemon = start_daemon(config, node.socket)
     daemon.wait_mode("llm")
     daemon.wait_used(6000)
@@ -142,6 +142,10 @@ def test_a_person_watches_and_acts_from_the_page_in_chromium(
         expect(page.locator("#mode-0")).to_have_text("image", timeout=2_000)
         figures.append(f"CLI switch shown on the page {time.monotonic() - t0:.2f} s after "
                        "the CLI returned")
+        # Its lease, counting down (the default mode, llm, has none).
+        expect(page.locator("#lease-0")).to_contain_text(
+            "lease: given back after 60 min without demand; ")
+        expect(page.locator("#lease-0")).to_contain_text(" min left")
 
         # A wrong token says so, and the next reads do not wipe it.
         page.fill("#token", "wrong-" + "w" * 32)
@@ -157,6 +161,7 @@ def test_a_person_watches_and_acts_from_the_page_in_chromium(
         page.click("[data-mode='llm']")
         expect(page.locator("#progress-0")).to_contain_text("llm is running", timeout=60_000)
         expect(page.locator("#mode-0")).to_have_text("llm")
+        expect(page.locator("#lease-0")).to_have_count(0)
         done = daemon.wait_event("mode.switch.completed", to="llm")[-1]
         assert done["requested_by"] == "ui:ops"
         expect(page.locator("#events")).to_contain_text("ui:ops")

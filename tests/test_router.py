@@ -206,6 +206,27 @@ def test_a_lease_counts_idle_time_and_a_stream_in_flight_keeps_the_mode(
     daemon.wait_mode("idle")
 
 
+def test_status_counts_the_lease_down_and_demand_starts_it_again(routed: RoutedNode) -> None:
+    daemon = routed.start(lease=300)
+    assert chat(routed.router, A, max_tokens=2)["status"] == 200
+    gpu = daemon.status()["gpus"][0]
+    assert gpu["mode"] == "one"
+    lease = gpu["lease"]
+    assert lease["mode"] == "one" and lease["lease_s"] == 300
+    assert lease["idle_s"] + lease["ends_in_s"] == pytest.approx(300, abs=0.2)
+    time.sleep(1.5)
+    later = daemon.status()["gpus"][0]["lease"]
+    assert later["idle_s"] >= lease["idle_s"] + 1 and later["ends_in_s"] < lease["ends_in_s"]
+    assert chat(routed.router, A, max_tokens=2)["status"] == 200
+    again = daemon.status()["gpus"][0]["lease"]
+    assert again["idle_s"] < later["idle_s"] and again["ends_in_s"] > later["ends_in_s"]
+    plain = run_cli("--config", str(routed.node.config_path), "status").stdout
+    assert "lease: one is given back after 5 min without demand; none for " in plain, plain
+    assert " left" in plain
+    run_cli("--config", str(routed.node.config_path), "mode", "idle")
+    assert daemon.wait_mode("idle")["gpus"][0]["lease"] is None  # the default has none
+
+
 def test_after_a_kill_the_lease_counts_from_the_restart(routed: RoutedNode,
                                                          start_daemon: Any) -> None:
     """What demand came before a kill -9 is unknown: the restarted daemon counts the

@@ -174,6 +174,11 @@ def format_status(doc: dict[str, Any]) -> str:
             took = f" in {last['total_s']:.2f} s" if last.get("total_s") is not None else ""
             lines.append(f"  last switch {last['from']} -> {last['to']} {_when(last['at'])}"
                          f" by {last.get('requested_by') or '?'}{took}")
+        lease = gpu.get("lease")
+        if lease:
+            lines.append(f"  lease: {lease['mode']} is given back after "
+                         f"{_span(lease['lease_s'])} without demand; none for "
+                         f"{_span(lease['idle_s'])}, {_span(lease['ends_in_s'])} left")
         if gpu.get("fault"):
             lines.append(f"  FAULT: {gpu['fault']['fault']} ({gpu['fault']['detail']})")
         if gpu.get("transition"):
@@ -286,6 +291,16 @@ def _down_in_mode(doc: dict[str, Any], mode: str | None) -> list[str]:
     wanted = doc.get("modes", {}).get(mode or "", {}).get("workloads", [])
     states = {w["name"]: w["state"] for w in doc["workloads"]}
     return [name for name in wanted if states.get(name) != "running"]
+
+
+def _span(seconds: float) -> str:
+    """'42 s', '5 min', '2 h 30 min': a duration as an operator reads it."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    hours, minutes = divmod(round(seconds / 60), 60)
+    return f"{hours} h {minutes} min" if minutes else f"{hours} h"
 
 
 def _when(unix: float, now: float | None = None) -> str:

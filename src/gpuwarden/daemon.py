@@ -210,6 +210,7 @@ class Daemon:
                                 self.bus, self._http)
         self._guard.last_used = lambda mode: \
             self._proxies.last_used(mode) if self._proxies is not None else None
+        self.service.lease_of = self._guard.lease_of
         self._protect = ProtectiveActions(cfg, self._workloads, supervisor, self.bus,
                                           self._http,
                                           self.service.sample_blocking,

@@ -154,21 +154,32 @@ class ModeGuard:
                 self.spawn(self.on_started(name, "periodic check"))
         self.spawn(self._check_leases())
 
+    def lease_of(self, gpu: int) -> dict[str, Any] | None:
+        """The lease of the mode active on `gpu`, if it has one and is not switching:
+        how long it has been without demand, and how long until it is given back."""
+        mode = self._switcher.mode_of(gpu)
+        modes = self._config.all_modes()
+        if mode is None or mode == self._config.daemon.default_mode or mode not in modes:
+            return None
+        lease = modes[mode].lease
+        since = self._switcher.mode_since(gpu)
+        if lease is None or since is None or self._switcher.switching(gpu):
+            return None
+        # Idle since the switch, the daemon's start, or the last demand it served (a
+        # request in flight through a proxy or the router counts as now).
+        used = self.last_used(mode) if self.last_used is not None else None
+        idle = max(0.0, time.time() - max(since, self._started, used or 0.0))
+        return {"mode": mode, "lease_s": lease, "idle_s": round(idle, 1),
+                "ends_in_s": round(max(0.0, lease - idle), 1)}
+
     async def _check_leases(self) -> None:
         default = self._config.daemon.default_mode
         modes = self._config.all_modes()
         for gpu in self._config.gpu_indices():
-            mode = self._switcher.mode_of(gpu)
-            if mode is None or mode == default or mode not in modes:
+            lease_now = self.lease_of(gpu)
+            if lease_now is None:
                 continue
-            lease = modes[mode].lease
-            since = self._switcher.mode_since(gpu)
-            if lease is None or since is None or self._switcher.switching(gpu):
-                continue
-            # Idle since the switch, the daemon's start, or the last demand it served (a
-            # request in flight through a proxy or the router counts as now).
-            used = self.last_used(mode) if self.last_used is not None else None
-            held = time.time() - max(since, self._started, used or 0.0)
+            mode, lease, held = lease_now["mode"], lease_now["lease_s"], lease_now["idle_s"]
             if held < lease:
                 continue
             now = time.monotonic()

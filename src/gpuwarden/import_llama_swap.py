@@ -119,7 +119,9 @@ def convert(doc: Any, *, source: str = "config.yaml") -> str:
         macros = {**global_macros,
                   **{str(k): str(v).strip() for k, v in (spec.get("macros") or {}).items()},
                   "MODEL_ID": model}
-        proxy = str(spec.get("proxy") or "http://localhost:${PORT}")
+        # llama-swap's default is localhost; llama-server listens on 127.0.0.1, which
+        # localhost may not resolve to first (::1), costing each new connection a try.
+        proxy = str(spec.get("proxy") or "http://127.0.0.1:${PORT}")
         cmd = str(spec.get("cmd") or "")
         if "${PORT}" in _expand(cmd + proxy, {k: v for k, v in macros.items()
                                               if k != "PORT"}, set()):

@@ -74,6 +74,8 @@ class Service:
         self._statuses: dict[str, WorkloadStatus] = {}
         self._started_at = time.time()
         self.http: httpx.AsyncClient | None = None  # the daemon's, for ComfyUI queues
+        # The active mode's lease on a GPU, if any (set by the daemon: the mode guard).
+        self.lease_of: Callable[[int], dict[str, Any] | None] = lambda gpu: None
         # Read the config again and apply what can change live (set by the daemon).
         self.reload: Callable[[str], Awaitable[dict[str, Any]]] | None = None
         # Each GPU's VRAM over the last minutes, for the node page's chart: (Unix
@@ -243,6 +245,7 @@ class Service:
             "mode": st.mode,
             "mode_since": st.mode_since,
             "last_switch": self._last_switch(index),
+            "lease": self.lease_of(index),
             "transition": None if transition is None else {
                 "id": transition.id, "from": transition.from_mode, "to": transition.to_mode,
                 "step": transition.step, "requested_by": transition.requested_by,

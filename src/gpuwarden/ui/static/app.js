@@ -48,6 +48,13 @@ function ago(unix) {
   return `${(s / 3600).toFixed(1)} h ago`;
 }
 
+function span(seconds) {
+  const s = Math.max(0, Math.round(seconds));
+  if (s < 120) return `${s} s`;
+  if (s < 7200) return `${Math.round(s / 60)} min`;
+  return `${(s / 3600).toFixed(1)} h`;
+}
+
 function mib(value) {
   return value === null || value === undefined ? "?" : `${value.toLocaleString()} MiB`;
 }
@@ -265,6 +272,7 @@ function renderGpu(gpu) {
         el("h3", {}, "Mode"),
         el("p", {}, el("strong", { id: `mode-${gpu.index}` }, gpu.mode || "-"),
           gpu.mode_since ? ` since ${clock(gpu.mode_since)} (${ago(gpu.mode_since)})` : ""),
+        gpu.lease ? el("p", { class: "muted", id: `lease-${gpu.index}` }, `lease: given back after ${span(gpu.lease.lease_s)} without demand; ${span(gpu.lease.ends_in_s)} left`) : null,
         transition ? el("p", { class: "progress" }, `switching ${transition.from} \u2192 ${transition.to}: ${transition.step} (by ${transition.requested_by})`) : null,
         last ? el("p", { class: "muted" }, `last switch ${last.from} \u2192 ${last.to} at ${clock(last.at)} by ${last.requested_by}` +
           (last.total_s !== null && last.total_s !== undefined ? ` in ${last.total_s.toFixed(2)} s` : "") + (timings ? ` (${timings})` : "")) : null,
