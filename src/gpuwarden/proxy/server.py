@@ -441,7 +441,10 @@ class WorkloadProxy:
         length = headers.pop("Content-Length", None)
         data: bytes | AsyncIterator[bytes] | None = body
         if body is None and request.body_exists:
-            data = streamed_body(request, self._body_timeout)  # streamed, not read into memory
+            if request.content.is_eof():  # all here with the head (a small JSON body)
+                data = body = request.content.read_nowait()
+            else:
+                data = streamed_body(request, self._body_timeout)  # not read into memory
         try:
             # The path and query exactly as the client sent them (encoded already).
             upstream = await self._upstream.request(
