@@ -15,7 +15,15 @@ from typing import Any
 import psutil
 import pytest
 
-from .conftest import PYTHON, SimNode, hold_argv, processes_naming, run_cli, two_process_modes
+from .conftest import (
+    PYTHON,
+    SimNode,
+    hold_argv,
+    processes_naming,
+    run_cli,
+    two_process_modes,
+    wait_for,
+)
 from .standins import ComfyStandIn
 
 
@@ -573,3 +581,36 @@ def test_sighup_and_reload_read_the_config_again(node: SimNode, start_daemon) ->
     assert "wran" in failed["message"]
     assert daemon.status()["gpus"][0]["tier"] == "warn"  # still judged by 0.5
     print(f"\nSIGHUP to config.reloaded: {took * 1000:.0f} ms")
+
+
+def test_a_killed_process_workloads_leftover_child_is_stopped_and_its_vram_freed(
+        node: SimNode, start_daemon) -> None:
+    """An engine killed with SIGKILL leaves the runner it started holding VRAM (as
+    Ollama's does): the leftovers of its process group are stopped, so the VRAM comes
+    back and the mode can be started again."""
+    runner = " ".join(hold_argv(node.ledger, "ollama-runner", 5000))
+    config = node.write(**two_process_modes(node, **{
+        "workloads.ollama": {"kind": "process", "stop_timeout": 2, "command": [
+            "sh", "-c", f"{runner} & exec {' '.join(hold_argv(node.ledger, 'ollama', 1000))}"
+        ]}}))
+    daemon = start_daemon(config, node.socket)
+    daemon.wait_mode("llm")
+    daemon.wait_used(6000)
+    leader = next(w for w in daemon.status()["workloads"] if w["name"] == "ollama")["pid"]
+    group = [p.pid for p in psutil.process_iter() if _pgid(p.pid) == leader]
+    assert len(group) == 2, group
+    os.kill(leader, signal.SIGKILL)
+    daemon.wait_event("workload.crashed", workload="ollama")
+    wait_for(lambda: not any(psutil.pid_exists(pid) and _pgid(pid) == leader
+                             for pid in group), "the runner stopped", timeout=30)
+    daemon.wait_used(0)
+    result = run_cli("--config", str(config), "mode", "llm")
+    assert result.returncode == 0, result.stdout + result.stderr
+    daemon.wait_used(6000)
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None

@@ -242,8 +242,14 @@ def test_chat_during_idle_image_mode_switches_and_streams_intact(proxied: Proxie
     models = httpx.get(f"{proxied.ollama}/v1/models", timeout=10)
     assert models.json()["data"][0]["id"] == "standin:7b"
     assert httpx.get(f"{proxied.comfy}/", timeout=10).status_code == 503  # never seen
+    assert httpx.head(f"{proxied.ollama}/api/tags", timeout=10).status_code == 200
     run_cli("--config", str(daemon.config), "mode", "image")
     daemon.wait_mode("image", timeout=60)
+
+    # A HEAD is answered as its GET would be (the HEAD above kept no empty body).
+    head = httpx.head(f"{proxied.ollama}/api/tags", timeout=10)
+    assert head.status_code == 200 and head.headers["X-Gpuwarden-Cache"] == "stale"
+    assert int(head.headers["Content-Length"]) > 0 and head.content == b""
 
     # Open WebUI's model lists still answer, from the last answer, marked as such.
     tags = httpx.get(f"{proxied.ollama}/api/tags", timeout=10)
@@ -280,7 +286,7 @@ def test_chat_during_idle_image_mode_switches_and_streams_intact(proxied: Proxie
     assert events[-1] == "data: [DONE]" and len(events) == 21
     status = proxied.proxy_status("ollama")
     assert status["up"] and status["waiting"] == 0 and status["in_flight"] == 0
-    assert status["forwarded"] >= 3 and status["cached"] == 2
+    assert status["forwarded"] >= 3 and status["cached"] == 3  # the HEAD too
 
     metrics = daemon.client.get("/metrics").text
     assert 'gpuwarden_proxy_demand_switches_total{gpu="0",mode="llm"} 1.0' in metrics

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import PYTHON, DaemonProcess, SimNode, run_cli
+from .conftest import PYTHON, DaemonProcess, SimNode, run_cli, wait_for
 from .standins import free_port
 
 A, B = "standin:7b", "standin:latest"  # both answered by the stand-in; one per engine
@@ -312,3 +313,107 @@ def test_a_mode_demand_entered_is_left_once_idle_and_the_wait_says_when(
     other.join(60)
     assert out["status"] == 200, out
     assert time.monotonic() - asked < 30  # not the 60 s dwell
+
+
+# An engine that answers a chat with the request's own head, as it arrived.
+ECHO_HEAD = """
+import sys
+from aiohttp import web
+
+async def models(request):
+    return web.json_response({"object": "list", "data": [{"id": "echo", "object": "model"}]})
+
+async def chat(request):
+    body = await request.read()
+    return web.json_response({"headers": [[n.decode(), v.decode()]
+                                          for n, v in request.raw_headers],
+                              "body": len(body)}, headers=[("Set-Cookie", "a=1"),
+                                                           ("Set-Cookie", "b=2")])
+
+app = web.Application(client_max_size=64 << 20)
+app.router.add_get("/v1/models", models)
+app.router.add_post("/v1/chat/completions", chat)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None)
+"""
+
+
+def test_repeated_headers_pass_both_ways_and_an_expect_is_answered(routed: RoutedNode,
+                                                                   tmp_path: Path) -> None:
+    """A header sent twice reaches the engine twice (and its answer's, the client); a
+    header the client's Connection names is of that hop only; `Expect: 100-continue`
+    (curl's, for a body over 1 MiB) is answered at once, not after the client's wait."""
+    engine = tmp_path / "engine.py"
+    engine.write_text(ECHO_HEAD)
+    routed.start(b={"release": "openai", "models": ["echo"],
+                    "command": [PYTHON, str(engine), str(routed.ports["b"])]})
+    body = json.dumps({"model": "echo", "messages": [], "pad": "x" * (2 << 20)}).encode()
+    host, port = routed.router.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: %b\r\n"
+                     b"X-Rep: one\r\nX-Rep: two\r\nConnection: keep-alive, X-Hop\r\n"
+                     b"X-Hop: not for the engine\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n"
+                     % (routed.router.removeprefix("http://").encode(), len(body)))
+        # Nothing of the body is sent before the 100: without it, this read times out.
+        interim = sock.recv(64)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n", interim
+        sock.sendall(body)
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            part = sock.recv(65536)
+            assert part, answer
+            answer += part
+    head, _, doc = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert head.count(b"Set-Cookie: ") == 2, head
+    echoed = json.loads(doc)
+    assert echoed["body"] == len(body)
+    names = [name.lower() for name, _ in echoed["headers"]]
+    assert [v for n, v in echoed["headers"] if n.lower() == "x-rep"] == ["one", "two"]
+    assert "x-hop" not in names and "expect" not in names and "connection" not in names
+
+
+# An engine that crashes in the middle of a streamed answer.
+CRASHES_MID_ANSWER = """
+import os, sys
+from aiohttp import web
+
+async def models(request):
+    return web.json_response({"object": "list", "data": [{"id": "crash", "object": "model"}]})
+
+async def chat(request):
+    await request.read()
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    await resp.write(b'data: {"choices": [{"delta": {"content": "hi"}}]}\\n\\n')
+    await resp.drain()
+    os._exit(1)
+
+app = web.Application()
+app.router.add_get("/v1/models", models)
+app.router.add_post("/v1/chat/completions", chat)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None)
+"""
+
+
+def test_an_engine_crashing_mid_answer_cuts_the_clients_answer_and_says_so(
+        routed: RoutedNode, tmp_path: Path) -> None:
+    engine = tmp_path / "engine.py"
+    engine.write_text(CRASHES_MID_ANSWER)
+    daemon = routed.start(b={"release": "openai", "models": ["crash"],
+                             "command": [PYTHON, str(engine), str(routed.ports["b"])]})
+    body = {"model": "crash", "stream": True, "messages": []}
+    got: list[str] = []
+    # The answer is cut, not ended as if whole (no last chunk of a chunked body).
+    with pytest.raises(httpx.RemoteProtocolError), \
+            httpx.stream("POST", f"{routed.router}/v1/chat/completions", json=body,
+                         timeout=60) as resp:
+        assert resp.status_code == 200
+        got.extend(line for line in resp.iter_lines() if line)
+    assert got == ['data: {"choices": [{"delta": {"content": "hi"}}]}']
+    daemon.wait_event("workload.crashed", workload="b")
+    lane = daemon.status()["router"]["workloads"]["b"]
+    assert lane["error"] == 1 and lane["forwarded"] == 0, lane
+    wait_for(lambda: "ended its answer to POST /v1/chat/completions early"
+             in daemon.output(), "the cut in the daemon's log")
+    assert "could not handle" not in daemon.output()  # not blamed on the client

@@ -110,7 +110,7 @@ async def test_answers_come_whole_on_one_kept_connection() -> None:
         try:
             for n in range(20):
                 path = f"/n{n}/chunked" if n % 2 else f"/n{n}"
-                answer = await client.request("POST", path, {"Host": "x"}, b"body%d" % n)
+                answer = await client.request("POST", path, [("Host", "x")], b"body%d" % n)
                 assert answer.status == 200 and answer.reason == "OK"
                 assert await answer.read() == b"echo %b body%d" % (path.encode(), n)
                 assert answer.chunked == bool(n % 2)
@@ -141,7 +141,7 @@ async def test_concurrent_requests_each_get_their_own_answer() -> None:
     client = UpstreamClient(f"http://127.0.0.1:{port}")
 
     async def one(n: int) -> str:
-        answer = await client.request("POST", f"/{n}", {"Host": "x"}, f"b{n}".encode())
+        answer = await client.request("POST", f"/{n}", [("Host", "x")], f"b{n}".encode())
         try:
             return (await answer.read()).decode()
         finally:
@@ -166,7 +166,7 @@ async def test_a_body_without_a_length_ends_with_the_connection() -> None:
         client = UpstreamClient(server.url)
         try:
             for _ in range(2):
-                answer = await client.request("GET", "/", {"Host": "x"})
+                answer = await client.request("GET", "/", [("Host", "x")])
                 assert answer.content_length is None and not answer.chunked
                 assert await answer.read() == b"all of it"
                 answer.release()
@@ -185,7 +185,7 @@ async def test_an_interim_answer_is_passed_over() -> None:
     async with RawServer(continue_first) as server:
         client = UpstreamClient(server.url)
         try:
-            answer = await client.request("PUT", "/", {"Host": "x"}, b"data")
+            answer = await client.request("PUT", "/", [("Host", "x")], b"data")
             assert answer.status == 201 and answer.reason == "Created"
             assert [k for k, _ in answer.headers] == ["Content-Length"]
             assert await answer.read() == b"done"
@@ -204,11 +204,11 @@ async def test_a_head_answer_keeps_its_announced_length_and_has_no_body() -> Non
     async with RawServer(head_or_ok) as server:
         client = UpstreamClient(server.url)
         try:
-            answer = await client.request("HEAD", "/big", {"Host": "x"})
+            answer = await client.request("HEAD", "/big", [("Host", "x")])
             assert answer.content_length == 1234 and answer.at_eof()
             assert await answer.read() == b""
             answer.release()
-            after = await client.request("GET", "/next", {"Host": "x"})
+            after = await client.request("GET", "/next", [("Host", "x")])
             assert await after.read() == b"echo /next "
         finally:
             await client.close()
@@ -223,7 +223,7 @@ async def test_an_answer_cut_short_is_an_error_not_an_end() -> None:
     async with RawServer(cut) as server:
         client = UpstreamClient(server.url)
         try:
-            answer = await client.request("GET", "/", {"Host": "x"})
+            answer = await client.request("GET", "/", [("Host", "x")])
             with pytest.raises(UpstreamError, match="before its answer ended"):
                 await asyncio.wait_for(answer.read(), 10)
         finally:
@@ -240,7 +240,7 @@ async def test_what_is_not_http_is_an_error() -> None:
         client = UpstreamClient(server.url)
         try:
             with pytest.raises(UpstreamError, match=r"not HTTP/1\.1"):
-                await asyncio.wait_for(client.request("GET", "/", {"Host": "x"}), 10)
+                await asyncio.wait_for(client.request("GET", "/", [("Host", "x")]), 10)
         finally:
             await client.close()
 
@@ -252,7 +252,7 @@ async def test_no_server_is_named_in_the_error() -> None:
     client = UpstreamClient(url)
     try:
         with pytest.raises(UpstreamError, match=re.escape(f"cannot connect to {url[7:]}")):
-            await client.request("GET", "/", {"Host": "x"})
+            await client.request("GET", "/", [("Host", "x")])
     finally:
         await client.close()
 
@@ -272,17 +272,17 @@ async def test_a_kept_connection_closed_under_a_request_retries_only_what_may_re
     async with RawServer(answer_once) as server:
         client = UpstreamClient(server.url)
         try:
-            first = await client.request("GET", "/first", {"Host": "x"})
+            first = await client.request("GET", "/first", [("Host", "x")])
             assert await first.read() == b"echo /first "
-            answer = await client.request("GET", "/again", {"Host": "x"})
+            answer = await client.request("GET", "/again", [("Host", "x")])
             assert await answer.read() == b"echo /again "
             assert server.connections == 2
 
-            first = await client.request("GET", "/first", {"Host": "x"})
+            first = await client.request("GET", "/first", [("Host", "x")])
             await first.read()
             posts = sum(1 for head, _ in server.requests if head.startswith(b"POST"))
             with pytest.raises(UpstreamError):
-                await client.request("POST", "/generate", {"Host": "x"}, b"{}")
+                await client.request("POST", "/generate", [("Host", "x")], b"{}")
             assert sum(1 for head, _ in server.requests if head.startswith(b"POST")) \
                 == posts + 1
         finally:
@@ -300,10 +300,10 @@ async def test_a_body_sent_as_it_comes_is_chunked_or_of_its_given_length() -> No
     async with RawServer(_ok) as server:
         client = UpstreamClient(server.url)
         try:
-            answer = await client.request("POST", "/up", {"Host": "x"},
+            answer = await client.request("POST", "/up", [("Host", "x")],
                                           _pieces(b"one ", b"", b"two"))
             assert await answer.read() == b"echo /up one two"
-            answer = await client.request("POST", "/up", {"Host": "x"},
+            answer = await client.request("POST", "/up", [("Host", "x")],
                                           _pieces(b"abc", b"de"), length=5)
             assert await answer.read() == b"echo /up abcde"
             heads = [head.lower() for head, _ in server.requests]
@@ -327,8 +327,8 @@ async def test_a_failing_body_is_raised_and_its_connection_not_kept() -> None:
         client = UpstreamClient(server.url)
         try:
             with pytest.raises(Stalled):
-                await client.request("POST", "/up", {"Host": "x"}, stalls())
-            answer = await client.request("GET", "/next", {"Host": "x"})
+                await client.request("POST", "/up", [("Host", "x")], stalls())
+            answer = await client.request("GET", "/next", [("Host", "x")])
             assert await answer.read() == b"echo /next "
             assert server.connections == 2
         finally:
@@ -342,9 +342,9 @@ async def test_an_answer_left_unread_closes_its_connection() -> None:
         try:
             # The raw server writes head and body at once; a proxy whose client went
             # away releases before reading any of it.
-            answer = await client.request("GET", "/a/chunked", {"Host": "x"})
+            answer = await client.request("GET", "/a/chunked", [("Host", "x")])
             answer.release()
-            nxt = await client.request("GET", "/b", {"Host": "x"})
+            nxt = await client.request("GET", "/b", [("Host", "x")])
             assert await nxt.read() == b"echo /b "  # its own answer, not the rest of /a
         finally:
             await client.close()
@@ -365,7 +365,7 @@ async def test_a_slow_reader_holds_back_the_upstream_not_memory() -> None:
     async with RawServer(big) as server:
         client = UpstreamClient(server.url)
         try:
-            answer = await client.request("GET", "/big", {"Host": "x"})
+            answer = await client.request("GET", "/big", [("Host", "x")])
             got = most_waiting = 0
             while chunk := await answer.readany():
                 got += len(chunk)
@@ -391,13 +391,13 @@ async def test_cancelled_while_waiting_for_the_head_the_connection_is_not_kept()
     async with RawServer(late) as server:
         client = UpstreamClient(server.url)
         try:
-            pending = asyncio.ensure_future(client.request("GET", "/slow", {"Host": "x"}))
+            pending = asyncio.ensure_future(client.request("GET", "/slow", [("Host", "x")]))
             await asyncio.sleep(0.1)
             pending.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await pending
             release.set()
-            answer = await client.request("GET", "/fast", {"Host": "x"})
+            answer = await client.request("GET", "/fast", [("Host", "x")])
             assert await answer.read() == b"echo /fast "
             assert server.connections == 2
         finally:
@@ -416,7 +416,7 @@ async def test_a_bursts_connections_are_closed_once_idle() -> None:
         client = UpstreamClient(server.url)
         try:
             async def one(n: int) -> bytes:
-                answer = await client.request("GET", f"/{n}", {"Host": "x"})
+                answer = await client.request("GET", f"/{n}", [("Host", "x")])
                 return await answer.read()
 
             got = await asyncio.gather(*(one(n) for n in range(20)))

@@ -20,7 +20,7 @@ from aiohttp import web
 from ..api_server import ConnectionBudget, Door, serve, track_requests
 from ..config import Config, parse_listen
 from .browser import BrowserPolicy
-from .server import BodyStalled, Overload, WorkloadProxy, read_body
+from .server import BodyStalled, Overload, WorkloadProxy, continue_if_expected, read_body
 
 if TYPE_CHECKING:
     from ..events import EventBus
@@ -107,6 +107,8 @@ class ModelRouter:
         if not verdict.allowed:
             self.counts["forbidden"] += 1
             return openai_error(403, f"forbidden: {verdict.reason}", code="forbidden")
+        if (refused := await continue_if_expected(request)) is not None:
+            return refused
         method, path = request.method, request.path
         if method in ("GET", "HEAD") and path == "/v1/models":
             self.counts["listed"] += 1

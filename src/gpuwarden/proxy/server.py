@@ -32,7 +32,7 @@ from .browser import BrowserPolicy
 from .cache import ReadCache, cache_key
 from .demand import Kind, classify, local_answer, reads_body
 from .scheduler import ROUTER, DemandScheduler, Rejection
-from .upstream import UpstreamClient
+from .upstream import UpstreamClient, UpstreamError
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
@@ -48,6 +48,10 @@ _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate",
                          "upgrade", "proxy-connection"})
 # Of an upstream's answer: its length is set again where it is known.
 _NOT_RELAYED = _HOP_BY_HOP | {"content-length"}
+# Of a client's request: set by the proxy (or its client) for the upstream. An Expect
+# was answered here (`continue_if_expected`).
+_SET_HERE = frozenset({"host", "content-length", "expect", "origin", "x-forwarded-for",
+                       "x-forwarded-host", "x-forwarded-proto"})
 # A body read to classify a request (Ollama's JSON, images included) is at most this.
 _CLASSIFY_BODY_LIMIT = 64 << 20
 # A body up to this size, of announced length, is read at once (aiohttp's own limit on
@@ -120,6 +124,20 @@ async def read_body(request: web.BaseRequest, timeout: float,
             raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
         parts.append(part)
     return b"".join(parts)
+
+
+async def continue_if_expected(request: web.BaseRequest) -> web.Response | None:
+    """`Expect: 100-continue` answered as aiohttp's routing answers it (its low-level
+    server does not): a client that asks (curl, for any body over 1 MiB) sends its body
+    at once instead of after waiting a second. An expectation other than that: 417."""
+    expect = request.headers.get("Expect")
+    if expect is None:
+        return None
+    if expect.lower() != "100-continue" or request.version < (1, 1):
+        return web.Response(status=417, text=f"unknown Expect: {expect}\n")
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the answer's own size is counted from here
+    return None
 
 
 class Overload:
@@ -322,6 +340,8 @@ class WorkloadProxy:
         if not verdict.allowed:
             self._count("forbidden")
             return web.Response(status=403, text=f"forbidden: {verdict.reason}\n")
+        if (refused := await continue_if_expected(request)) is not None:
+            return refused
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return await self._websocket(request)
         if request.method == "OPTIONS" and not self._up():
@@ -336,11 +356,13 @@ class WorkloadProxy:
         if kind is Kind.DEMAND:
             return await self._demand(request, body)
         if self._up():
+            # A HEAD's answer has no body to keep; while stopped, it is a GET's answered.
             key = cache_key(request.method, request.path_qs, body) \
-                if kind is Kind.READ else None
+                if kind is Kind.READ and request.method != "HEAD" else None
             return await self._forward(request, body, key)
         if kind is Kind.READ:
-            cached = await self._cache.get(cache_key(request.method, request.path_qs, body))
+            method = "GET" if request.method == "HEAD" else request.method
+            cached = await self._cache.get(cache_key(method, request.path_qs, body))
             if cached is not None:
                 self._count("cached")
                 headers = {**cached.headers, CACHE_HEADER: "stale",
@@ -438,7 +460,6 @@ class WorkloadProxy:
                        answer: _Answer | None = None) -> web.StreamResponse:
         assert self._upstream is not None
         headers = self._upstream_headers(request)
-        length = headers.pop("Content-Length", None)
         data: bytes | AsyncIterator[bytes] | None = body
         if body is None and request.body_exists:
             if request.content.is_eof():  # all here with the head (a small JSON body)
@@ -449,7 +470,7 @@ class WorkloadProxy:
             # The path and query exactly as the client sent them (encoded already).
             upstream = await self._upstream.request(
                 request.method, request.raw_path, headers, data,
-                length=int(length) if length is not None and body is None else None)
+                length=request.content_length)
         except BodyStalled:
             return self._stalled()
         except OSError as exc:  # UpstreamError, among others
@@ -497,6 +518,16 @@ class WorkloadProxy:
                 if chunk:
                     await response.write(chunk)  # as it comes: no buffering
                 chunk = await upstream.readany()
+        except UpstreamError as exc:
+            # The upstream's answer ended early (it crashed, was killed): the client's
+            # is cut too, its connection closed unfinished rather than ended as whole.
+            self._count("error")
+            log.warning("%s: %s ended its answer to %s %s early: %s",
+                        "router" if self._openai_errors else f"proxy {self.name}",
+                        self.upstream, request.method, request.path, exc)
+            if request.transport is not None:
+                request.transport.close()
+            return response
         finally:
             upstream.release()
         self._count("forwarded")
@@ -524,21 +555,27 @@ class WorkloadProxy:
                              "code": doc.get("cause")}}
         return web.json_response(doc, status=status, headers=headers)
 
-    def _upstream_headers(self, request: web.BaseRequest) -> dict[str, str]:
-        headers = {k: v for k, v in request.headers.items()
-                   if k.lower() not in _HOP_BY_HOP and k.lower() != "host"}
+    def _upstream_headers(self, request: web.BaseRequest) -> list[tuple[str, str]]:
+        """The client's headers as they came, repeats kept, less those of this hop (and
+        those its Connection names) and those the proxy sets itself."""
+        hop = _HOP_BY_HOP | _SET_HERE
+        if connection := request.headers.get("Connection"):
+            hop = hop | {name.strip().lower() for name in connection.split(",")}
+        if self._json_bodies:
+            hop = hop | {"content-type"}
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in hop]
         # The upstream's own name and, for a browser's request, its own origin: the
         # proxy has checked the client's pair against its own address (browser.py).
-        headers["Host"] = self._upstream_host
+        headers.append(("Host", self._upstream_host))
         if self._json_bodies:
-            headers["Content-Type"] = "application/json"
+            headers.append(("Content-Type", "application/json"))
         if "Origin" in request.headers:
-            headers["Origin"] = self._upstream_origin
-        forwarded = request.headers.get("X-Forwarded-For")
+            headers.append(("Origin", self._upstream_origin))
+        forwarded = ", ".join(request.headers.getall("X-Forwarded-For", ()))
         remote = request.remote or ""
-        headers["X-Forwarded-For"] = f"{forwarded}, {remote}" if forwarded else remote
-        headers["X-Forwarded-Host"] = request.host
-        headers["X-Forwarded-Proto"] = request.scheme
+        headers += [("X-Forwarded-For", f"{forwarded}, {remote}" if forwarded else remote),
+                    ("X-Forwarded-Host", request.host),
+                    ("X-Forwarded-Proto", request.scheme)]
         return headers
 
     def _unavailable(self, request: web.BaseRequest, *, unseen: bool = False) -> web.Response:

@@ -368,17 +368,18 @@ class UpstreamClient:
         self._all: set[_Connection] = set()
         self._pruning: asyncio.TimerHandle | None = None
 
-    async def request(self, method: str, target: str, headers: dict[str, str],
+    async def request(self, method: str, target: str, headers: list[tuple[str, str]],
                       body: bytes | AsyncIterator[bytes] | None = None, *,
                       length: int | None = None) -> UpstreamResponse:
         """Send `method target` (the path and query, encoded as sent) with `headers`
-        as they are (Host included) and `body`: bytes, or pieces as they come, sent
-        with `length` as their Content-Length when it is known and chunked when not.
-        The answer's head once it is here; raises UpstreamError (no connection in
-        connect_timeout, refused, closed early, not HTTP) or what `body` raises."""
+        as they are, in order (Host included; no Content-Length or Transfer-Encoding),
+        and `body`: bytes, or pieces as they come, sent with `length` as their
+        Content-Length when it is known and chunked when not. The answer's head once
+        it is here; raises UpstreamError (no connection in connect_timeout, refused,
+        closed early, not HTTP) or what `body` raises."""
         chunked = False
         lines = [f"{method} {self._prefix}{target} HTTP/1.1\r\n"]
-        lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
+        lines += [f"{name}: {value}\r\n" for name, value in headers]
         if isinstance(body, bytes):
             if body or method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
                 lines.append(f"Content-Length: {len(body)}\r\n")

@@ -3,7 +3,8 @@
 Two runners, chosen by `[daemon] process_runner`:
 - `ProcessWorkload`, a child in its own session and process group (the demo,
   development, any host without systemd). Stopped with SIGTERM to the whole group,
-  then SIGKILL after `stop_timeout`. Output goes to `<state_dir>/logs/<name>.log`.
+  then SIGKILL after `stop_timeout`; so is what is left of the group when the child
+  ends on its own (a crash). Output goes to `<state_dir>/logs/<name>.log`.
 - `TransientUnitWorkload`, a transient systemd unit (gpuwarden run as a service), so
   the command is outside gpuwarden's sandbox and cgroup and survives its restarts.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import pwd
 import shutil
@@ -35,6 +37,8 @@ from .base import WorkloadState, WorkloadStatus
 from .systemd import UnitWorkload, unit_status
 
 __all__ = ["ProcessWorkload", "TransientUnitWorkload", "transient_unit_of"]
+
+log = logging.getLogger(__name__)
 
 
 class ProcessWorkload:
@@ -115,6 +119,8 @@ class ProcessWorkload:
         code = proc.wait()
         if self._exited_at is None and proc is self._proc:
             self._exited_at = time.time()
+        if not self._stop_requested:
+            self._end_leftovers(proc.pid)
         callback = self.on_exit
         if callback is not None and proc is self._proc:
             callback(self.name, proc.pid, code, self._stop_requested,
@@ -207,6 +213,23 @@ class ProcessWorkload:
                 self._exited_at = time.time()
             self._drop_record()
             return self.status()
+
+    def _end_leftovers(self, pgid: int) -> None:
+        """What a process that crashed or was killed started lives on in its process
+        group (a model runner holding VRAM, as Ollama's does): ended as systemd ends a
+        unit's leftovers, SIGTERM then SIGKILL after stop_timeout, before the restart
+        policy or a switch may start the workload again. (Its group id cannot be
+        another's while a process of the group is alive.)"""
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return  # nothing left
+        log.warning("workload %s: its process %d ended, but processes it started still "
+                    "run in its group: stopping them", self.name, pgid)
+        self._signal_group(pgid, signal.SIGTERM)
+        self._wait_group_gone(pgid, self.config.stop_timeout)
+        self._signal_group(pgid, signal.SIGKILL)
+        self._wait_group_gone(pgid, 10.0)
 
     @staticmethod
     def _signal_group(pgid: int, sig: signal.Signals) -> None:
