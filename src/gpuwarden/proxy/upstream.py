@@ -141,7 +141,6 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.idle_since = time.monotonic()
-        self.reused = False
         self._paused_reading = False
         self._drained: asyncio.Future[None] | None = None
         self._lost: BaseException | None = None
@@ -397,7 +396,6 @@ class UpstreamClient:
             if not connection.usable:
                 connection.close()
                 continue
-            connection.reused = True
             try:
                 return await connection.exchange(head, body, chunked, head_only)
             except UpstreamError:
