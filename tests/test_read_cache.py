@@ -72,3 +72,19 @@ def test_an_answer_dropped_for_room_is_not_taken_as_kept(tmp_path: Path) -> None
         assert cache.unchanged("c", 200, HEADERS, TAGS)
 
     asyncio.run(scenario())
+
+
+def test_a_large_answer_is_not_hashed_on_the_event_loop_but_written_again(
+        tmp_path: Path) -> None:
+    """An image of a few MiB would take milliseconds to hash on the proxies' loop: it is
+    written again in a thread instead, as every answer was before."""
+    image = b"\x89PNG" + b"x" * (300 << 10)
+
+    async def scenario() -> None:
+        cache = ReadCache(tmp_path)
+        await cache.put("view", 200, {"Content-Type": "image/png"}, image)
+        assert not cache.unchanged("view", 200, {"Content-Type": "image/png"}, image)
+        kept = await cache.get("view")
+        assert kept is not None and kept.body == image
+
+    asyncio.run(scenario())

@@ -247,29 +247,36 @@ def test_after_a_kill_the_lease_counts_from_the_restart(routed: RoutedNode,
     again.wait_mode("idle")
 
 
-# An engine that sends its answer's head at once and its first token after a 3 s
-# prompt evaluation, as llama.cpp's server does.
-SLOW_FIRST_TOKEN = """
-import asyncio, sys
+def engine_script(model: str, chat: str, *, app: str = "web.Application()") -> str:
+    """An OpenAI engine's program, on the port it is given: `GET /v1/models` lists
+    `model`, and `chat` is the body of its `POST /v1/chat/completions` handler."""
+    return f"""
+import asyncio, os, sys
 from aiohttp import web
 
 async def models(request):
-    return web.json_response({"object": "list", "data": [{"id": "slow", "object": "model"}]})
+    return web.json_response({{"object": "list", "data": [{{"id": {model!r}, "object": "model"}}]}})
 
 async def chat(request):
+{chat}
+
+app = {app}
+app.router.add_get("/v1/models", models)
+app.router.add_post("/v1/chat/completions", chat)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None)
+"""
+
+
+# An engine that sends its answer's head at once and its first token after a 3 s
+# prompt evaluation, as llama.cpp's server does.
+SLOW_FIRST_TOKEN = engine_script("slow", """
     await request.read()
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await resp.prepare(request)
     await asyncio.sleep(3)
     await resp.write(b'data: {"choices": [{"delta": {"content": "hi"}}]}\\n\\n')
     await resp.write(b"data: [DONE]\\n\\n")
-    return resp
-
-app = web.Application()
-app.router.add_get("/v1/models", models)
-app.router.add_post("/v1/chat/completions", chat)
-web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None)
-"""
+    return resp""")
 
 
 def test_an_answers_head_is_relayed_before_its_first_token(routed: RoutedNode,
@@ -316,25 +323,13 @@ def test_a_mode_demand_entered_is_left_once_idle_and_the_wait_says_when(
 
 
 # An engine that answers a chat with the request's own head, as it arrived.
-ECHO_HEAD = """
-import sys
-from aiohttp import web
-
-async def models(request):
-    return web.json_response({"object": "list", "data": [{"id": "echo", "object": "model"}]})
-
-async def chat(request):
+ECHO_HEAD = engine_script("echo", """
     body = await request.read()
     return web.json_response({"headers": [[n.decode(), v.decode()]
                                           for n, v in request.raw_headers],
                               "body": len(body)}, headers=[("Set-Cookie", "a=1"),
-                                                           ("Set-Cookie", "b=2")])
-
-app = web.Application(client_max_size=64 << 20)
-app.router.add_get("/v1/models", models)
-app.router.add_post("/v1/chat/completions", chat)
-web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None)
-"""
+                                                           ("Set-Cookie", "b=2")])""",
+                          app="web.Application(client_max_size=64 << 20)")
 
 
 def test_repeated_headers_pass_both_ways_and_an_expect_is_answered(routed: RoutedNode,
@@ -374,26 +369,13 @@ def test_repeated_headers_pass_both_ways_and_an_expect_is_answered(routed: Route
 
 
 # An engine that crashes in the middle of a streamed answer.
-CRASHES_MID_ANSWER = """
-import os, sys
-from aiohttp import web
-
-async def models(request):
-    return web.json_response({"object": "list", "data": [{"id": "crash", "object": "model"}]})
-
-async def chat(request):
+CRASHES_MID_ANSWER = engine_script("crash", """
     await request.read()
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await resp.prepare(request)
     await resp.write(b'data: {"choices": [{"delta": {"content": "hi"}}]}\\n\\n')
     await resp.drain()
-    os._exit(1)
-
-app = web.Application()
-app.router.add_get("/v1/models", models)
-app.router.add_post("/v1/chat/completions", chat)
-web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None)
-"""
+    os._exit(1)""")
 
 
 def test_an_engine_crashing_mid_answer_cuts_the_clients_answer_and_says_so(

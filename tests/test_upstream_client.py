@@ -5,6 +5,7 @@ framings and faults a server may send)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
@@ -84,6 +85,17 @@ async def _read_body(reader: asyncio.StreamReader, head: bytes) -> bytes:
     return b""
 
 
+@contextlib.asynccontextmanager
+async def client_of(answer: Answer) -> AsyncIterator[tuple[RawServer, UpstreamClient]]:
+    """A RawServer answering with `answer`, and a client of it, closed after."""
+    async with RawServer(answer) as server:
+        client = UpstreamClient(server.url)
+        try:
+            yield server, client
+        finally:
+            await client.close()
+
+
 def _target(head: bytes) -> bytes:
     return head.split(b" ")[1]
 
@@ -105,23 +117,19 @@ async def _ok(head: bytes, body: bytes, writer: asyncio.StreamWriter) -> bool:
 
 @in_loop
 async def test_answers_come_whole_on_one_kept_connection() -> None:
-    async with RawServer(_ok) as server:
-        client = UpstreamClient(server.url)
-        try:
-            for n in range(20):
-                path = f"/n{n}/chunked" if n % 2 else f"/n{n}"
-                answer = await client.request("POST", path, [("Host", "x")], b"body%d" % n)
-                assert answer.status == 200 and answer.reason == "OK"
-                assert await answer.read() == b"echo %b body%d" % (path.encode(), n)
-                assert answer.chunked == bool(n % 2)
-                if not n % 2:
-                    assert [v for k, v in answer.headers if k == "X-Repeat"] == ["a", "b"]
-                else:
-                    assert answer.content_type == "text/plain"
-                answer.release()
-            assert server.connections == 1
-        finally:
-            await client.close()
+    async with client_of(_ok) as (server, client):
+        for n in range(20):
+            path = f"/n{n}/chunked" if n % 2 else f"/n{n}"
+            answer = await client.request("POST", path, [("Host", "x")], b"body%d" % n)
+            assert answer.status == 200 and answer.reason == "OK"
+            assert await answer.read() == b"echo %b body%d" % (path.encode(), n)
+            assert answer.chunked == bool(n % 2)
+            if not n % 2:
+                assert [v for k, v in answer.headers if k == "X-Repeat"] == ["a", "b"]
+            else:
+                assert answer.content_type == "text/plain"
+            answer.release()
+        assert server.connections == 1
 
 
 @in_loop
@@ -162,17 +170,13 @@ async def test_a_body_without_a_length_ends_with_the_connection() -> None:
         writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nall of it")
         return False
 
-    async with RawServer(until_close) as server:
-        client = UpstreamClient(server.url)
-        try:
-            for _ in range(2):
-                answer = await client.request("GET", "/", [("Host", "x")])
-                assert answer.content_length is None and not answer.chunked
-                assert await answer.read() == b"all of it"
-                answer.release()
-            assert server.connections == 2  # not kept: its end was the connection's
-        finally:
-            await client.close()
+    async with client_of(until_close) as (server, client):
+        for _ in range(2):
+            answer = await client.request("GET", "/", [("Host", "x")])
+            assert answer.content_length is None and not answer.chunked
+            assert await answer.read() == b"all of it"
+            answer.release()
+        assert server.connections == 2  # not kept: its end was the connection's
 
 
 @in_loop
@@ -182,15 +186,11 @@ async def test_an_interim_answer_is_passed_over() -> None:
                      b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\ndone")
         return True
 
-    async with RawServer(continue_first) as server:
-        client = UpstreamClient(server.url)
-        try:
-            answer = await client.request("PUT", "/", [("Host", "x")], b"data")
-            assert answer.status == 201 and answer.reason == "Created"
-            assert [k for k, _ in answer.headers] == ["Content-Length"]
-            assert await answer.read() == b"done"
-        finally:
-            await client.close()
+    async with client_of(continue_first) as (_server, client):
+        answer = await client.request("PUT", "/", [("Host", "x")], b"data")
+        assert answer.status == 201 and answer.reason == "Created"
+        assert [k for k, _ in answer.headers] == ["Content-Length"]
+        assert await answer.read() == b"done"
 
 
 @in_loop
@@ -201,17 +201,13 @@ async def test_a_head_answer_keeps_its_announced_length_and_has_no_body() -> Non
             return True
         return await _ok(head, body, writer)
 
-    async with RawServer(head_or_ok) as server:
-        client = UpstreamClient(server.url)
-        try:
-            answer = await client.request("HEAD", "/big", [("Host", "x")])
-            assert answer.content_length == 1234 and answer.at_eof()
-            assert await answer.read() == b""
-            answer.release()
-            after = await client.request("GET", "/next", [("Host", "x")])
-            assert await after.read() == b"echo /next "
-        finally:
-            await client.close()
+    async with client_of(head_or_ok) as (_server, client):
+        answer = await client.request("HEAD", "/big", [("Host", "x")])
+        assert answer.content_length == 1234 and answer.at_eof()
+        assert await answer.read() == b""
+        answer.release()
+        after = await client.request("GET", "/next", [("Host", "x")])
+        assert await after.read() == b"echo /next "
 
 
 @in_loop
@@ -220,14 +216,10 @@ async def test_an_answer_cut_short_is_an_error_not_an_end() -> None:
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b")
         return False
 
-    async with RawServer(cut) as server:
-        client = UpstreamClient(server.url)
-        try:
-            answer = await client.request("GET", "/", [("Host", "x")])
-            with pytest.raises(UpstreamError, match="before its answer ended"):
-                await asyncio.wait_for(answer.read(), 10)
-        finally:
-            await client.close()
+    async with client_of(cut) as (_server, client):
+        answer = await client.request("GET", "/", [("Host", "x")])
+        with pytest.raises(UpstreamError, match="before its answer ended"):
+            await asyncio.wait_for(answer.read(), 10)
 
 
 @in_loop
@@ -236,13 +228,9 @@ async def test_what_is_not_http_is_an_error() -> None:
         writer.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
         return True
 
-    async with RawServer(garbage) as server:
-        client = UpstreamClient(server.url)
-        try:
-            with pytest.raises(UpstreamError, match=r"not HTTP/1\.1"):
-                await asyncio.wait_for(client.request("GET", "/", [("Host", "x")]), 10)
-        finally:
-            await client.close()
+    async with client_of(garbage) as (_server, client):
+        with pytest.raises(UpstreamError, match=r"not HTTP/1\.1"):
+            await asyncio.wait_for(client.request("GET", "/", [("Host", "x")]), 10)
 
 
 @in_loop
@@ -269,24 +257,20 @@ async def test_a_kept_connection_closed_under_a_request_retries_only_what_may_re
             return False  # closes unanswered
         return await _ok(head, body, writer)
 
-    async with RawServer(answer_once) as server:
-        client = UpstreamClient(server.url)
-        try:
-            first = await client.request("GET", "/first", [("Host", "x")])
-            assert await first.read() == b"echo /first "
-            answer = await client.request("GET", "/again", [("Host", "x")])
-            assert await answer.read() == b"echo /again "
-            assert server.connections == 2
+    async with client_of(answer_once) as (server, client):
+        first = await client.request("GET", "/first", [("Host", "x")])
+        assert await first.read() == b"echo /first "
+        answer = await client.request("GET", "/again", [("Host", "x")])
+        assert await answer.read() == b"echo /again "
+        assert server.connections == 2
 
-            first = await client.request("GET", "/first", [("Host", "x")])
-            await first.read()
-            posts = sum(1 for head, _ in server.requests if head.startswith(b"POST"))
-            with pytest.raises(UpstreamError):
-                await client.request("POST", "/generate", [("Host", "x")], b"{}")
-            assert sum(1 for head, _ in server.requests if head.startswith(b"POST")) \
-                == posts + 1
-        finally:
-            await client.close()
+        first = await client.request("GET", "/first", [("Host", "x")])
+        await first.read()
+        posts = sum(1 for head, _ in server.requests if head.startswith(b"POST"))
+        with pytest.raises(UpstreamError):
+            await client.request("POST", "/generate", [("Host", "x")], b"{}")
+        assert sum(1 for head, _ in server.requests if head.startswith(b"POST")) \
+            == posts + 1
 
 
 async def _pieces(*parts: bytes) -> AsyncIterator[bytes]:
@@ -297,21 +281,17 @@ async def _pieces(*parts: bytes) -> AsyncIterator[bytes]:
 
 @in_loop
 async def test_a_body_sent_as_it_comes_is_chunked_or_of_its_given_length() -> None:
-    async with RawServer(_ok) as server:
-        client = UpstreamClient(server.url)
-        try:
-            answer = await client.request("POST", "/up", [("Host", "x")],
-                                          _pieces(b"one ", b"", b"two"))
-            assert await answer.read() == b"echo /up one two"
-            answer = await client.request("POST", "/up", [("Host", "x")],
-                                          _pieces(b"abc", b"de"), length=5)
-            assert await answer.read() == b"echo /up abcde"
-            heads = [head.lower() for head, _ in server.requests]
-            assert b"transfer-encoding: chunked" in heads[0]
-            assert b"content-length: 5" in heads[1] and b"chunked" not in heads[1]
-            assert server.connections == 1
-        finally:
-            await client.close()
+    async with client_of(_ok) as (server, client):
+        answer = await client.request("POST", "/up", [("Host", "x")],
+                                      _pieces(b"one ", b"", b"two"))
+        assert await answer.read() == b"echo /up one two"
+        answer = await client.request("POST", "/up", [("Host", "x")],
+                                      _pieces(b"abc", b"de"), length=5)
+        assert await answer.read() == b"echo /up abcde"
+        heads = [head.lower() for head, _ in server.requests]
+        assert b"transfer-encoding: chunked" in heads[0]
+        assert b"content-length: 5" in heads[1] and b"chunked" not in heads[1]
+        assert server.connections == 1
 
 
 @in_loop
@@ -323,31 +303,23 @@ async def test_a_failing_body_is_raised_and_its_connection_not_kept() -> None:
         yield b"part"
         raise Stalled()
 
-    async with RawServer(_ok) as server:
-        client = UpstreamClient(server.url)
-        try:
-            with pytest.raises(Stalled):
-                await client.request("POST", "/up", [("Host", "x")], stalls())
-            answer = await client.request("GET", "/next", [("Host", "x")])
-            assert await answer.read() == b"echo /next "
-            assert server.connections == 2
-        finally:
-            await client.close()
+    async with client_of(_ok) as (server, client):
+        with pytest.raises(Stalled):
+            await client.request("POST", "/up", [("Host", "x")], stalls())
+        answer = await client.request("GET", "/next", [("Host", "x")])
+        assert await answer.read() == b"echo /next "
+        assert server.connections == 2
 
 
 @in_loop
 async def test_an_answer_left_unread_closes_its_connection() -> None:
-    async with RawServer(_ok) as server:
-        client = UpstreamClient(server.url)
-        try:
-            # The raw server writes head and body at once; a proxy whose client went
-            # away releases before reading any of it.
-            answer = await client.request("GET", "/a/chunked", [("Host", "x")])
-            answer.release()
-            nxt = await client.request("GET", "/b", [("Host", "x")])
-            assert await nxt.read() == b"echo /b "  # its own answer, not the rest of /a
-        finally:
-            await client.close()
+    async with client_of(_ok) as (_server, client):
+        # The raw server writes head and body at once; a proxy whose client went
+        # away releases before reading any of it.
+        answer = await client.request("GET", "/a/chunked", [("Host", "x")])
+        answer.release()
+        nxt = await client.request("GET", "/b", [("Host", "x")])
+        assert await nxt.read() == b"echo /b "  # its own answer, not the rest of /a
 
 
 @in_loop
@@ -362,21 +334,17 @@ async def test_a_slow_reader_holds_back_the_upstream_not_memory() -> None:
             await writer.drain()
         return True
 
-    async with RawServer(big) as server:
-        client = UpstreamClient(server.url)
-        try:
-            answer = await client.request("GET", "/big", [("Host", "x")])
-            got = most_waiting = 0
-            while chunk := await answer.readany():
-                got += len(chunk)
-                await asyncio.sleep(0.001)  # a slow client
-                # What arrived while this reader slept, beyond what it read.
-                most_waiting = max(most_waiting, answer._buffered)
-            assert got == size
-            # The upstream's reading paused past 256 KiB; what one read brings on top.
-            assert most_waiting <= (256 << 10) + (1 << 20), most_waiting
-        finally:
-            await client.close()
+    async with client_of(big) as (_server, client):
+        answer = await client.request("GET", "/big", [("Host", "x")])
+        got = most_waiting = 0
+        while chunk := await answer.readany():
+            got += len(chunk)
+            await asyncio.sleep(0.001)  # a slow client
+            # What arrived while this reader slept, beyond what it read.
+            most_waiting = max(most_waiting, answer._buffered)
+        assert got == size
+        # The upstream's reading paused past 256 KiB; what one read brings on top.
+        assert most_waiting <= (256 << 10) + (1 << 20), most_waiting
 
 
 @in_loop
@@ -388,20 +356,16 @@ async def test_cancelled_while_waiting_for_the_head_the_connection_is_not_kept()
             await release.wait()
         return await _ok(head, body, writer)
 
-    async with RawServer(late) as server:
-        client = UpstreamClient(server.url)
-        try:
-            pending = asyncio.ensure_future(client.request("GET", "/slow", [("Host", "x")]))
-            await asyncio.sleep(0.1)
-            pending.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await pending
-            release.set()
-            answer = await client.request("GET", "/fast", [("Host", "x")])
-            assert await answer.read() == b"echo /fast "
-            assert server.connections == 2
-        finally:
-            await client.close()
+    async with client_of(late) as (server, client):
+        pending = asyncio.ensure_future(client.request("GET", "/slow", [("Host", "x")]))
+        await asyncio.sleep(0.1)
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        release.set()
+        answer = await client.request("GET", "/fast", [("Host", "x")])
+        assert await answer.read() == b"echo /fast "
+        assert server.connections == 2
 
 
 @in_loop
@@ -412,22 +376,18 @@ async def test_a_bursts_connections_are_closed_once_idle() -> None:
         await asyncio.sleep(0.05)
         return await _ok(head, body, writer)
 
-    async with RawServer(slow_ok) as server:
-        client = UpstreamClient(server.url)
-        try:
-            async def one(n: int) -> bytes:
-                answer = await client.request("GET", f"/{n}", [("Host", "x")])
-                return await answer.read()
+    async with client_of(slow_ok) as (server, client):
+        async def one(n: int) -> bytes:
+            answer = await client.request("GET", f"/{n}", [("Host", "x")])
+            return await answer.read()
 
-            got = await asyncio.gather(*(one(n) for n in range(20)))
-            assert got == [b"echo /%d " % n for n in range(20)]
-            assert server.connections == 20 and server.closed == 0
-            await one(99)
-            assert server.connections == 20  # a kept one
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 30
-            while server.closed < 20 and loop.time() < deadline:
-                await asyncio.sleep(0.1)
-            assert server.closed == 20
-        finally:
-            await client.close()
+        got = await asyncio.gather(*(one(n) for n in range(20)))
+        assert got == [b"echo /%d " % n for n in range(20)]
+        assert server.connections == 20 and server.closed == 0
+        await one(99)
+        assert server.connections == 20  # a kept one
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while server.closed < 20 and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        assert server.closed == 20

@@ -25,6 +25,9 @@ __all__ = ["CachedAnswer", "ReadCache"]
 
 log = logging.getLogger(__name__)
 
+# The largest answer `unchanged` compares (a model list is a few KiB; 256 KiB hash in
+# about 0.3 ms).
+_HASHED_HERE = 256 << 10
 # Response headers worth replaying; the rest belong to the original exchange.
 _KEPT_HEADERS = ("content-type", "content-encoding", "content-language", "etag",
                  "last-modified", "cache-control")
@@ -88,10 +91,13 @@ class ReadCache:
 
     def unchanged(self, key: str, status: int, headers: dict[str, str],
                   body: bytes) -> bool:
-        """Whether this answer is the one this run kept under `key`, written less than
-        `rewrite_after_s` ago: then it is only noted as seen now, and need not be put."""
+        """Whether this answer (up to 256 KiB) is the one this run kept under `key`,
+        written less than `rewrite_after_s` ago: then it is only noted as seen now, and
+        need not be put."""
         seen = self._seen.get(key)
-        if seen is None or key not in self._sizes:
+        # A large answer (an image) is not hashed here, on the event loop: it is
+        # written again, in a thread, as before.
+        if seen is None or key not in self._sizes or len(body) > _HASHED_HERE:
             return False
         digest, written_at, _ = seen
         now = time.time()

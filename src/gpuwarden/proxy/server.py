@@ -463,7 +463,7 @@ class WorkloadProxy:
         data: bytes | AsyncIterator[bytes] | None = body
         if body is None and request.body_exists:
             if request.content.is_eof():  # all here with the head (a small JSON body)
-                data = body = request.content.read_nowait()
+                data = request.content.read_nowait()
             else:
                 data = streamed_body(request, self._body_timeout)  # not read into memory
         try:

@@ -55,13 +55,6 @@ class UpstreamResponse:
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
 
-    def header(self, name: str, default: str = "") -> str:
-        """A header's first value (`name` in lower case)."""
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value
-        return default
-
     # What the connection feeds.
 
     def _feed(self, data: bytes) -> None:
@@ -143,7 +136,7 @@ class _Connection(asyncio.Protocol):
         self.idle_since = time.monotonic()
         self._paused_reading = False
         self._drained: asyncio.Future[None] | None = None
-        self._lost: BaseException | None = None
+        self._lost = False  # the connection is closed
         # The exchange under way.
         self._head: asyncio.Future[UpstreamResponse] | None = None
         self._response: UpstreamResponse | None = None
@@ -169,7 +162,7 @@ class _Connection(asyncio.Protocol):
         return None  # close: half-open connections are not kept
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._lost = exc or UpstreamError("the upstream closed the connection")
+        self._lost = True
         self._client.forget(self)
         response = self._response
         if response is not None and not response._complete and \
@@ -288,7 +281,7 @@ class _Connection(asyncio.Protocol):
     async def _write_body(self, body: AsyncIterator[bytes], chunked: bool) -> None:
         assert self.transport is not None
         async for part in body:
-            if self._lost is not None:
+            if self._lost:
                 return
             if not part:
                 continue
@@ -298,7 +291,7 @@ class _Connection(asyncio.Protocol):
                 self.transport.write(part)
             if self._drained is not None and not self._drained.done():
                 await self._drained
-        if chunked and self._lost is None:
+        if chunked and not self._lost:
             self.transport.write(b"0\r\n\r\n")
         self._sent = True
 
@@ -336,7 +329,7 @@ class _Connection(asyncio.Protocol):
 
     @property
     def usable(self) -> bool:
-        return self._lost is None and self.transport is not None and \
+        return not self._lost and self.transport is not None and \
             not self.transport.is_closing() and \
             time.monotonic() - self.idle_since < _KEEP_IDLE_S
 
